@@ -1,0 +1,317 @@
+"""One typed configuration tree for the UI, presets, the CLI and tests.
+
+A config is built from a nested dict (a YAML file, a preset, a form) by `Config.from_dict`, which
+rejects unknown keys and wrong types with a message naming the key. Presets are sparse YAML files
+with a `version` field; they are merged over the defaults, then the user's own file and any
+`--set key=value` overrides are merged over the preset.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+# The full UNet target set: attention, feed-forward, resnet convs, up/down sampling convs and time embedding.
+UNET_TARGETS_FULL = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj", "proj_in", "proj_out",
+    "conv", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "ff.net.2",
+]
+UNET_TARGETS_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "v_proj"]
+TEXT_ENCODER_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+@dataclass
+class ModelConfig:
+    # "demo", "tiny" (random, for tests), a hub id, a local diffusers folder or a single-file .safetensors checkpoint.
+    base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # "auto" reads it from the model's scheduler; set it for single-file SD 2.x 768 checkpoints ("v_prediction").
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    revision: str | None = None
+    # Refuse pickled .ckpt files unless the user says so; even then they load with weights_only=True.
+    allow_pickle: bool = False
+
+
+@dataclass
+class DataConfig:
+    instance_dir: str = ""
+    # Used for images without a caption file; must contain the identifier, e.g. "a photo of sks dog".
+    instance_prompt: str = ""
+    caption_extension: str = ".txt"
+    class_dir: str = ""
+    class_prompt: str = ""
+    num_class_images: int = 100
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    repeats: int = 1
+    min_image_size: int = 64  # smaller images are rejected (the shorter side, in pixels)
+    # Class-image generation with the base model (prior preservation).
+    class_steps: int = 30
+    class_guidance: float = 7.5
+    class_seed: int = 0
+    class_batch_size: int = 4
+    class_negative_prompt: str = ""
+
+
+@dataclass
+class AdapterConfig:
+    type: Literal["lora", "loha", "lokr"] = "lora"
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0  # LoRA dropout; for LoHa/LoKr the rank dropout
+    module_dropout: float = 0.0  # LoHa/LoKr only
+    unet_targets: list[str] = field(default_factory=lambda: list(UNET_TARGETS_FULL))
+    # LoKr: also factorize the small matrix; the split factor (-1 = as square as possible).
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    # LoHa/LoKr: Tucker-style decomposition of 3x3 convolutions.
+    use_effective_conv2d: bool = False
+    train_text_encoder: bool = False
+    text_encoder_targets: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+    text_encoder_rank: int | None = None  # None: same as rank
+    text_encoder_alpha: float | None = None  # None: same as alpha
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 800
+    learning_rate: float = 1e-4
+    text_encoder_learning_rate: float | None = None  # None: same as learning_rate
+    batch_size: int = 1  # instance images per step (plus as many class images with prior preservation)
+    gradient_accumulation_steps: int = 1
+    prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, no on CPU
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = None  # e.g. 5.0; None turns it off
+    noise_offset: float = 0.0
+    cache_latents: bool = True
+    cache_text_embeddings: bool = True  # only when the text encoder is not trained
+    seed: int = 42
+    sample_every: int = 100  # 0 turns samples off (the step-0 baseline is taken whenever samples are on)
+    sample_prompts: list[str] = field(default_factory=list)  # empty: the instance prompt and the class prompt
+    sample_seed: int = 1234
+    sample_steps: int = 25
+    sample_guidance: float = 7.5
+    checkpoint_every: int = 200  # 0: only at the end and on stop
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "workspace/runs"
+    name: str = ""  # run folder name; empty: "<adapter>-<date>-<time>"
+
+
+@dataclass
+class Config:
+    version: int = CONFIG_VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "Config":
+        cfg = _build(cls, d or {}, "")
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> None:
+        """Check values that types alone cannot; each message names the key."""
+        positive = {
+            "data.resolution": self.data.resolution, "data.repeats": self.data.repeats,
+            "adapter.rank": self.adapter.rank, "train.max_steps": self.train.max_steps,
+            "train.batch_size": self.train.batch_size,
+            "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
+            "data.class_batch_size": self.data.class_batch_size, "data.class_steps": self.data.class_steps,
+            "train.sample_steps": self.train.sample_steps,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"`{key}` must be a positive number, got {value}.")
+        non_negative = {
+            "train.sample_every": self.train.sample_every, "train.checkpoint_every": self.train.checkpoint_every,
+            "data.num_class_images": self.data.num_class_images, "train.lr_warmup_steps": self.train.lr_warmup_steps,
+            "train.noise_offset": self.train.noise_offset, "train.prior_loss_weight": self.train.prior_loss_weight,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"`{key}` must not be negative, got {value}.")
+        if self.data.resolution % 8:
+            raise ConfigError(f"`data.resolution` must be a multiple of 8 (the VAE works on 8x8 blocks), got {self.data.resolution}.")
+        if self.train.learning_rate <= 0:
+            raise ConfigError(f"`train.learning_rate` must be positive, got {self.train.learning_rate}.")
+        for key in ("dropout", "module_dropout"):
+            value = getattr(self.adapter, key)
+            if not 0 <= value < 1:
+                raise ConfigError(f"`adapter.{key}` must be in [0, 1), got {value}.")
+        if not self.adapter.unet_targets:
+            raise ConfigError("`adapter.unet_targets` is empty: name at least one UNet module type, e.g. to_q.")
+        if self.adapter.train_text_encoder and not self.adapter.text_encoder_targets:
+            raise ConfigError("`adapter.text_encoder_targets` is empty while `adapter.train_text_encoder` is on.")
+        if self.version > CONFIG_VERSION:
+            raise ConfigError(f"This config has version {self.version}, newer than this app understands ({CONFIG_VERSION}). Update the app.")
+
+    # Derived values, so every caller agrees on them.
+    @property
+    def text_encoder_rank(self) -> int:
+        return self.adapter.text_encoder_rank or self.adapter.rank
+
+    @property
+    def text_encoder_alpha(self) -> float:
+        return self.adapter.text_encoder_alpha if self.adapter.text_encoder_alpha is not None else self.adapter.alpha
+
+    @property
+    def text_encoder_learning_rate(self) -> float:
+        lr = self.train.text_encoder_learning_rate
+        return lr if lr is not None else self.train.learning_rate
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; allow int where float is expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"`{key}` has the wrong type: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}.")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"`{key}` must be one of {', '.join(map(str, choices))}; got {value!r}.")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"`{key}` must be a list, got {value!r}.")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(item_tp, v, key) for v in value]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"`{key}` must be true or false, got {value!r}.")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool) and tp is not bool):
+        raise ConfigError(f"`{key}` must be {'a number' if tp in (int, float) else 'text'}"
+                          f"{' (a whole number)' if tp is int else ''}, got {value!r}.")
+    return value
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"`{prefix.rstrip('.') or 'config'}` must be a mapping of settings, got {d!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"Unknown setting `{prefix}{unknown[0]}`. Known settings here: {', '.join(sorted(names))}.")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _convert(tp, value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` with `over` merged in; nested dicts merge, everything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`train.max_steps=400` -> {"train": {"max_steps": 400}}; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"Override {text!r} must look like section.key=value, e.g. train.max_steps=400.")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None and raw.strip().lower() not in ("null", "none", "~"):
+        value = raw
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings (section: key: value).")
+    return data
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"No preset named {name!r}. Presets: {', '.join(list_presets())}.")
+    return read_yaml(path)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None) -> Config:
+    """Defaults <- preset (the file's own `preset:` key or the argument) <- file <- overrides."""
+    data = read_yaml(path) if path else {}
+    preset = data.pop("preset", None) or preset
+    merged = preset_dict(preset) if preset else {}
+    merged.pop("description", None)
+    merged = deep_merge(merged, data)
+    for text in overrides:
+        merged = deep_merge(merged, parse_override(text))
+    return Config.from_dict(merged)

@@ -1,0 +1,82 @@
+"""Plain event objects the trainer emits, and the commands it obeys between steps.
+
+The trainer never knows who listens: the session keeps a history for the UI, the CLI draws a
+tqdm bar, tests collect them in a list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+
+@dataclass
+class Log:
+    message: str
+
+
+@dataclass
+class Progress:
+    step: int  # optimizer steps done
+    total: int
+    loss: float
+    instance_loss: float
+    prior_loss: float | None
+    lr: float
+    it_per_s: float
+    eta_s: float
+
+
+@dataclass
+class SampleReady:
+    step: int
+    paths: list[str]
+    prompts: list[str]
+
+
+@dataclass
+class CheckpointSaved:
+    step: int
+    path: str
+
+
+@dataclass
+class Paused:
+    step: int
+
+
+@dataclass
+class Resumed:
+    step: int
+
+
+@dataclass
+class Finished:
+    run_dir: str
+    adapter_path: str
+    step: int
+    stopped: bool = False  # True when the user stopped before max_steps
+
+
+@dataclass
+class Failed:
+    message: str
+    traceback: str = ""
+
+
+@dataclass
+class ClassImagesProgress:
+    done: int
+    total: int
+    paths: list[str] = field(default_factory=list)
+
+
+Event = Union[Log, Progress, SampleReady, CheckpointSaved, Paused, Resumed, Finished, Failed, ClassImagesProgress]
+Emit = Callable[[Event], None]
+
+# Commands, put on the trainer's command queue as plain strings.
+STOP, PAUSE, RESUME, SAMPLE, SAVE = "stop", "pause", "resume", "sample", "save"
+COMMANDS = (STOP, PAUSE, RESUME, SAMPLE, SAVE)
+
+
+def ignore(event: Event) -> None:
+    """The default listener: drop every event."""

@@ -1,0 +1,81 @@
+"""Image generation with the base model and its adapters: training previews, class images, the CLI `sample`."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from .models import BaseModel
+
+
+def make_pipeline(base: BaseModel, device: torch.device | str = "cpu", unet=None, text_encoder=None) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline over the given parts (no copies), with a fast multistep sampler.
+
+    `unet` / `text_encoder` replace the base model's parts, e.g. the unwrapped training modules.
+    """
+    scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config)
+    pipe = StableDiffusionPipeline(
+        vae=base.vae, text_encoder=text_encoder or base.text_encoder, tokenizer=base.tokenizer,
+        unet=unet or base.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """Autocast when frozen weights are half precision, so fp32 adapters and fp16 weights mix."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
+             size: int | None = None, negative_prompt: str = "") -> list[Image.Image]:
+    """One image per (prompt, seed), in one batch; each image depends only on its own seed."""
+    device = pipe.unet.device
+    dtype = next(pipe.unet.parameters()).dtype
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    # Draw the starting noise on the CPU so an image is the same on every device for a given seed.
+    shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    modes = {m: m.training for m in (pipe.unet, pipe.text_encoder)}
+    for m in modes:
+        m.eval()  # no adapter dropout while sampling, even mid-training
+    try:
+        with autocast_for(device, dtype):
+            out = pipe(prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                       num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                       latents=latents.to(dtype),
+                       generator=generators, output_type="pil")
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return out.images
+
+
+def save_png(image: Image.Image, path: str | Path, pnginfo: dict[str, str] | None = None) -> Path:
+    """Write a PNG atomically (temp file in the same folder, then rename)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    for k, v in (pnginfo or {}).items():
+        info.add_text(k, str(v))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,561 @@
+"""The DreamBooth training loop with PEFT adapters and prior preservation.
+
+`train(cfg)` is read top to bottom: set up the run folder, load the frozen base model, make sure
+class images exist, inject the adapters, cache what can be cached, then loop over optimizer
+steps, obeying commands (stop, pause, resume, sample now, save now) between steps.
+
+Everything random in a step (which images, crops, flips, noise, timesteps) comes from a generator
+seeded by (seed, step, micro-step, process), so a resumed run sees exactly the batches an
+uninterrupted one would; the global RNG (used by adapter dropout) is saved in checkpoints.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import queue
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+
+from . import adapters
+from .class_images import class_dir_for, class_min_size, ensure_class_images
+from .config import Config, read_yaml
+from .data import ImageSet, caption_prompts, scan_folder
+from .errors import ConfigError, DataError, UserError
+from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, Emit, Failed, Finished, Log, Paused,
+                     Progress, Resumed, SampleReady, ignore)
+from .models import BaseModel, load_base_model
+from .sampling import generate, make_pipeline, save_png
+
+LOSS_COLUMNS = ["step", "loss", "instance_loss", "prior_loss", "lr", "seconds"]
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up helpers
+# ----------------------------------------------------------------------------------------------
+
+def resolve_precision(cfg: Config) -> str:
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        return "fp16" if torch.cuda.is_available() else "no"
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("Mixed precision fp16 needs an NVIDIA GPU. On the CPU use `bf16` or `no` (train.mixed_precision).")
+    return mp
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    precision = resolve_precision(cfg)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, precision) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process may run several trainings (the GUI); accelerate keeps a process-wide state that
+        # refuses a new precision, so reset it between runs. Not done under `accelerate launch`.
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+
+
+def new_run_dir(cfg: Config, acc: Accelerator) -> Path:
+    """Create the run folder on the main process and agree on its path everywhere."""
+    name = [cfg.output.name or f"{cfg.adapter.type}-{datetime.now():%Y%m%d-%H%M%S}"]
+    if acc.num_processes > 1:
+        broadcast_object_list(name)
+    run_dir = Path(cfg.output.dir).expanduser() / name[0]
+    if acc.is_main_process:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"The run folder {run_dir} already exists. Pick another output.name, or resume it.")
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    acc.wait_for_everyone()
+    return run_dir
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved config a run was started with, for `--resume`."""
+    path = Path(run_dir).expanduser() / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (it has no config.yaml).")
+    return Config.from_dict(read_yaml(path))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    ckpts = [c for c in ckpts if (c / "state.json").is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+@dataclass
+class TrainData:
+    instance: ImageSet
+    klass: ImageSet | None  # None without prior preservation
+
+
+def load_data(cfg: Config, base: BaseModel, acc: Accelerator, emit: Emit, stop) -> TrainData:
+    d = cfg.data
+    if not d.instance_dir:
+        raise DataError("No instance images folder set (data.instance_dir): point it at the 3-20 photos of your subject.")
+    report = scan_folder(d.instance_dir, min_size=d.min_image_size, caption_extension=d.caption_extension)
+    emit(Log(f"Instance images: {report.summary()}"))
+    if not report.images:
+        raise DataError(f"No usable images in {d.instance_dir}. {report.summary()}")
+    prompts = caption_prompts(report.images, d.instance_prompt)
+    instance = ImageSet(report.images, prompts, d.resolution, d.center_crop, d.random_flip)
+    klass = None
+    if cfg.train.prior_preservation:
+        # Generated on the main process only; the others wait and then read the same folder.
+        if acc.is_main_process:
+            ensure_class_images(cfg, base, acc.device, emit, should_stop=stop)
+        acc.wait_for_everyone()
+        items = scan_folder(class_dir_for(cfg), min_size=class_min_size(cfg)).images[: d.num_class_images]
+        if not items:
+            raise DataError("Prior preservation is on but there are no class images (class generation was stopped?).")
+        klass = ImageSet(items, [d.class_prompt] * len(items), d.resolution, d.center_crop, d.random_flip)
+    return TrainData(instance, klass)
+
+
+class LatentCache:
+    """VAE posteriors (mean, std) of every cached image variant; a latent is drawn from them each step."""
+
+    def __init__(self, vae, images: ImageSet, device, dtype, batch: int = 8):
+        self.entries: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for i in range(len(images)):
+            variants = torch.stack(images.cached_variants(i)).to(device, dtype)
+            with torch.no_grad():
+                dist = vae.encode(variants).latent_dist
+            self.entries.append([(m.float(), s.float()) for m, s in zip(dist.mean, dist.std)])
+
+    def sample(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        variants = self.entries[index]
+        pick = int(torch.randint(len(variants), (1,), generator=generator)) if len(variants) > 1 else 0
+        mean, std = variants[pick]
+        return mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+
+
+def encode_prompts(base: BaseModel, prompts: list[str], device) -> torch.Tensor:
+    ids = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(device)
+    return base.text_encoder(ids)[0]
+
+
+def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, step, micro, process)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def epoch_index(seed: int, k: int, n: int, salt: int) -> int:
+    """The k-th draw of an endless sequence of shuffled epochs over n items (pure function of seed and k)."""
+    epoch, pos = divmod(k, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(hash((seed, salt, epoch)) & 0x7FFF_FFFF))
+    return int(perm[pos])
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023); for v-prediction divide by snr + 1."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    w = torch.clamp(snr, max=gamma)
+    return w / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else w / snr
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands between steps
+# ----------------------------------------------------------------------------------------------
+
+class Controller:
+    """Reads the command queue between steps; `pause` blocks here until `resume` or `stop`."""
+
+    def __init__(self, commands: queue.Queue | None, acc: Accelerator, emit: Emit):
+        self.commands, self.acc, self.emit = commands, acc, emit
+        self.stop_requested = False
+
+    def _read(self, block: bool) -> list[str]:
+        if self.commands is None:
+            return []
+        got = []
+        try:
+            got.append(self.commands.get(timeout=0.2) if block else self.commands.get_nowait())
+            while True:
+                got.append(self.commands.get_nowait())
+        except queue.Empty:
+            pass
+        return got
+
+    def _agree(self, cmds: list[str]) -> list[str]:
+        """All processes must act on the same commands at the same step (main process decides)."""
+        if self.acc.num_processes > 1:
+            box = [cmds]
+            broadcast_object_list(box)
+            cmds = box[0]
+        return cmds
+
+    def poll(self, step: int, on_sample, on_save) -> bool:
+        """Handle pending commands; return True when training must stop."""
+        cmds = self._agree(self._read(block=False))
+        paused = False
+        while True:
+            for c in cmds:
+                if c == STOP:
+                    self.stop_requested = True
+                elif c == PAUSE and not paused:
+                    paused = True
+                    self.emit(Paused(step))
+                elif c == RESUME and paused:
+                    paused = False
+                    self.emit(Resumed(step))
+                elif c == SAMPLE:
+                    on_sample()
+                elif c == SAVE:
+                    on_save()
+            if self.stop_requested or not paused:
+                return self.stop_requested
+            cmds = self._agree(self._read(block=True))
+
+    def should_stop(self) -> bool:
+        """For long set-up work (class images): look for a stop without consuming other commands."""
+        if self.commands is not None and not self.stop_requested:
+            keep = []
+            for c in self._read(block=False):
+                if c == STOP:
+                    self.stop_requested = True
+                else:
+                    keep.append(c)
+            for c in keep:
+                self.commands.put(c)
+        return self.stop_requested
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What the loop's helpers share: the parts, the paths, and where we are."""
+
+    cfg: Config
+    acc: Accelerator
+    base: BaseModel
+    specs: dict
+    run_dir: Path
+    weight_dtype: torch.dtype
+    emit: Emit
+    step: int = 0
+    loss_rows: list = field(default_factory=list)
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.run_dir / f"{self.run_dir.name}.safetensors"
+
+    def unwrapped(self, part: str):
+        return self.acc.unwrap_model(getattr(self.base, part))
+
+    def save_adapter(self, path: Path) -> Path:
+        view = _Parts(self.unwrapped("unet"), self.unwrapped("text_encoder"))
+        info = adapters.training_metadata(self.cfg, self.step, self.base.name)
+        return adapters.save_adapter(path, view, self.specs, info)
+
+    def sample(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        cfg = self.cfg
+        prompts = cfg.train.sample_prompts or [p for p in (cfg.data.instance_prompt, cfg.data.class_prompt) if p]
+        if not prompts:
+            return
+        pipe = make_pipeline(self.base, self.acc.device, unet=self.unwrapped("unet"),
+                             text_encoder=self.unwrapped("text_encoder"))
+        images = generate(pipe, prompts, [cfg.train.sample_seed + i for i in range(len(prompts))],
+                          steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance, size=cfg.data.resolution)
+        paths = [str(save_png(img, self.run_dir / "samples" / f"step_{self.step:06d}_{i}.png",
+                              {"prompt": p, "step": self.step, "seed": cfg.train.sample_seed + i}))
+                 for i, (img, p) in enumerate(zip(images, prompts))]
+        self.emit(SampleReady(self.step, paths, prompts))
+
+    def flush_losses(self) -> None:
+        """Append the buffered loss rows to loss.csv (one write per flush)."""
+        if not self.acc.is_main_process or not self.loss_rows:
+            return
+        path = self.run_dir / "loss.csv"
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(LOSS_COLUMNS)
+            w.writerows(self.loss_rows)
+        self.loss_rows.clear()
+
+
+@dataclass
+class _Parts:
+    """Duck-typed stand-in for BaseModel holding the unwrapped trainable modules (for saving)."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+
+
+def save_checkpoint(run: Run, optimizer, lr_scheduler) -> Path | None:
+    """Adapter (safetensors) + optimizer / scheduler / RNG state (torch, loaded back with weights_only)."""
+    run.flush_losses()
+    if not run.acc.is_main_process:
+        return None
+    final = run.run_dir / "checkpoints" / f"step_{run.step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=final.parent))
+    run.save_adapter(tmp / "adapter.safetensors")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng},
+               tmp / "state.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": run.step}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    # Keep only the newest few checkpoints.
+    old = sorted(p for p in final.parent.glob("step_*") if p.is_dir())[: -max(run.cfg.train.keep_checkpoints, 1)]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    run.emit(CheckpointSaved(run.step, str(final)))
+    return final
+
+
+def load_checkpoint(run: Run, ckpt: Path, optimizer, lr_scheduler) -> None:
+    adapter = adapters.read_adapter(ckpt / "adapter.safetensors")
+    from peft.utils import set_peft_model_state_dict
+
+    for part in run.specs:
+        set_peft_model_state_dict(run.unwrapped(part), adapter.part_state(part), adapter_name="default")
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    run.step = json.loads((ckpt / "state.json").read_text())["step"]
+    # Drop loss rows logged after the checkpoint: they will be logged again.
+    path = run.run_dir / "loss.csv"
+    if run.acc.is_main_process and path.exists():
+        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+        keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= run.step]
+        write_text_atomic(path, "".join(",".join(r) + "\n" for r in keep))
+
+
+def make_optimizer(cfg: Config, params: dict[str, list]) -> torch.optim.Optimizer:
+    groups = [{"params": params["unet"], "lr": cfg.train.learning_rate}]
+    if "text_encoder" in params:
+        groups.append({"params": params["text_encoder"], "lr": cfg.text_encoder_learning_rate})
+    t = cfg.train
+    kw = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("8-bit AdamW needs the bitsandbytes package (pip install bitsandbytes) and an NVIDIA GPU.") from None
+        if not torch.cuda.is_available():
+            raise ConfigError("8-bit AdamW needs an NVIDIA GPU; on the CPU use train.optimizer: adamw.")
+        return bnb.optim.AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def train(cfg: Config, emit: Emit = ignore, commands: queue.Queue | None = None, resume_dir: str | Path | None = None,
+          base: BaseModel | None = None) -> Path:
+    """Train an adapter; return the run folder. Errors a user can fix raise UserError (after a Failed event)."""
+    try:
+        return _train(cfg, emit, commands, resume_dir, base)
+    except UserError as e:
+        emit(Failed(str(e)))
+        raise
+    except torch.cuda.OutOfMemoryError:
+        msg = ("The GPU ran out of memory. Try the low-VRAM preset, a smaller resolution or batch size, "
+               "gradient checkpointing, or close other programs using the GPU.")
+        emit(Failed(msg, traceback.format_exc()))
+        raise UserError(msg) from None
+    except Exception as e:
+        emit(Failed(f"Training failed: {type(e).__name__}: {e}", traceback.format_exc()))
+        raise
+
+
+def _train(cfg, emit, commands, resume_dir, base) -> Path:
+    acc = make_accelerator(cfg)
+    main_emit = emit if acc.is_main_process else ignore
+    control = Controller(commands, acc, main_emit)
+    t = cfg.train
+
+    # 1. Run folder (new, or the one we resume).
+    run_dir = Path(resume_dir).expanduser() if resume_dir else new_run_dir(cfg, acc)
+    main_emit(Log(f"Run folder: {run_dir}"))
+
+    # 2. The frozen base model, in half precision under mixed precision (adapters stay float32).
+    weight_dtype = DTYPES[acc.mixed_precision]
+    if base is None:
+        main_emit(Log(f"Loading base model {cfg.model.base}"))
+        base = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type,
+                               allow_pickle=cfg.model.allow_pickle)
+    base.freeze().to(acc.device, None if weight_dtype == torch.float32 else weight_dtype)
+
+    # 3. Images; class images are generated now if prior preservation needs more.
+    data = load_data(cfg, base, acc, main_emit, control.should_stop)
+    if control.stop_requested:
+        raise UserError("Stopped before training started (while generating class images).")
+
+    # 4. Adapters on the UNet (and text encoder): the only trainable parameters.
+    specs = adapters.specs_from_config(cfg)
+    params = adapters.inject_all(base, specs)
+    n_params = sum(p.numel() for ps in params.values() for p in ps)
+    main_emit(Log(f"{cfg.adapter.type} adapter: {n_params:,} trainable parameters on {', '.join(params)}"))
+    train_te = "text_encoder" in params
+    if t.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        if train_te:
+            base.text_encoder.gradient_checkpointing_enable()
+
+    # 5. Caches: VAE latents of the (fixed) training crops; text embeddings when the text encoder is frozen.
+    sets = {"instance": data.instance, "class": data.klass}
+    latents = {}
+    if t.cache_latents and cfg.data.center_crop:
+        latents = {k: LatentCache(base.vae, s, acc.device, weight_dtype) for k, s in sets.items() if s is not None}
+    elif t.cache_latents:
+        main_emit(Log("Random crops differ every step, so latents are not cached (data.center_crop is off)."))
+    text_cache = {}
+    if not train_te and t.cache_text_embeddings:
+        prompts = sorted({p for s in sets.values() if s is not None for p in s.prompts})
+        with torch.no_grad():
+            text_cache = {p: e for p, e in zip(prompts, encode_prompts(base, prompts, acc.device))}
+
+    # 6. Optimizer and learning-rate schedule (stepped by us, once per optimizer step).
+    optimizer = make_optimizer(cfg, params)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=t.max_steps)
+    base.unet.train()
+    if train_te:
+        base.text_encoder.train()
+        base.unet, base.text_encoder, optimizer = acc.prepare(base.unet, base.text_encoder, optimizer)
+    else:
+        base.unet, optimizer = acc.prepare(base.unet, optimizer)
+    trainable = [p for ps in params.values() for p in ps]
+
+    run = Run(cfg, acc, base, specs, run_dir, weight_dtype, main_emit)
+    if resume_dir:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ConfigError(f"{run_dir} has no checkpoint to resume from.")
+        load_checkpoint(run, ckpt, optimizer, lr_scheduler)
+        main_emit(Log(f"Resumed from {ckpt.name} (step {run.step})"))
+    elif t.sample_every:
+        run.sample()  # the step-0 baseline: what the base model makes of the sample prompts
+
+    def one_micro_step(micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Forward + loss for one micro-batch: instance images first, then as many class images."""
+        g = step_generator(t.seed, run.step, micro, acc.process_index)
+        k0 = ((run.step * t.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * t.batch_size
+        n_inst = len(data.instance) * cfg.data.repeats
+        idx = {"instance": [epoch_index(t.seed, k, n_inst, 0) % len(data.instance) for k in range(k0, k0 + t.batch_size)]}
+        if data.klass is not None:
+            idx["class"] = [epoch_index(t.seed, k, len(data.klass), 1) for k in range(k0, k0 + t.batch_size)]
+        lat, prompts = [], []
+        for key, indices in idx.items():
+            for i in indices:
+                if key in latents:
+                    lat.append(latents[key].sample(i, g))
+                    prompts.append(sets[key].prompts[i])
+                else:
+                    pixels, prompt = sets[key].get(i, g)
+                    with torch.no_grad():
+                        dist = base.vae.encode(pixels[None].to(acc.device, weight_dtype)).latent_dist
+                    lat.append(dist.mean[0].float() + dist.std[0].float() * torch.randn(dist.mean[0].shape, generator=g).to(acc.device))
+                    prompts.append(prompt)
+        x0 = torch.stack(lat) * base.vae.config.scaling_factor
+        noise = torch.randn(x0.shape, generator=g).to(acc.device)
+        if t.noise_offset:
+            noise = noise + t.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=g).to(acc.device)
+        sched = base.scheduler
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(acc.device)
+        noisy = sched.add_noise(x0, noise, timesteps)
+        if text_cache:
+            cond = torch.stack([text_cache[p] for p in prompts])
+        else:
+            cond = encode_prompts(base, prompts, acc.device)  # through the (trained) text encoder
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, timesteps)
+        pred = base.unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
+        # Per-image MSE, optionally min-SNR weighted; the batch is [instance..., class...].
+        mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if t.min_snr_gamma:
+            mse = mse * min_snr_weights(sched, timesteps, t.min_snr_gamma)
+        if data.klass is None:
+            inst = mse.mean()
+            return inst, inst, None
+        inst, prior = torch.chunk(mse, 2)
+        inst, prior = inst.mean(), prior.mean()
+        return inst + t.prior_loss_weight * prior, inst, prior
+
+    # 7. The loop: one iteration per optimizer step.
+    start_step, train_seconds = run.step, 0.0
+    stopped = False
+    while run.step < t.max_steps:
+        if control.poll(run.step, run.sample, lambda: save_checkpoint(run, optimizer, lr_scheduler)):
+            stopped = True
+            break
+        tic = time.perf_counter()
+        sums = [0.0, 0.0, 0.0]
+        for micro in range(t.gradient_accumulation_steps):
+            with acc.accumulate(base.unet):
+                loss, inst, prior = one_micro_step(micro)
+                acc.backward(loss)
+                if acc.sync_gradients and t.max_grad_norm > 0:
+                    acc.clip_grad_norm_(trainable, t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for j, v in enumerate((loss, inst, prior)):
+                sums[j] += float(v.detach()) / t.gradient_accumulation_steps if v is not None else 0.0
+        lr = lr_scheduler.get_last_lr()[0]
+        lr_scheduler.step()
+        run.step += 1
+        train_seconds += time.perf_counter() - tic
+        if not all(math.isfinite(v) for v in sums):
+            raise UserError(f"The loss became {sums[0]} at step {run.step}: training diverged. "
+                            "Lower the learning rate, or use bf16 instead of fp16.")
+        rate = (run.step - start_step) / max(train_seconds, 1e-9)
+        prior_loss = sums[2] if data.klass is not None else None
+        run.loss_rows.append([run.step, f"{sums[0]:.6g}", f"{sums[1]:.6g}", "" if prior_loss is None else f"{prior_loss:.6g}",
+                              f"{lr:.6g}", f"{train_seconds:.3f}"])
+        main_emit(Progress(run.step, t.max_steps, sums[0], sums[1], prior_loss, lr, rate, (t.max_steps - run.step) / rate))
+        if t.sample_every and run.step % t.sample_every == 0:
+            run.sample()
+        if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < t.max_steps:
+            save_checkpoint(run, optimizer, lr_scheduler)
+        if len(run.loss_rows) >= 50:
+            run.flush_losses()
+
+    # 8. Finish: a resumable checkpoint when stopped early, and the adapter file either way.
+    if stopped:
+        save_checkpoint(run, optimizer, lr_scheduler)
+    run.flush_losses()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        run.save_adapter(run.adapter_path)
+    acc.wait_for_everyone()
+    main_emit(Log(f"Saved adapter {run.adapter_path}"))
+    main_emit(Finished(str(run_dir), str(run.adapter_path), run.step, stopped))
+    return run_dir
