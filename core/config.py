@@ -225,6 +225,11 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"`{key}` must be a list, got {value!r}.")
         (item_tp,) = typing.get_args(tp)
         return [_convert(item_tp, v, key) for v in value]
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as text; accept it as the number it clearly is
+            value = float(value)
+        except ValueError:
+            pass
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool):

@@ -177,6 +177,18 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return w / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else w / snr
 
 
+def prior_preservation_loss(per_image: torch.Tensor, has_class: bool, weight: float):
+    """(total, instance, prior) from per-image losses of a batch laid out [instance..., class...].
+
+    DreamBooth: loss = instance loss + weight * class (prior) loss, both halves from one forward pass.
+    """
+    if not has_class:
+        inst = per_image.mean()
+        return inst, inst, None
+    inst, prior = (half.mean() for half in torch.chunk(per_image, 2))
+    return inst + weight * prior, inst, prior
+
+
 # ----------------------------------------------------------------------------------------------
 # Commands between steps
 # ----------------------------------------------------------------------------------------------
@@ -503,12 +515,7 @@ def _train(cfg, emit, commands, resume_dir, base) -> Path:
         mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if t.min_snr_gamma:
             mse = mse * min_snr_weights(sched, timesteps, t.min_snr_gamma)
-        if data.klass is None:
-            inst = mse.mean()
-            return inst, inst, None
-        inst, prior = torch.chunk(mse, 2)
-        inst, prior = inst.mean(), prior.mean()
-        return inst + t.prior_loss_weight * prior, inst, prior
+        return prior_preservation_loss(mse, data.klass is not None, t.prior_loss_weight)
 
     # 7. The loop: one iteration per optimizer step.
     start_step, train_seconds = run.step, 0.0
@@ -528,7 +535,12 @@ def _train(cfg, emit, commands, resume_dir, base) -> Path:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for j, v in enumerate((loss, inst, prior)):
-                sums[j] += float(v.detach()) / t.gradient_accumulation_steps if v is not None else 0.0
+                if v is not None:
+                    sums[j] += v.detach().float() / t.gradient_accumulation_steps
+        sums = torch.stack([torch.as_tensor(v, device=acc.device, dtype=torch.float32) for v in sums])
+        if acc.num_processes > 1:
+            sums = acc.reduce(sums, reduction="mean")  # log the loss of the whole batch, not of one process
+        sums = sums.tolist()
         lr = lr_scheduler.get_last_lr()[0]
         lr_scheduler.step()
         run.step += 1

@@ -1,0 +1,201 @@
+"""Entry point: the GUI by default, and CLI sub-commands.
+
+    python app.py                                   start the GUI
+    python app.py train --config FILE.yaml [--preset NAME] [--set key=value ...] [--resume RUN_DIR]
+    python app.py class-images --config FILE.yaml [--set key=value ...]
+    python app.py sample --base MODEL [--adapter FILE[@WEIGHT] ...] --prompt TEXT --out FILE.png
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import sys
+import warnings
+
+
+def _quiet() -> None:
+    """Hide library chatter that means nothing to a user (progress bars of weight loading, dtype notes)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def config_from_args(args):
+    from core.config import load_config
+
+    return load_config(args.config, overrides=args.set or [], preset=args.preset)
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from core import events as ev
+    from core.trainer import load_run_config, train
+
+    cfg = load_run_config(args.resume) if args.resume else config_from_args(args)
+    commands: queue.Queue = queue.Queue()
+    bar = tqdm(total=cfg.train.max_steps, unit="step", dynamic_ncols=True, disable=not is_main_process())
+
+    def on_event(e) -> None:
+        if isinstance(e, ev.Progress):
+            bar.n = e.step
+            postfix = {"loss": f"{e.loss:.4f}", "lr": f"{e.lr:.2e}"}
+            bar.set_postfix(postfix, refresh=False)
+            bar.refresh()
+        elif isinstance(e, ev.Log):
+            bar.write(e.message)
+        elif isinstance(e, ev.SampleReady):
+            bar.write(f"samples at step {e.step}: {', '.join(e.paths)}")
+        elif isinstance(e, ev.CheckpointSaved):
+            bar.write(f"checkpoint: {e.path}")
+
+    def on_interrupt(signum, frame):
+        # First Ctrl+C: stop cleanly after this step, saving a checkpoint. Second: abort.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        bar.write("Stopping after this step (a checkpoint is saved). Press Ctrl+C again to abort.")
+        commands.put(ev.STOP)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    run_dir = train(cfg, emit=on_event, commands=commands, resume_dir=args.resume)
+    bar.close()
+    if is_main_process():
+        print(run_dir)
+    return 0
+
+
+def cmd_class_images(args) -> int:
+    from tqdm import tqdm
+
+    from core import events as ev
+    from core.class_images import class_dir_for, ensure_class_images
+    from core.models import load_base_model
+    from core.trainer import DTYPES, resolve_precision
+
+    cfg = config_from_args(args)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[resolve_precision(cfg)]
+    base = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type, allow_pickle=cfg.model.allow_pickle)
+    base.to(device, None if dtype == torch.float32 else dtype)
+    bar = tqdm(unit="image")
+
+    def on_event(e):
+        if isinstance(e, ev.ClassImagesProgress):
+            bar.total = e.total
+            bar.n = e.done
+            bar.refresh()
+        elif isinstance(e, ev.Log):
+            bar.write(e.message)
+
+    items = ensure_class_images(cfg, base, device, emit=on_event)
+    bar.close()
+    print(f"{len(items)} class images in {class_dir_for(cfg)}")
+    return 0
+
+
+def parse_adapter_arg(text: str) -> tuple[str, float]:
+    """`file.safetensors@0.8` -> (file, 0.8); no @ means weight 1."""
+    path, sep, weight = text.rpartition("@")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from core import adapters
+    from core.models import load_base_model
+    from core.sampling import generate, make_pipeline, save_png
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_base_model(args.base, allow_pickle=args.allow_pickle).to(device)
+    weights = {}
+    for i, spec in enumerate(args.adapter or []):
+        path, weight = parse_adapter_arg(spec)
+        adapters.load_into(base, adapters.read_adapter(path), f"a{i}")
+        weights[f"a{i}"] = weight
+    if weights:
+        adapters.set_weights(base, weights)
+    pipe = make_pipeline(base, device)
+    size = args.size or None
+    (image,) = generate(pipe, [args.prompt], [args.seed], steps=args.steps, guidance=args.guidance, size=size,
+                        negative_prompt=args.negative or "")
+    info = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps, "base": args.base,
+            "adapters": ", ".join(args.adapter or [])}
+    out = save_png(image, args.out, info)
+    print(out)
+    return 0
+
+
+def cmd_gui(args) -> int:
+    try:
+        from ui.main import launch  # noqa: F401  (arrives with the GUI)
+    except ImportError:
+        build_parser().print_help()
+        print("\nThe browser GUI is not part of this version yet; use the sub-commands above.")
+        return 0
+    return launch(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="app.py", description="Teach Stable Diffusion a new subject with small adapters (DreamBooth + LoRA/LoHa/LoKr).")
+    sub = p.add_subparsers(dest="command")
+
+    def config_args(sp):
+        sp.add_argument("--config", help="YAML config file (sparse: only the settings you change)")
+        sp.add_argument("--preset", help="preset name from presets/ (e.g. sd15-lora); a `preset:` key in the file wins")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. train.max_steps=400 (repeatable)")
+
+    t = sub.add_parser("train", help="train an adapter")
+    config_args(t)
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its latest checkpoint")
+    c = sub.add_parser("class-images", help="generate the class images for prior preservation only")
+    config_args(c)
+    s = sub.add_parser("sample", help="generate an image with a base model and adapters")
+    s.add_argument("--base", required=True, help="demo, a hub id, a diffusers folder or a .safetensors checkpoint")
+    s.add_argument("--adapter", action="append", metavar="FILE[@WEIGHT]", help="adapter file, optionally @weight (repeatable)")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--negative", default="")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--size", type=int, default=0, help="image size in pixels (default: the model's own)")
+    s.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .ckpt base model")
+    s.add_argument("--out", required=True, help="output .png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    args = build_parser().parse_args(argv)
+    from core.errors import UserError
+
+    handlers = {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample, None: cmd_gui}
+    if args.command in ("train", "class-images") and not args.config and not args.preset and not getattr(args, "resume", None):
+        print("Error: give a config file (--config FILE.yaml) or a preset (--preset NAME).", file=sys.stderr)
+        return 2
+    try:
+        return handlers[args.command](args)
+    except UserError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Aborted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
