@@ -169,22 +169,58 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise ModelLoadError(f"{path.name} is damaged or not a safetensors file ({e}).") from None
     if metadata.get("format") != FORMAT_TAG:
         raise ModelLoadError(f"{path.name} was not written by this app (no '{FORMAT_TAG}' metadata), so its layout is unknown.")
-    specs = {part: AdapterSpec(**d) for part, d in json.loads(metadata["adapters"]).items()}
+    # Fix (tests/test_adapters.py): a damaged `adapters` entry raised a raw KeyError/JSONDecodeError/TypeError.
+    try:
+        specs = {part: AdapterSpec(**d) for part, d in json.loads(metadata["adapters"]).items()}
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"{path.name} has damaged adapter metadata ({type(e).__name__}: {e}); "
+                             "save or export the adapter again.") from None
     return AdapterFile(path, specs, tensors, metadata)
 
 
 def load_into(base, adapter: AdapterFile, name: str) -> None:
     """Inject `adapter` as `name` into the base model's parts and load its weights (all or nothing)."""
-    for part, spec in adapter.specs.items():
-        module = module_of(base, part)
-        inject(module, spec, name)
-        result = set_peft_model_state_dict(module, adapter.part_state(part), adapter_name=name)
-        missing = [k for k in result.missing_keys if f".{name}" in k or k.endswith(name)]
-        if result.unexpected_keys or missing:
-            delete_adapter(base, name)
-            bad = (result.unexpected_keys or missing)[:3]
-            raise ModelLoadError(f"{adapter.path.name} does not fit this base model's {part} (for example {bad}).")
-        module.requires_grad_(False)
+    # Fix (tests/test_adapters.py): every failure, in any part, now removes what was already injected and
+    # becomes a ModelLoadError. Before, peft's size-mismatch RuntimeError (an adapter from a differently
+    # shaped model) and its AttributeError (a LoRA on a layer already wrapped by LoHa/LoKr) escaped raw and
+    # left a half-loaded adapter, and a failing text encoder part left the UNet part loaded.
+    try:
+        for part, spec in adapter.specs.items():
+            _load_part(module_of(base, part), spec, adapter, part, name)
+    except ModelLoadError:
+        delete_adapter(base, name)
+        raise
+    except AttributeError as e:
+        delete_adapter(base, name)
+        if spec.type == "lora" and _has_lycoris(base):  # peft: "'Conv2d' object has no attribute 'groups'"
+            raise ModelLoadError(
+                f"{adapter.path.name} is a LoRA and cannot be added on top of the LoHa/LoKr adapters already loaded "
+                f"in this model ({', '.join(adapter_names(base))}): peft cannot put a LoRA on a layer that already "
+                "has a LoHa or LoKr. Load the LoRA files first, then the LoHa/LoKr ones.") from e
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # e.g. "size mismatch for ...lora_A..."
+        delete_adapter(base, name)
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip().rstrip(".")[:200]
+        raise ModelLoadError(f"{adapter.path.name} does not fit this base model's {part}: it was made for a model "
+                             f"with other layer sizes or layers ({detail}).") from e
+
+
+def _has_lycoris(base) -> bool:
+    return any(hasattr(layer, "hada_w1_a") or hasattr(layer, "lokr_w1")
+               for part in PARTS for layer in tuner_layers(module_of(base, part)))
+
+
+def _load_part(module: torch.nn.Module, spec: AdapterSpec, adapter: AdapterFile, part: str, name: str) -> None:
+    inject(module, spec, name)
+    result = set_peft_model_state_dict(module, adapter.part_state(part), adapter_name=name)
+    # Fix: match the adapter name as a whole key component, as `inject` does. The old substring test
+    # (`f".{name}" in k`) counted base keys such as "...attentions.0.norm.weight" as missing adapter
+    # keys for a name like "a", so a valid file failed to load under a short name.
+    missing = [k for k in result.missing_keys if f".{name}." in f".{k}."]
+    if result.unexpected_keys or missing:
+        bad = (result.unexpected_keys or missing)[:3]
+        raise ModelLoadError(f"{adapter.path.name} does not fit this base model's {part} (for example {bad}).")
+    module.requires_grad_(False)
 
 
 def tuner_layers(module: torch.nn.Module):

@@ -80,16 +80,18 @@ def _unet_prefixes(cfg) -> list[tuple[str, str, dict[str, str]]]:
 
 def _vae_prefixes(cfg) -> list[tuple[str, str, dict[str, str]]]:
     """(diffusers prefix, LDM prefix, inner renames) for an AutoencoderKL config; LDM numbers decoder blocks bottom-up."""
-    n = len(cfg["block_out_channels"])
+    n, per = len(cfg["block_out_channels"]), cfg["layers_per_block"]
     pairs = [("encoder.conv_norm_out.", "encoder.norm_out.", {}), ("decoder.conv_norm_out.", "decoder.norm_out.", {})]
     for part in ("encoder", "decoder"):
         pairs += [(f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", _VAE_RESNET),
                   (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", _VAE_RESNET),
                   (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", _VAE_ATTN)]
     for i in range(n):
-        pairs += [(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.", _VAE_RESNET),
-                  (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", {}),
-                  (f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n - 1 - i}.block.", _VAE_RESNET),
+        pairs += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", _VAE_RESNET)
+                  for j in range(per)]
+        pairs += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.", _VAE_RESNET)
+                  for j in range(per + 1)]  # the decoder has one resnet more per block
+        pairs += [(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", {}),
                   (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.", {})]
     return pairs
 

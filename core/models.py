@@ -176,7 +176,7 @@ def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool
         model = _load_local_folder(path, spec)
     elif path.is_file():
         model = load_single_file(path, prediction_type, allow_pickle=allow_pickle, name=spec)
-    elif looks_like_path(spec):
+    elif looks_like_path(spec) or (path.parent != Path(".") and path.parent.is_dir()):  # "models/x": a local typo
         raise ModelLoadError(f"Base model file or folder not found: {path}. Check the path in model.base.")
     elif _HUB_ID.fullmatch(spec) and "--" not in spec and ".." not in spec:
         model = load_from_hub(spec)
@@ -272,6 +272,10 @@ def load_from_hub(repo_id: str) -> BaseModel:
     try:
         log.warning("Downloading %s from the Hugging Face Hub into %s (several GB the first time)...", repo_id, cache)
         folder = Path(snapshot_download(repo_id, **pattern_kw))
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"The Hugging Face repo {repo_id!r} is not a diffusers model (it has no model_index.json). If it "
+                "offers a .safetensors checkpoint, download that file and point model.base at it.")
         _check_sd_folder(folder)
         return load_model_folder(folder, name=repo_id)
     except ModelLoadError:
@@ -388,8 +392,12 @@ def _read_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ModelLoadError(f"{path.name} holds Python objects other than tensors, which a safe load refuses "
-                             f"({_first_line(e)}). Use a .safetensors version of this model.") from e
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if not found:
+            raise ModelLoadError(f"{path.name} cannot be read as a PyTorch checkpoint: it is damaged (e.g. an "
+                                 "interrupted download) or not a checkpoint at all. Download it again.") from e
+        raise ModelLoadError(f"{path.name} holds Python objects other than tensors ({found.group(1)}), which a safe "
+                             "load refuses. Use a .safetensors version of this model.") from e
     except Exception as e:  # noqa: BLE001 - zip / EOF / storage errors all mean a damaged or foreign file
         raise ModelLoadError(f"{path.name} cannot be read as a PyTorch checkpoint ({_first_line(e)}). It may be "
                              "truncated or not a checkpoint at all: download it again.") from e
@@ -432,8 +440,8 @@ def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pick
                      name: str | None = None, config_dir: str | Path | None = None) -> BaseModel:
     """Load an original-layout SD 1.x/2.x checkpoint file, offline, through diffusers' single-file conversion.
 
-    Configs come from the file's metadata (files we wrote), else `config_dir`, else the shipped folder for the
-    detected family. `config_dir` also forces the foreign-file path (tests use it with small configs).
+    Configs come from `config_dir` when given (a diffusers-style folder of part configs), else the file's
+    metadata (files we wrote), else the shipped folder for the family detected from the keys and shapes.
     """
     path = Path(path).expanduser()
     label = path.name
@@ -446,11 +454,13 @@ def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pick
     else:
         raise ModelLoadError(f"{label}: unsupported file type {path.suffix!r}. Use a .safetensors checkpoint, a "
                              "diffusers folder or a hub id.")
-    configs = None if config_dir is not None else ldm.embedded_configs(metadata)
-    if configs is None:
+    configs = ldm.embedded_configs(metadata) if config_dir is None else read_config_folder(config_dir)
+    if config_dir is not None and not {"unet", "vae", "text_encoder"} <= set(configs):
+        raise ModelLoadError(f"{config_dir} lacks unet/, vae/ or text_encoder/ config.json files.")
+    if configs is None:  # a foreign file: the family's shipped configs
         family = detect_family(shapes, label)
         pred = prediction_type if prediction_type != "auto" else _guess_prediction_type(family, extra, label)
-        configs = read_config_folder(config_dir or shipped_config_folder(family, pred))
+        configs = read_config_folder(shipped_config_folder(family, pred))
         configs["scheduler"] = {**configs.get("scheduler", {}), "prediction_type": pred}
     else:
         check_sd_checkpoint(shapes, label)
@@ -473,6 +483,10 @@ def _convert_parts(state: dict[str, torch.Tensor], configs: dict[str, dict], lab
     layers = configs["text_encoder"].get("num_hidden_layers", 0)
     block = re.compile(re.escape(ldm.OPEN_CLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
     state = {k: v for k, v in state.items() if not ((m := block.match(k)) and int(m.group(1)) >= layers)}
+    # some old SD 1.x files lack the `text_model.` level of current CLIP names (A1111 renames them the same way)
+    old_clip = "cond_stage_model.transformer."
+    if not any(k.startswith(ldm.CLIP_PREFIX) for k in state) and any(k.startswith(old_clip) for k in state):
+        state = {ldm.CLIP_PREFIX + k[len(old_clip):] if k.startswith(old_clip) else k: v for k, v in state.items()}
     with tempfile.TemporaryDirectory(prefix="sd-configs-") as tmp:
         for part in ("unet", "vae", "text_encoder"):
             (Path(tmp) / part).mkdir()

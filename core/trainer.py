@@ -441,7 +441,8 @@ def _train(cfg, emit, commands, resume_dir, base) -> Path:
     if t.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         if train_te:
-            base.text_encoder.gradient_checkpointing_enable()
+            te = base.text_encoder  # transformers 5 renamed the switch; accept both spellings
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
 
     # 5. Caches: VAE latents of the (fixed) training crops; text embeddings when the text encoder is frozen.
     sets = {"instance": data.instance, "class": data.klass}

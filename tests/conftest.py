@@ -1,0 +1,62 @@
+"""Shared fixtures: small generated image folders and configs for the tiny in-code model."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+ADAPTER_TYPES = ["lora", "loha", "lokr"]
+
+
+def draw_subject(path: Path, i: int, size: int = 64) -> Path:
+    """A red disc with a yellow bar, shifted a little per image: a 'subject' the tiny model can memorize."""
+    img = Image.new("RGB", (size, size), (240, 240, 255))
+    d = ImageDraw.Draw(img)
+    o = 2 * i
+    d.ellipse((8 + o, 8, 48 + o, 48), fill=(200, 30, 30))
+    d.rectangle((20 + o, 24, 36 + o, 30), fill=(250, 220, 0))
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def instance_dir(tmp_path) -> Path:
+    folder = tmp_path / "instance"
+    folder.mkdir()
+    for i in range(3):
+        draw_subject(folder / f"photo{i}.png", i)
+    return folder
+
+
+@pytest.fixture
+def one_image_dir(tmp_path) -> Path:
+    folder = tmp_path / "one"
+    folder.mkdir()
+    draw_subject(folder / "photo.png", 0)
+    return folder
+
+
+def tiny_config(tmp_path: Path, instance_dir: Path, **sections) -> dict:
+    """A config dict for fast runs on the tiny model; `sections` are merged per section."""
+    cfg = {
+        "model": {"base": "tiny"},
+        "data": {"instance_dir": str(instance_dir), "instance_prompt": "a photo of sks ball",
+                 "class_prompt": "a photo of a ball", "num_class_images": 2, "resolution": 32, "class_steps": 2,
+                 "class_batch_size": 2},
+        "adapter": {"type": "lora", "rank": 4, "alpha": 4},
+        "train": {"max_steps": 4, "batch_size": 1, "learning_rate": 1e-3, "sample_every": 0, "checkpoint_every": 0,
+                  "sample_steps": 2, "prior_preservation": False},
+        "output": {"dir": str(tmp_path / "workspace" / "runs")},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return cfg

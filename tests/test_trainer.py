@@ -1,0 +1,272 @@
+"""The training loop on the tiny in-code model: what trains, what stays frozen, resume, prior preservation, options."""
+from __future__ import annotations
+
+import csv
+import math
+import queue
+
+import pytest
+import torch
+import yaml
+from conftest import ADAPTER_TYPES, tiny_config
+
+from core import adapters
+from core.config import Config
+from core.errors import ConfigError, DataError, ModelLoadError, UserError
+from core.events import STOP, CheckpointSaved, Failed, Finished, Progress, SampleReady
+from core.models import build_tiny_model
+from core.trainer import load_run_config, min_snr_weights, prior_preservation_loss, train
+
+
+def run(cfg_dict, base=None, commands=None, resume_dir=None):
+    events = []
+    run_dir = train(Config.from_dict(cfg_dict), emit=events.append, commands=commands, resume_dir=resume_dir, base=base)
+    return run_dir, events
+
+
+def losses(events):
+    return [e.loss for e in events if isinstance(e, Progress)]
+
+
+def frozen_weights(base) -> dict[str, torch.Tensor]:
+    """Every base weight, keyed by its name before adapters were injected."""
+    out = {}
+    for part in ("unet", "text_encoder", "vae"):
+        for name, t in getattr(base, part).state_dict().items():
+            if any(tag in name for tag in ("lora_", "hada_", "lokr_")):
+                continue
+            out[f"{part}.{name.replace('.base_layer.', '.')}"] = t.detach().clone()
+    return out
+
+
+def unet_output(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 4, 4, generator=g)
+    cond = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        return model.unet(x, torch.tensor([10, 500]), cond).sample
+
+
+def text_output(model):
+    ids = model.tokenizer(["a photo of sks ball"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model.text_encoder(ids)[0]
+
+
+@pytest.mark.parametrize("train_te", [False, True], ids=["unet", "unet+te"])
+@pytest.mark.parametrize("kind", ADAPTER_TYPES)
+def test_training_learns_adapters_only(tmp_path, one_image_dir, kind, train_te):
+    """Only adapter weights train, base weights stay bit-identical, loss falls, the file reloads exactly."""
+    cfg = tiny_config(tmp_path, one_image_dir, adapter={"type": kind, "train_text_encoder": train_te},
+                      train={"max_steps": 30, "batch_size": 2, "learning_rate": 3e-3, "sample_every": 15})
+    base = build_tiny_model()
+    before = frozen_weights(base)
+    run_dir, events = run(cfg, base=base)
+
+    trainable = [n for part in ("unet", "text_encoder", "vae") for n, p in getattr(base, part).named_parameters() if p.requires_grad]
+    assert trainable and all(".default" in n for n in trainable)
+    assert any(n.startswith(("text_model", "encoder")) or "self_attn" in n for n in trainable) == train_te
+    after = frozen_weights(base)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a frozen base weight changed"
+
+    loss = losses(events)
+    assert len(loss) == 30 and all(math.isfinite(v) for v in loss)
+    first, last = sum(loss[:8]) / 8, sum(loss[-8:]) / 8
+    assert last < 0.85 * first, f"loss did not fall: {first:.4f} -> {last:.4f}"
+
+    # The run folder: resolved config, one loss row per step, baseline + periodic samples, the adapter.
+    assert load_run_config(run_dir) == Config.from_dict(cfg)
+    rows = list(csv.DictReader(open(run_dir / "loss.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    assert sorted({e.step for e in events if isinstance(e, SampleReady)}) == [0, 15, 30]
+    assert len(list((run_dir / "samples").glob("step_000000_*.png"))) == 2
+    finished = [e for e in events if isinstance(e, Finished)]
+    assert finished and finished[0].step == 30 and not finished[0].stopped
+
+    # Reloading the saved adapter into a fresh base model reproduces the trained model's outputs.
+    af = adapters.read_adapter(finished[0].adapter_path)
+    assert af.type == kind and set(af.specs) == ({"unet", "text_encoder"} if train_te else {"unet"})
+    assert af.metadata["steps"] == "30" and af.metadata["instance_prompt"] == "a photo of sks ball"
+    fresh = build_tiny_model().freeze()
+    adapters.load_into(fresh, af, "reloaded")
+    base.unet.eval()
+    assert torch.allclose(unet_output(base), unet_output(fresh), atol=1e-6)
+    assert not torch.allclose(unet_output(build_tiny_model().freeze()), unet_output(fresh), atol=1e-4)
+    if train_te:
+        assert torch.allclose(text_output(base), text_output(fresh), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ADAPTER_TYPES)
+def test_resume_matches_uninterrupted_run(tmp_path, instance_dir, kind):
+    """Stop at step 4 (a checkpoint is saved), resume: the final adapter equals an uninterrupted run's."""
+    common = dict(adapter={"type": kind, "train_text_encoder": True, "dropout": 0.1},
+                  train={"max_steps": 7, "checkpoint_every": 3, "sample_every": 0})
+    full_dir, _ = run(tiny_config(tmp_path, instance_dir, output={"name": "full"}, **common))
+
+    commands = queue.Queue()
+    events = []
+
+    def emit(e):
+        events.append(e)
+        if isinstance(e, Progress) and e.step == 4:
+            commands.put(STOP)
+
+    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, output={"name": "interrupted"}, **common))
+    part_dir = train(cfg, emit=emit, commands=commands)
+    stop = [e for e in events if isinstance(e, Finished)][0]
+    assert stop.stopped and stop.step == 4
+    assert [e.step for e in events if isinstance(e, CheckpointSaved)] == [3, 4]
+    assert (part_dir / "checkpoints" / "step_000004" / "state.pt").is_file()
+
+    resumed_dir, resumed_events = run(load_run_config(part_dir).to_dict(), resume_dir=part_dir)
+    assert resumed_dir == part_dir
+    assert [e.step for e in resumed_events if isinstance(e, Progress)] == [5, 6, 7]
+
+    a = adapters.read_adapter(full_dir / "full.safetensors").tensors
+    b = adapters.read_adapter(part_dir / "interrupted.safetensors").tensors
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    # loss.csv continues without duplicate steps, and its losses equal the uninterrupted run's.
+    full_rows = list(csv.DictReader(open(full_dir / "loss.csv")))
+    part_rows = list(csv.DictReader(open(part_dir / "loss.csv")))
+    assert [r["step"] for r in part_rows] == [str(i) for i in range(1, 8)]
+    assert [r["loss"] for r in part_rows] == [r["loss"] for r in full_rows]
+
+
+def test_prior_preservation_loss_halves():
+    per_image = torch.tensor([1.0, 2.0, 3.0, 4.0])  # two instance images, then two class images
+    total, inst, prior = prior_preservation_loss(per_image, True, 0.5)
+    assert inst.item() == 1.5 and prior.item() == 3.5 and total.item() == 1.5 + 0.5 * 3.5
+    total, inst, prior = prior_preservation_loss(per_image, False, 0.5)
+    assert prior is None and total.item() == inst.item() == 2.5
+
+
+def test_prior_preservation_batches_class_half(tmp_path, instance_dir, monkeypatch):
+    """With prior preservation each UNet batch is [instance images, class images], and both losses are logged."""
+    cfg = tiny_config(tmp_path, instance_dir, train={"prior_preservation": True, "prior_loss_weight": 0.7,
+                                                     "batch_size": 2, "max_steps": 3})
+    base = build_tiny_model()
+    seen = []
+    forward = base.unet.forward
+
+    def spy(sample, timestep, encoder_hidden_states, *args, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append(encoder_hidden_states.detach().clone())
+        return forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(base.unet, "forward", spy)
+    run_dir, events = run(cfg, base=base)
+    from core.trainer import encode_prompts
+
+    with torch.no_grad():
+        inst_emb, class_emb = encode_prompts(base, ["a photo of sks ball", "a photo of a ball"], "cpu")
+    assert len(seen) == 3
+    for cond in seen:
+        assert cond.shape[0] == 4
+        assert all(torch.allclose(c, inst_emb, atol=1e-5) for c in cond[:2])
+        assert all(torch.allclose(c, class_emb, atol=1e-5) for c in cond[2:])
+    for e in [e for e in events if isinstance(e, Progress)]:
+        assert e.prior_loss is not None
+        assert e.loss == pytest.approx(e.instance_loss + 0.7 * e.prior_loss, rel=1e-4)
+    class_dir = tmp_path / "workspace" / "class_images"
+    assert len(list(class_dir.rglob("class_*.png"))) == 2
+    rows = list(csv.DictReader(open(run_dir / "loss.csv")))
+    assert all(r["prior_loss"] for r in rows)
+
+
+def test_min_snr_weights_for_both_prediction_types():
+    base = build_tiny_model()
+    t = torch.tensor([0, 500, 999])
+    a = base.scheduler.alphas_cumprod[t]
+    snr = a / (1 - a)
+    expected = torch.clamp(snr, max=5.0) / snr
+    assert torch.allclose(min_snr_weights(base.scheduler, t, 5.0), expected)
+    v = build_tiny_model(prediction_type="v_prediction").scheduler
+    assert torch.allclose(min_snr_weights(v, t, 5.0), torch.clamp(snr, max=5.0) / (snr + 1))
+
+
+@pytest.mark.parametrize("options", [
+    {"train": {"gradient_accumulation_steps": 2, "lr_scheduler": "cosine", "lr_warmup_steps": 1}},
+    {"train": {"min_snr_gamma": 5.0, "noise_offset": 0.05}, "model": {"prediction_type": "v_prediction"}},
+    {"train": {"cache_latents": False, "cache_text_embeddings": False}},
+    {"data": {"center_crop": False, "random_flip": True, "repeats": 2}},
+    {"train": {"mixed_precision": "bf16"}, "adapter": {"type": "loha", "train_text_encoder": True}},
+    {"train": {"gradient_checkpointing": True}, "adapter": {"type": "lokr", "train_text_encoder": True}},
+], ids=["accumulation-cosine", "minsnr-offset-vpred", "no-caches", "random-crop-flip", "bf16", "checkpointing"])
+def test_training_options_run(tmp_path, instance_dir, options):
+    cfg = tiny_config(tmp_path, instance_dir, **options)
+    cfg["train"] = {**cfg["train"], "max_steps": 3}
+    run_dir, events = run(cfg)
+    loss = losses(events)
+    assert len(loss) == 3 and all(math.isfinite(v) for v in loss)
+    assert (run_dir / f"{run_dir.name}.safetensors").is_file()
+
+
+def test_warmup_schedule_reaches_learning_rate(tmp_path, instance_dir):
+    cfg = tiny_config(tmp_path, instance_dir, train={"max_steps": 4, "lr_scheduler": "constant_with_warmup",
+                                                     "lr_warmup_steps": 2, "learning_rate": 1e-3})
+    _, events = run(cfg)
+    assert [e.lr for e in events if isinstance(e, Progress)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+
+
+def test_originals_never_modified(tmp_path, instance_dir):
+    (instance_dir / "photo0.txt").write_text("a photo of sks ball on grass")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in instance_dir.iterdir()}
+    run(tiny_config(tmp_path, instance_dir, train={"max_steps": 2, "sample_every": 1}))
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in instance_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("change, error, words", [
+    ({"data": {"instance_dir": "/no/such/folder"}}, DataError, "/no/such/folder"),
+    ({"data": {"instance_dir": "EMPTY"}}, DataError, "No usable images"),
+    ({"data": {"instance_prompt": ""}}, DataError, "instance prompt"),
+    ({"data": {"class_prompt": ""}, "train": {"prior_preservation": True}}, DataError, "class prompt"),
+    ({"model": {"base": "/no/such/model"}}, ModelLoadError, "not found"),
+    ({"train": {"mixed_precision": "fp16"}}, ConfigError, "NVIDIA GPU"),
+    ({"train": {"optimizer": "adamw8bit"}}, ConfigError, "8-bit"),
+], ids=["missing-folder", "empty-folder", "no-prompt", "no-class-prompt", "bad-model", "fp16-cpu", "adam8bit-cpu"])
+def test_bad_input_gives_clear_error(tmp_path, instance_dir, change, error, words):
+    if torch.cuda.is_available() and "NVIDIA" in words:
+        pytest.fail("this test expects a machine without CUDA")
+    if change.get("data", {}).get("instance_dir") == "EMPTY":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "notes.txt").write_text("not an image")
+        change = {"data": {"instance_dir": str(tmp_path / "empty")}}
+    cfg = tiny_config(tmp_path, instance_dir, **change)
+    events = []
+    with pytest.raises(error) as info:
+        train(Config.from_dict(cfg), emit=events.append)
+    assert words.lower() in str(info.value).lower()
+    assert [e for e in events if isinstance(e, Failed)][-1].message == str(info.value)
+
+
+def test_existing_run_folder_and_bad_resume(tmp_path, instance_dir):
+    cfg = tiny_config(tmp_path, instance_dir, output={"name": "same"})
+    run(cfg)
+    with pytest.raises(ConfigError, match="already exists"):
+        run(cfg)
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        load_run_config(tmp_path)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run(cfg, resume_dir=tmp_path / "workspace" / "runs" / "same")
+
+
+def test_out_of_memory_becomes_plain_message(tmp_path, instance_dir, monkeypatch):
+    base = build_tiny_model()
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(base.unet, "forward", oom)
+    events = []
+    with pytest.raises(UserError, match="ran out of memory"):
+        train(Config.from_dict(tiny_config(tmp_path, instance_dir)), emit=events.append, base=base)
+    assert "low-VRAM" in [e for e in events if isinstance(e, Failed)][-1].message
+
+
+def test_config_yaml_is_the_resolved_config(tmp_path, instance_dir):
+    run_dir, _ = run(tiny_config(tmp_path, instance_dir, output={"name": "r"}))
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 4 and saved["adapter"]["unet_targets"][0] == "to_q"
+    assert "version" in saved
