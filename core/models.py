@@ -469,7 +469,8 @@ def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pick
 
         state = load_file(str(path))
     unet, vae, text_encoder = _convert_parts(state, configs, label)
-    scheduler = DDPMScheduler.from_config(configs.get("scheduler") or {})
+    scheduler_config = configs.get("scheduler") or read_config_folder(MODEL_CONFIGS_DIR / "sd15")["scheduler"]
+    scheduler = DDPMScheduler.from_config(scheduler_config)
     tok = configs.get("tokenizer", {})
     tokenizer = clip_tokenizer(tok.get("model_max_length", 77), tok.get("pad_token"))
     return BaseModel(name or str(path), tokenizer, text_encoder, vae, unet, scheduler)

@@ -1,0 +1,110 @@
+"""The command line, end to end in subprocesses, including a two-process `accelerate launch` run."""
+from __future__ import annotations
+
+import csv
+import os
+import queue
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import ROOT, tiny_config
+from PIL import Image
+
+from core import adapters
+from core.config import Config
+from core.events import STOP, Progress
+from core.trainer import train
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def cli(*args, timeout=300, cmd=None):
+    cmd = cmd or [sys.executable, str(ROOT / "app.py")]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def write_config(tmp_path, instance_dir, **sections) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, instance_dir, **sections)))
+    return path
+
+
+def test_train_then_sample(tmp_path, instance_dir):
+    config = write_config(tmp_path, instance_dir, train={"max_steps": 3, "sample_every": 3})
+    r = cli("train", "--config", config, "--set", "adapter.type=loha", "--set", "output.name=cli-run")
+    assert r.returncode == 0, r.stderr
+    run_dir = Path(r.stdout.strip().splitlines()[-1])
+    assert run_dir == tmp_path / "workspace" / "runs" / "cli-run"
+    adapter = run_dir / "cli-run.safetensors"
+    assert adapters.read_adapter(adapter).type == "loha"  # the --set override was applied
+    assert len(list(csv.DictReader(open(run_dir / "loss.csv")))) == 3
+
+    out = tmp_path / "out" / "image.png"
+    r = cli("sample", "--base", "tiny", "--adapter", f"{adapter}@0.8", "--prompt", "a photo of sks ball",
+            "--seed", 3, "--steps", 2, "--size", 32, "--out", out)
+    assert r.returncode == 0, r.stderr
+    img = Image.open(out)
+    assert img.size == (32, 32) and img.text["prompt"] == "a photo of sks ball" and "@0.8" in img.text["adapters"]
+    # Same seed, no adapter: a different image (the adapter does something at weight 0.8).
+    plain = tmp_path / "plain.png"
+    assert cli("sample", "--base", "tiny", "--prompt", "a photo of sks ball", "--seed", 3, "--steps", 2, "--size", 32,
+               "--out", plain).returncode == 0
+    assert Image.open(plain).tobytes() != img.tobytes()
+
+
+def test_class_images_command(tmp_path, instance_dir):
+    config = write_config(tmp_path, instance_dir, data={"num_class_images": 3})
+    r = cli("class-images", "--config", config)
+    assert r.returncode == 0, r.stderr
+    assert "3 class images" in r.stdout
+    assert len(list((tmp_path / "workspace" / "class_images").rglob("class_*.png"))) == 3
+
+
+def test_resume_from_cli(tmp_path, instance_dir):
+    commands = queue.Queue()
+
+    def emit(e):
+        if isinstance(e, Progress) and e.step == 2:
+            commands.put(STOP)
+
+    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 5}, output={"name": "resumable"}))
+    run_dir = train(cfg, emit=emit, commands=commands)
+    r = cli("train", "--resume", run_dir)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip().splitlines()[-1]) == run_dir
+    assert [int(row["step"]) for row in csv.DictReader(open(run_dir / "loss.csv"))] == [1, 2, 3, 4, 5]
+    assert adapters.read_adapter(run_dir / "resumable.safetensors").metadata["steps"] == "5"
+
+
+def test_errors_are_plain_and_exit_2(tmp_path, instance_dir):
+    config = write_config(tmp_path, instance_dir)
+    r = cli("train", "--config", config, "--set", "train.bogus=1")
+    assert r.returncode == 2 and "Unknown setting `train.bogus`" in r.stderr and "Traceback" not in r.stderr
+    r = cli("train", "--config", config, "--set", f"data.instance_dir={tmp_path / 'nowhere'}")
+    assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+    r = cli("sample", "--base", tmp_path / "missing-model", "--prompt", "x", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "not found" in r.stderr
+    r = cli("train")
+    assert r.returncode == 2 and "--config" in r.stderr
+
+
+def test_two_process_accelerate_launch(tmp_path, instance_dir):
+    """The same CLI under `accelerate launch --num_processes 2` (two CPU processes, gloo)."""
+    config = write_config(tmp_path, instance_dir, train={"max_steps": 3, "sample_every": 3, "checkpoint_every": 2,
+                                                         "prior_preservation": True}, output={"name": "ddp"})
+    launcher = [shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate", "launch",
+                "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", "29631", str(ROOT / "app.py")]
+    r = cli("train", "--config", config, cmd=launcher, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "workspace" / "runs" / "ddp"
+    assert r.stdout.strip().splitlines().count(str(run_dir)) == 1  # printed by the main process only
+    rows = list(csv.DictReader(open(run_dir / "loss.csv")))
+    assert [int(x["step"]) for x in rows] == [1, 2, 3] and all(x["prior_loss"] for x in rows)
+    assert (run_dir / "checkpoints" / "step_000002" / "state.pt").is_file()
+    assert sorted(p.name for p in (run_dir / "samples").glob("step_000003_*.png")) == ["step_000003_0.png", "step_000003_1.png"]
+    assert adapters.read_adapter(run_dir / "ddp.safetensors").metadata["steps"] == "3"
+    assert len(list((tmp_path / "workspace" / "class_images").rglob("class_*.png"))) == 2

@@ -1,0 +1,83 @@
+"""The background-thread session: commands between steps, one run at a time, errors reported."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from core import adapters
+from core.config import Config
+from core.errors import UserError
+from core.session import Session
+
+
+def wait_for(predicate, session, timeout=60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        snap = session.snapshot()
+        if predicate(snap):
+            return snap
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; last snapshot state={snap['state']} step={snap['step']} logs={snap['logs'][-3:]}")
+
+
+def test_pause_sample_save_resume_stop(tmp_path, instance_dir):
+    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 100000, "sample_every": 0}))
+    s = Session()
+    s.start(cfg)
+    wait_for(lambda h: h["step"] >= 2, s)
+
+    with pytest.raises(UserError, match="already in progress"):
+        s.start(cfg)
+
+    assert s.pause()
+    paused = wait_for(lambda h: h["state"] == "paused", s)
+    time.sleep(0.5)
+    assert s.snapshot()["step"] == paused["step"], "steps went on while paused"
+
+    assert s.sample_now() and s.save_now()
+    snap = wait_for(lambda h: h["samples"] and h["checkpoints"], s)
+    assert {step for step, _, _ in snap["samples"]} == {paused["step"]}
+    assert all(Path(p).is_file() for _, p, _ in snap["samples"])
+    assert snap["checkpoints"][0][0] == paused["step"] and Path(snap["checkpoints"][0][1]).is_dir()
+    assert snap["state"] == "paused" and snap["step"] == paused["step"]
+
+    assert s.resume()
+    wait_for(lambda h: h["state"] == "running" and h["step"] >= paused["step"] + 2, s)
+    assert s.stop()
+    s.wait(60)
+    final = s.snapshot()
+    assert final["state"] == "stopped"
+    assert final["checkpoints"][-1][0] == final["step"]  # stop saves a checkpoint
+    assert Path(final["adapter_path"]).is_file()
+    assert adapters.read_adapter(final["adapter_path"]).metadata["steps"] == str(final["step"])
+    assert final["run_dir"] and Path(final["run_dir"], "loss.csv").is_file()
+    assert len(final["losses"]) == final["step"]
+    assert not s.busy and not s.stop()  # nothing to stop any more
+
+
+def test_finished_run_and_history(tmp_path, instance_dir):
+    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 3, "sample_every": 3}))
+    s = Session()
+    s.start(cfg)
+    assert s.wait(120) == "finished"
+    snap = s.snapshot()
+    assert snap["step"] == 3 and [st for st, _ in snap["losses"]] == [1, 2, 3]
+    assert sorted({st for st, _, _ in snap["samples"]}) == [0, 3]
+    assert snap["eta_s"] == 0 and snap["it_per_s"] > 0
+    assert any("Finished" in line for line in snap["logs"])
+    # A second run may start once the first is done.
+    s.start(Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 1})))
+    assert s.wait(120) == "finished"
+
+
+def test_failure_is_reported_in_plain_words(tmp_path, instance_dir):
+    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, data={"instance_dir": str(tmp_path / "missing")}))
+    s = Session()
+    s.start(cfg)
+    assert s.wait(60) == "failed"
+    snap = s.snapshot()
+    assert "missing" in snap["error"] and "Traceback" not in snap["error"]
+    assert snap["logs"][-1].startswith("Error:")
