@@ -6,6 +6,7 @@ prompt and seed per image; it is rewritten atomically after every batch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -29,12 +30,23 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:limit] or "x"
 
 
+def cache_name(text: str) -> str:
+    """A readable folder name that is unique per exact text.
+
+    Fix (tests/test_class_images.py): the slug alone is lossy (cut at 60 characters, punctuation and case
+    dropped), so two models in one deep folder, or two long prompts sharing their first 60 characters, shared
+    one cache folder and silently reused each other's class images. A short hash of the exact text keeps them apart.
+    """
+    return f"{slug(text)}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
+
+
 def class_dir_for(cfg: Config) -> Path:
     """The user's class folder, or a cache folder per base model, prompt and resolution."""
     if cfg.data.class_dir:
         return Path(cfg.data.class_dir).expanduser()
     workspace = Path(cfg.output.dir).expanduser().parent
-    return workspace / "class_images" / slug(cfg.model.base) / f"{slug(cfg.data.class_prompt)}-{cfg.data.resolution}"
+    prompt_folder = f"{cache_name(cfg.data.class_prompt)}-{cfg.data.resolution}"
+    return workspace / "class_images" / cache_name(cfg.model.base) / prompt_folder
 
 
 def class_min_size(cfg: Config) -> int:
@@ -47,9 +59,16 @@ def read_manifest(folder: Path) -> dict:
     if not path.is_file():
         return {"images": {}}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return {"images": {}}  # a damaged manifest only loses provenance, never images
+    # Fix (tests/test_class_images.py): valid JSON of another shape (e.g. another tool's manifest.json in the
+    # user's class folder) crashed generation with a KeyError/AttributeError. Keep its other keys.
+    if not isinstance(data, dict):
+        return {"images": {}}
+    if not isinstance(data.get("images"), dict):
+        data["images"] = {}
+    return data
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

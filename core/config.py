@@ -279,8 +279,10 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if value is None and raw.strip().lower() not in ("null", "none", "~"):
-        value = raw
+    if raw.strip().lower() in ("null", "none", "~"):
+        value = None  # "unset", e.g. train.min_snr_gamma=None
+    elif value is None or (isinstance(value, dict) and not raw.strip().startswith("{")):
+        value = raw  # plain text such as a prompt with "style: anime" in it
     for part in reversed(parts):
         value = {part: value}
     return value

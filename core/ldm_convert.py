@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ _OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "ml
 _OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
                   "embeddings.position_embedding.weight": "positional_embedding",
                   "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_ADAPTER_KEY = re.compile(r"\.(lora|hada|lokr|oft)_")  # peft layers still wrapped around a base weight
 
 
 def _unet_prefixes(cfg) -> list[tuple[str, str, dict[str, str]]]:
@@ -184,6 +186,11 @@ def diffusers_to_ldm(model: "BaseModel", text_encoder_layout: str | None = None)
     layout = text_encoder_layout or default_text_encoder_layout(model)
     if layout not in ("clip", "open_clip"):
         raise ValueError(f"text_encoder_layout must be 'clip' or 'open_clip', not {layout!r}")
+    for part in (model.unet, model.vae, model.text_encoder):
+        wrapped = next((k for k in part.state_dict() if ".base_layer." in k or _ADAPTER_KEY.search(k)), None)
+        if wrapped:
+            raise ValueError(f"The model still holds adapter layers ({wrapped}): merge them into the weights "
+                             "first (peft's merge_and_unload), then write the single file.")
     state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(model.unet).items()}
     state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(model.vae).items()})
     state.update(clip_to_ldm(model.text_encoder) if layout == "clip" else open_clip_to_ldm(model.text_encoder))

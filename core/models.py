@@ -504,6 +504,9 @@ def _convert_parts(state: dict[str, torch.Tensor], configs: dict[str, dict], lab
             try:
                 model = load()
             except Exception as e:  # noqa: BLE001 - shape mismatches, missing weights (meta tensors), bad configs
+                if "meta tensor" in str(e):  # diffusers left missing weights on the meta device, then moved it
+                    raise ModelLoadError(f"{label} lacks some {part} weights: the file is incomplete (or a variant "
+                                         "this app does not know).") from e
                 raise ModelLoadError(f"The {part} weights in {label} do not fit the expected Stable Diffusion "
                                      f"1.x/2.x model ({_first_line(e)}). The file may be incomplete or a "
                                      "variant this app does not know.") from e
