@@ -303,16 +303,12 @@ class Run:
         self.emit(SampleReady(self.step, paths, prompts))
 
     def flush_losses(self) -> None:
-        """Append the buffered loss rows to loss.csv (one write per flush)."""
+        """Add the buffered loss rows to loss.csv: the whole file is rewritten atomically (it stays small)."""
         if not self.acc.is_main_process or not self.loss_rows:
             return
         path = self.run_dir / "loss.csv"
-        new = not path.exists()
-        with open(path, "a", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(LOSS_COLUMNS)
-            w.writerows(self.loss_rows)
+        old = path.read_text(encoding="utf-8") if path.exists() else ",".join(LOSS_COLUMNS) + "\n"
+        write_text_atomic(path, old + "".join(",".join(map(str, row)) + "\n" for row in self.loss_rows))
         self.loss_rows.clear()
 
 
