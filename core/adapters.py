@@ -6,8 +6,6 @@ An adapter file is one `.safetensors` holding peft-named weights under the prefi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +15,11 @@ from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import Config
 from .errors import ModelLoadError
+from .fileio import save_safetensors
 
 FORMAT_TAG = "dreambooth-peft"
 FORMAT_VERSION = "1"
@@ -105,17 +104,7 @@ def state_dict(base, parts, name: str = "default") -> dict[str, torch.Tensor]:
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
     """safetensors save through a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_safetensors(tensors, path, metadata)
 
 
 def training_metadata(cfg: Config, step: int, base_name: str) -> dict[str, Any]:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +17,7 @@ import torch
 from .config import Config
 from .data import ImageItem, scan_folder
 from .errors import DataError
+from .fileio import write_json
 from .events import ClassImagesProgress, Emit, Log, ignore
 from .models import BaseModel
 from .sampling import generate, make_pipeline, save_png
@@ -71,13 +70,6 @@ def read_manifest(folder: Path) -> dict:
     return data
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def missing_indices(folder: Path, have: int, want: int) -> list[int]:
     """Indices of the generated files still to make: fill `want - have` free `class_NNNNN.png` names from 0 up."""
     out, i = [], 0
@@ -125,5 +117,5 @@ def _generate(cfg: Config, base: BaseModel, folder: Path, todo: list[int], devic
                       "guidance": d.class_guidance, "negative_prompt": d.class_negative_prompt}
             paths.append(str(save_png(image, folder / name, {k: str(v) for k, v in record.items()})))
             manifest["images"][name] = record
-        write_json_atomic(folder / MANIFEST, manifest)
+        write_json(folder / MANIFEST, manifest)
         emit(ClassImagesProgress(min(start + len(batch), len(todo)), len(todo), paths))

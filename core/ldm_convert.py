@@ -14,9 +14,7 @@ Reading goes the other way through diffusers' own single-file conversion (see co
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -239,20 +237,12 @@ def save_single_file(model: "BaseModel", path: str | Path, dtype: torch.dtype | 
 
     `dtype` None keeps each tensor's dtype; `metadata` values that are not strings are stored as JSON.
     """
-    from safetensors.torch import save_file
+    from .fileio import save_safetensors
 
     path = Path(path)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in diffusers_to_ldm(model, text_encoder_layout).items()}
     meta = {"format": "pt", **model_metadata(model)}
     meta.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors(state, path, meta)
     return path

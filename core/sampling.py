@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from .fileio import atomic_path
 from .models import BaseModel
 
 
@@ -70,12 +69,6 @@ def save_png(image: Image.Image, path: str | Path, pnginfo: dict[str, str] | Non
     info = PngInfo()
     for k, v in (pnginfo or {}).items():
         info.add_text(k, str(v))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 
 from . import adapters
@@ -36,6 +35,7 @@ from .class_images import class_dir_for, class_min_size, ensure_class_images
 from .config import Config, read_yaml
 from .data import ImageSet, caption_prompts, scan_folder
 from .errors import ConfigError, DataError, UserError
+from .fileio import write_text
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, Emit, Failed, Finished, Log, Paused,
                      Progress, Resumed, SampleReady, ignore)
 from .models import BaseModel, load_base_model
@@ -79,16 +79,9 @@ def new_run_dir(cfg: Config, acc: Accelerator) -> Path:
             raise ConfigError(f"The run folder {run_dir} already exists. Pick another output.name, or resume it.")
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        write_text(run_dir / "config.yaml", cfg.to_yaml())
     acc.wait_for_everyone()
     return run_dir
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -308,7 +301,7 @@ class Run:
             return
         path = self.run_dir / "loss.csv"
         old = path.read_text(encoding="utf-8") if path.exists() else ",".join(LOSS_COLUMNS) + "\n"
-        write_text_atomic(path, old + "".join(",".join(map(str, row)) + "\n" for row in self.loss_rows))
+        write_text(path, old + "".join(",".join(map(str, row)) + "\n" for row in self.loss_rows))
         self.loss_rows.clear()
 
 
@@ -363,7 +356,7 @@ def load_checkpoint(run: Run, ckpt: Path, optimizer, lr_scheduler) -> None:
     if run.acc.is_main_process and path.exists():
         rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
         keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= run.step]
-        write_text_atomic(path, "".join(",".join(r) + "\n" for r in keep))
+        write_text(path, "".join(",".join(r) + "\n" for r in keep))
 
 
 def make_optimizer(cfg: Config, params: dict[str, list]) -> torch.optim.Optimizer:

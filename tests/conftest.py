@@ -17,6 +17,17 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 ADAPTER_TYPES = ["lora", "loha", "lokr"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine competing thread pools cost seconds per op."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def draw_subject(path: Path, i: int, size: int = 64) -> Path:
     """A red disc with a yellow bar, shifted a little per image: a 'subject' the tiny model can memorize."""
     img = Image.new("RGB", (size, size), (240, 240, 255))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from core.class_images import MANIFEST, class_dir_for, class_min_size, ensure_class_images, read_manifest
@@ -21,15 +20,6 @@ from core.events import ClassImagesProgress, Log
 from core.models import build_tiny_model
 
 PROMPT = "a photo of a dog"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with 2+ threads a busy CI core stalls every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
