@@ -68,20 +68,24 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
 
 
-def new_run_dir(cfg: Config, acc: Accelerator) -> Path:
-    """Create the run folder on the main process and agree on its path everywhere."""
+def run_dir_path(cfg: Config, acc: Accelerator) -> Path:
+    """The new run's folder (all processes agree on the name); refuse one that already holds a run."""
     name = [cfg.output.name or f"{cfg.adapter.type}-{datetime.now():%Y%m%d-%H%M%S}"]
     if acc.num_processes > 1:
         broadcast_object_list(name)
     run_dir = Path(cfg.output.dir).expanduser() / name[0]
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"The run folder {run_dir} already exists. Pick another output.name, or resume it.")
+    return run_dir
+
+
+def create_run_dir(cfg: Config, acc: Accelerator, run_dir: Path) -> None:
+    """Made only once the model and images have loaded, so a failed start leaves no empty run behind."""
     if acc.is_main_process:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"The run folder {run_dir} already exists. Pick another output.name, or resume it.")
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         write_text(run_dir / "config.yaml", cfg.to_yaml())
     acc.wait_for_everyone()
-    return run_dir
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -404,9 +408,8 @@ def _train(cfg, emit, commands, resume_dir, base) -> Path:
     control = Controller(commands, acc, main_emit)
     t = cfg.train
 
-    # 1. Run folder (new, or the one we resume).
-    run_dir = Path(resume_dir).expanduser() if resume_dir else new_run_dir(cfg, acc)
-    main_emit(Log(f"Run folder: {run_dir}"))
+    # 1. Run folder: the one we resume, or a new one (created after step 3).
+    run_dir = Path(resume_dir).expanduser() if resume_dir else run_dir_path(cfg, acc)
 
     # 2. The frozen base model, in half precision under mixed precision (adapters stay float32).
     weight_dtype = DTYPES[acc.mixed_precision]
@@ -420,6 +423,9 @@ def _train(cfg, emit, commands, resume_dir, base) -> Path:
     data = load_data(cfg, base, acc, main_emit, control.should_stop)
     if control.stop_requested:
         raise UserError("Stopped before training started (while generating class images).")
+    if not resume_dir:
+        create_run_dir(cfg, acc, run_dir)
+    main_emit(Log(f"Run folder: {run_dir}"))
 
     # 4. Adapters on the UNet (and text encoder): the only trainable parameters.
     specs = adapters.specs_from_config(cfg)

@@ -270,3 +270,11 @@ def test_config_yaml_is_the_resolved_config(tmp_path, instance_dir):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 4 and saved["adapter"]["unet_targets"][0] == "to_q"
     assert "version" in saved
+
+
+def test_failed_start_leaves_no_run_folder(tmp_path, instance_dir):
+    cfg = tiny_config(tmp_path, instance_dir, model={"base": str(tmp_path / "missing.safetensors")})
+    with pytest.raises(ModelLoadError):
+        run(cfg)
+    runs = tmp_path / "workspace" / "runs"
+    assert not runs.exists() or not any(runs.iterdir())
