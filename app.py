@@ -1,6 +1,6 @@
 """Entry point: the GUI by default, and CLI sub-commands.
 
-    python app.py                                   start the GUI
+    python app.py [--port 7860] [--listen|--host H|--share --auth user:pw] [--workspace DIR]   start the GUI
     python app.py train --config FILE.yaml [--preset NAME] [--set key=value ...] [--resume RUN_DIR]
     python app.py class-images --config FILE.yaml [--set key=value ...]
     python app.py sample --base MODEL [--adapter FILE[@WEIGHT] ...] --prompt TEXT --out FILE.png
@@ -141,17 +141,21 @@ def cmd_sample(args) -> int:
 
 
 def cmd_gui(args) -> int:
-    try:
-        from ui.main import launch  # noqa: F401  (arrives with the GUI)
-    except ImportError:
-        build_parser().print_help()
-        print("\nThe browser GUI is not part of this version yet; use the sub-commands above.")
-        return 0
+    """The browser app (ui/), on 127.0.0.1 unless --listen / --host / --share, which need --auth."""
+    from ui.main import launch
+
     return launch(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="app.py", description="Teach Stable Diffusion a new subject with small adapters (DreamBooth + LoRA/LoHa/LoKr).")
+    p = argparse.ArgumentParser(prog="app.py", description="Teach Stable Diffusion a new subject with small adapters (DreamBooth + LoRA/LoHa/LoKr). Without a command: start the browser app.")
+    gui = p.add_argument_group("browser app (no command)")
+    gui.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    gui.add_argument("--host", help="address to bind (default 127.0.0.1: this computer only); another needs --auth")
+    gui.add_argument("--listen", action="store_true", help="serve on the local network (0.0.0.0); needs --auth")
+    gui.add_argument("--share", action="store_true", help="also open a public gradio.live link; needs --auth")
+    gui.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (needed with --listen, --host, --share)")
+    gui.add_argument("--workspace", default="workspace", help="folder for datasets, class images, runs (default ./workspace)")
     sub = p.add_subparsers(dest="command")
 
     def config_args(sp):

@@ -249,3 +249,24 @@ def adapter_names(base) -> list[str]:
         for layer in tuner_layers(module_of(base, part)):
             names.update(layer.scaling)
     return sorted(names)
+
+
+def remove_all(base) -> None:
+    """Take every adapter out of the model: each wrapped layer is replaced by its original module.
+
+    The base weights are never touched, so this restores the plain base model without reloading it. Needed
+    because peft cannot add a LoRA on a layer that holds a LoHa/LoKr (even a deleted one): to add a LoRA to
+    such a model, remove all, then load the LoRAs first and the LoHa/LoKr after (core/playground.py does).
+    """
+    for part in PARTS:
+        module = module_of(base, part)
+        outer: list[str] = []
+        for name, m in module.named_modules():  # pre-order: a wrapper comes before the layers inside it
+            if isinstance(m, BaseTunerLayer) and not (outer and name.startswith(outer[-1] + ".")):
+                outer.append(name)
+        for name in outer:
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, child, getattr(parent, child).get_base_layer())
+        if hasattr(module, "peft_config"):
+            del module.peft_config

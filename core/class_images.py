@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .config import Config
+from .config import Config, resolve_path
 from .data import ImageItem, scan_folder
 from .errors import DataError
 from .fileio import write_json
@@ -23,6 +23,7 @@ from .models import BaseModel
 from .sampling import generate, make_pipeline, save_png
 
 MANIFEST = "manifest.json"
+REJECTED_DIR = "rejected"  # images the user rejected; their names are never generated again
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -42,7 +43,7 @@ def cache_name(text: str) -> str:
 def class_dir_for(cfg: Config) -> Path:
     """The user's class folder, or a cache folder per base model, prompt and resolution."""
     if cfg.data.class_dir:
-        return Path(cfg.data.class_dir).expanduser()
+        return resolve_path(cfg.data.class_dir)
     workspace = Path(cfg.output.dir).expanduser().parent
     prompt_folder = f"{cache_name(cfg.data.class_prompt)}-{cfg.data.resolution}"
     return workspace / "class_images" / cache_name(cfg.model.base) / prompt_folder
@@ -71,13 +72,32 @@ def read_manifest(folder: Path) -> dict:
 
 
 def missing_indices(folder: Path, have: int, want: int) -> list[int]:
-    """Indices of the generated files still to make: fill `want - have` free `class_NNNNN.png` names from 0 up."""
+    """Indices of the generated files still to make: fill `want - have` free `class_NNNNN.png` names from 0 up.
+
+    A rejected image (moved to `rejected/`) keeps its name taken: image i always comes from seed `class_seed + i`,
+    so making it again would give the very image the user rejected.
+    """
     out, i = [], 0
     while len(out) < want - have:
-        if not (folder / f"class_{i:05d}.png").exists():
+        name = f"class_{i:05d}.png"
+        if not (folder / name).exists() and not (folder / REJECTED_DIR / name).exists():
             out.append(i)
         i += 1
     return out
+
+
+def reject_class_images(folder: Path, names: list[str]) -> list[str]:
+    """Move the named class images into `rejected/` (kept, not deleted); return the names moved."""
+    moved = []
+    for name in names:
+        path = Path(folder) / Path(name).name
+        if path.suffix.lower() == ".json" or not path.is_file():
+            continue
+        dest = Path(folder) / REJECTED_DIR / path.name
+        dest.parent.mkdir(exist_ok=True)
+        path.replace(dest)
+        moved.append(path.name)
+    return moved
 
 
 def ensure_class_images(cfg: Config, base: BaseModel, device: torch.device | str = "cpu", emit: Emit = ignore,

@@ -19,7 +19,8 @@ import yaml
 from .errors import ConfigError
 
 CONFIG_VERSION = 1
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+APP_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = APP_ROOT / "presets"
 
 # The full UNet target set: attention, feed-forward, resnet convs, up/down sampling convs and time embedding.
 UNET_TARGETS_FULL = [
@@ -33,8 +34,9 @@ TEXT_ENCODER_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc
 
 @dataclass
 class ModelConfig:
-    # "demo", "tiny" (random, for tests), a hub id, a local diffusers folder or a single-file .safetensors checkpoint.
-    base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # "demo" (the small model shipped with the app), "tiny" (random, for tests), a hub id,
+    # a local diffusers folder or a single-file .safetensors checkpoint.
+    base: str = "demo"
     # "auto" reads it from the model's scheduler; set it for single-file SD 2.x 768 checkpoints ("v_prediction").
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     revision: str | None = None
@@ -322,3 +324,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), prese
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))
     return Config.from_dict(merged)
+
+
+def resolve_path(path: str) -> Path:
+    """A user path; a relative one that is not found here but is inside the app (e.g. the demo subject
+    `core/assets/demo_subject` named by the demo presets) is taken from the app folder."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and (APP_ROOT / p).exists():
+        return APP_ROOT / p
+    return p

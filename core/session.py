@@ -5,11 +5,14 @@ tab that reloads simply asks for a new `snapshot()` and re-attaches to the runni
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from . import events as ev
 from .config import Config
@@ -45,6 +48,9 @@ class Session:
         self._thread: threading.Thread | None = None
         self._commands: queue.Queue = queue.Queue()
         self._h = History()
+        self.config: Config | None = None  # the settings of the current (or last) run
+        self._model = None  # the run's base model (with its adapter) while the run is alive
+        self._live_lock = threading.Lock()  # held while the playground copies a paused run's adapter
 
     # -- control --------------------------------------------------------------------------------
     @property
@@ -61,13 +67,27 @@ class Session:
             self._commands = queue.Queue()
             self._h = History(state="running", total=cfg.train.max_steps, started_at=time.time())
             self._h.logs.append("Starting...")
+            self.config = cfg
 
         def work():
             try:
-                train(cfg, emit=self._on_event, commands=self._commands, resume_dir=resume_dir, base=base)
-            except Exception:  # already reported as a Failed event by the trainer
-                pass
+                # The session loads the base model itself (when not given) so that it can reach the run's live
+                # adapter while the run is paused (`live_adapter`, the playground's "pause and test").
+                model = base
+                if model is None:
+                    from .models import load_base_model
+
+                    self._on_event(ev.Log(f"Loading base model {cfg.model.base}"))
+                    model = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type,
+                                            allow_pickle=cfg.model.allow_pickle)
+                self._model = model
+                train(cfg, emit=self._on_event, commands=self._commands, resume_dir=resume_dir, base=model)
+            except Exception as e:  # the trainer reports its own errors as a Failed event; report the rest here
+                if not self._h.error:
+                    message = str(e) if isinstance(e, UserError) else f"Training failed: {type(e).__name__}: {e}"
+                    self._on_event(ev.Failed(message, "" if isinstance(e, UserError) else traceback.format_exc()))
             finally:
+                self._model = None
                 with self._lock:
                     if self._h.state in ("running", "paused", "stopping"):
                         self._h.state = "failed" if self._h.error else "finished"
@@ -85,6 +105,10 @@ class Session:
             with self._lock:
                 self._h.state = "stopping"
                 self._h.logs.append("Stopping: saving a checkpoint...")
+        if name == ev.RESUME:
+            with self._live_lock:  # never let training change the weights while they are being copied
+                self._commands.put(name)
+            return True
         self._commands.put(name)
         return True
 
@@ -107,6 +131,29 @@ class Session:
         if self._thread is not None:
             self._thread.join(timeout)
         return self._h.state
+
+    def live_adapter(self):
+        """A copy of the paused run's adapter as it is now (an in-memory `AdapterFile`), for the playground.
+
+        Only while paused: the training thread then waits between steps, so the weights hold still.
+        """
+        from accelerate.utils import extract_model_from_parallel
+
+        from . import adapters
+
+        with self._live_lock:
+            model, cfg = self._model, self.config
+            with self._lock:
+                state, step, run_dir = self._h.state, self._h.step, self._h.run_dir
+            if state != "paused" or model is None or cfg is None:
+                raise UserError("No training run is paused. Pause the run on the Train tab first, then test it here.")
+            specs = adapters.specs_from_config(cfg)
+            view = SimpleNamespace(**{part: extract_model_from_parallel(getattr(model, part)) for part in specs})
+            tensors = adapters.state_dict(view, specs)
+        name = f"{Path(run_dir).name or 'run'} step {step} (live)"
+        info = adapters.training_metadata(cfg, step, cfg.model.base)
+        metadata = {k: v if isinstance(v, str) else str(v) for k, v in info.items()}
+        return adapters.AdapterFile(Path(name), specs, tensors, metadata)
 
     # -- what the run reported -----------------------------------------------------------------
     def _on_event(self, e: ev.Event) -> None:
@@ -152,4 +199,89 @@ class Session:
                 "samples": list(h.samples), "checkpoints": list(h.checkpoints), "logs": list(h.logs),
                 "it_per_s": h.it_per_s, "eta_s": h.eta_s, "run_dir": h.run_dir, "adapter_path": h.adapter_path,
                 "error": h.error, "error_detail": h.error_detail, "elapsed_s": time.time() - h.started_at if h.started_at else 0.0,
+                "started_at": h.started_at,
             }
+
+
+class ClassImagesJob:
+    """Class-image generation in a background thread (the GUI's Class images tab); stop and continue later.
+
+    Image i always comes from seed `class_seed + i`, so a stopped job continues where it left off.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._state = {"state": "idle", "done": 0, "total": 0, "folder": "", "message": "", "error": ""}
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, cfg: Config, base=None) -> None:
+        from .class_images import class_dir_for
+
+        with self._lock:
+            if self.busy:
+                raise UserError("Class images are already being generated. Stop that first, or wait for it.")
+            self._stop.clear()
+            self._state = {"state": "running", "done": 0, "total": 0, "folder": str(class_dir_for(cfg)),
+                           "message": f"Loading base model {cfg.model.base}...", "error": ""}
+
+        def work():
+            try:
+                self._generate(cfg, base)
+                with self._lock:
+                    self._state["state"] = "stopped" if self._stop.is_set() else "finished"
+            except Exception as e:
+                if not isinstance(e, UserError):
+                    logging.getLogger(__name__).exception("Class-image generation failed")
+                with self._lock:
+                    self._state["state"] = "failed"
+                    self._state["error"] = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                    self._state["detail"] = traceback.format_exc()
+
+        self._thread = threading.Thread(target=work, name="class-images", daemon=True)
+        self._thread.start()
+
+    def _generate(self, cfg: Config, base) -> None:
+        import torch
+
+        from .class_images import ensure_class_images
+        from .models import load_base_model
+        from .trainer import DTYPES, resolve_precision
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = DTYPES[resolve_precision(cfg)]
+        if base is None:
+            base = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type,
+                                   allow_pickle=cfg.model.allow_pickle)
+        base.to(device, None if dtype == torch.float32 else dtype)
+        with self._lock:
+            self._state["message"] = "Generating..."
+        ensure_class_images(cfg, base, device, emit=self._on_event, should_stop=self._stop.is_set)
+
+    def _on_event(self, e) -> None:
+        with self._lock:
+            if isinstance(e, ev.ClassImagesProgress):
+                self._state["done"], self._state["total"] = e.done, e.total
+            elif isinstance(e, ev.Log):
+                self._state["message"] = e.message
+
+    def stop(self) -> bool:
+        if not self.busy:
+            return False
+        self._stop.set()
+        with self._lock:
+            self._state["message"] = "Stopping after this batch..."
+        return True
+
+    def wait(self, timeout: float | None = None) -> str:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.snapshot()["state"]
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self._state)

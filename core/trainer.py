@@ -32,7 +32,7 @@ from diffusers.optimization import get_scheduler
 
 from . import adapters
 from .class_images import class_dir_for, class_min_size, ensure_class_images
-from .config import Config, read_yaml
+from .config import Config, read_yaml, resolve_path
 from .data import ImageSet, caption_prompts, scan_folder
 from .errors import ConfigError, DataError, UserError
 from .fileio import write_text
@@ -112,7 +112,7 @@ def load_data(cfg: Config, base: BaseModel, acc: Accelerator, emit: Emit, stop) 
     d = cfg.data
     if not d.instance_dir:
         raise DataError("No instance images folder set (data.instance_dir): point it at the 3-20 photos of your subject.")
-    report = scan_folder(d.instance_dir, min_size=d.min_image_size, caption_extension=d.caption_extension)
+    report = scan_folder(resolve_path(d.instance_dir), min_size=d.min_image_size, caption_extension=d.caption_extension)
     emit(Log(f"Instance images: {report.summary()}"))
     if not report.images:
         raise DataError(f"No usable images in {d.instance_dir}. {report.summary()}")

@@ -1,0 +1,303 @@
+"""Named datasets in the workspace: folders of copied images with their captions.
+
+`workspace/datasets/<name>/` holds copies of the user's pictures (the originals are only read),
+one optional `<image>.txt` caption beside each image, and `manifest.json` (where each image came
+from, and the dataset's identifier word and class noun). Every write is atomic.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import IMAGE_EXTENSIONS, ImageItem, _check_file, scan_folder
+from .errors import DataError
+from .fileio import atomic_path, write_json, write_text
+
+DATASETS_DIR = "datasets"
+MANIFEST = "manifest.json"  # ignored by data.scan_folder
+REMOVED_DIR = ".removed"  # removed images are moved here (dot folders are never scanned)
+CAPTION_EXT = ".txt"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
+
+# Identifiers the community already uses; each is one CLIP token with little meaning of its own.
+KNOWN_IDENTIFIERS = ["sks", "ohwx", "bnha", "phol", "nlwx", "azwx"]
+# Rare single tokens that nevertheless mean something; never suggested.
+_MEANINGFUL = {"fck", "nips", "imdb", "mcu", "cgi", "std", "vfx", "smb", "mmo", "nsfw", "xxx", "sexy", "porn", "kkk"}
+
+
+# --------------------------------------------------------------------------- datasets
+
+def datasets_root(workspace: str | Path) -> Path:
+    return Path(workspace).expanduser() / DATASETS_DIR
+
+
+def list_datasets(workspace: str | Path) -> list[str]:
+    root = datasets_root(workspace)
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=str.lower)
+
+
+def check_name(name: str, what: str = "dataset") -> str:
+    name = (name or "").strip()
+    if not _NAME.fullmatch(name) or name.endswith("."):
+        raise DataError(f"{name!r} cannot be a {what} name: use letters, digits, spaces, '-', '_' or '.' "
+                        "(up to 64 characters, starting with a letter or digit).")
+    return name
+
+
+def create_dataset(workspace: str | Path, name: str) -> Path:
+    """Make `workspace/datasets/<name>/`; refuse a name that is already taken."""
+    folder = datasets_root(workspace) / check_name(name)
+    if folder.exists():
+        raise DataError(f"A dataset called {name.strip()!r} already exists: pick it from the list instead.")
+    folder.mkdir(parents=True)
+    write_json(folder / MANIFEST, {"sources": {}})
+    return folder
+
+
+def dataset_dir(workspace: str | Path, name: str) -> Path:
+    """The folder of an existing dataset; a plain DataError when there is none."""
+    if not (name or "").strip():
+        raise DataError("No dataset chosen: create one on the Dataset tab (or pick one from the list).")
+    folder = datasets_root(workspace) / check_name(name)
+    if not folder.is_dir():
+        raise DataError(f"There is no dataset called {name!r} in {datasets_root(workspace)}.")
+    return folder
+
+
+def read_manifest(folder: str | Path) -> dict:
+    import json
+
+    path = Path(folder) / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"sources": {}}
+    if not isinstance(data, dict):
+        return {"sources": {}}
+    if not isinstance(data.get("sources"), dict):
+        data["sources"] = {}
+    return data
+
+
+def update_manifest(folder: str | Path, **values) -> dict:
+    data = read_manifest(folder)
+    data.update(values)
+    write_json(Path(folder) / MANIFEST, data)
+    return data
+
+
+# --------------------------------------------------------------------------- adding images
+
+@dataclass
+class AddReport:
+    added: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+
+    def summary(self) -> str:
+        parts = [f"Added {len(self.added)} image{'' if len(self.added) == 1 else 's'}."]
+        if self.skipped:
+            parts.append("Not added: " + "; ".join(f"{n}: {r}" for n, r in self.skipped) + ".")
+        return " ".join(parts)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _free_name(folder: Path, name: str) -> str:
+    """`name`, or `name-1`, `name-2`... so that no other file in the folder has the same stem
+    (captions are matched to images by stem)."""
+    taken = {p.stem.lower() for p in folder.iterdir()}
+    stem, suffix = Path(name).stem, Path(name).suffix
+    candidate, i = stem, 1
+    while candidate.lower() in taken:
+        candidate, i = f"{stem}-{i}", i + 1
+    return candidate + suffix
+
+
+def _copy(src: Path, dest: Path) -> None:
+    """Copy through a temp file and a rename: a crash never leaves half an image in the dataset."""
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def add_images(folder: str | Path, files: list[str | Path], min_size: int = 64, uploaded: bool = False) -> AddReport:
+    """Copy the usable images among `files` into the dataset `folder`; the originals are only read.
+
+    Each file is decoded first: corrupt files, non-images and too-small images are not copied and are
+    listed with the reason. A caption file with the same stem among `files` (or beside the image) is copied
+    along. A file whose bytes are already in the dataset is skipped; a name clash gets a "-1" suffix.
+    """
+    folder = Path(folder)
+    paths = [Path(f) for f in files]
+    captions = {p.stem: p for p in paths if p.suffix.lower() == CAPTION_EXT}
+    present = {_digest(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    manifest = read_manifest(folder)
+    report = AddReport()
+    for src in paths:
+        if src.suffix.lower() == CAPTION_EXT:
+            continue
+        if not src.is_file():
+            report.skipped.append((src.name, "not found"))
+            continue
+        checked = _check_file(src, min_size)
+        if isinstance(checked, str):
+            report.skipped.append((src.name, checked))
+            continue
+        digest = _digest(src)
+        if digest in present:
+            report.skipped.append((src.name, "already in the dataset"))
+            continue
+        name = _free_name(folder, src.name)
+        _copy(src, folder / name)
+        present.add(digest)
+        caption = captions.get(src.stem) or _sibling_caption(src)
+        if caption is not None:
+            _copy(caption, folder / (Path(name).stem + CAPTION_EXT))
+        manifest["sources"][name] = "uploaded" if uploaded else str(src)
+        report.added.append(name)
+    write_json(folder / MANIFEST, manifest)
+    return report
+
+
+def _sibling_caption(image: Path) -> Path | None:
+    caption = image.with_suffix(CAPTION_EXT)
+    return caption if caption.is_file() else None
+
+
+def add_folder(folder: str | Path, source: str | Path, min_size: int = 64) -> AddReport:
+    """Copy the images of the folder `source` (not its sub-folders) and their captions into the dataset."""
+    source = Path(str(source).strip()).expanduser()
+    if not str(source).strip() or not source.is_dir():
+        raise DataError(f"The folder {str(source)!r} does not exist: check the path (e.g. /home/me/photos/rex).")
+    if source.resolve() == Path(folder).resolve():
+        raise DataError("That is the dataset's own folder: choose the folder where your original photos are.")
+    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+    report = add_images(folder, files, min_size)
+    if not files:
+        report.skipped.append((str(source), "the folder is empty"))
+    return report
+
+
+def remove_images(folder: str | Path, names: list[str]) -> list[str]:
+    """Move images (and their captions) into the dataset's `.removed/` folder; nothing is deleted."""
+    folder = Path(folder)
+    moved = []
+    for name in names:
+        path = folder / Path(name).name
+        if path.parent != folder or not path.is_file() or path.name == MANIFEST:
+            continue
+        for p in (path, path.with_suffix(CAPTION_EXT)):
+            if p.is_file():
+                dest = folder / REMOVED_DIR / p.name
+                dest.parent.mkdir(exist_ok=True)
+                p.replace(dest)
+        moved.append(path.name)
+    return moved
+
+
+# --------------------------------------------------------------------------- captions
+
+def read_captions(folder: str | Path, min_size: int = 64) -> list[tuple[str, str]]:
+    """(image name, caption or "") for every usable image, in name order."""
+    return [(item.path.name, item.caption or "") for item in scan_folder(folder, min_size=min_size).images]
+
+
+def write_captions(folder: str | Path, captions: dict[str, str]) -> int:
+    """Write each caption to `<image stem>.txt` atomically; an empty caption removes the file
+    (the image then uses the instance prompt). Returns how many files changed."""
+    folder = Path(folder)
+    changed = 0
+    for name, text in captions.items():
+        image = folder / Path(name).name
+        if not image.is_file():
+            raise DataError(f"{name} is not an image of this dataset (it may have been removed); reload the dataset.")
+        path = image.with_suffix(CAPTION_EXT)
+        text = " ".join((text or "").split())  # one line: newlines in a caption are never intended
+        old = path.read_text(encoding="utf-8-sig").strip() if path.is_file() else ""
+        if text == old:
+            continue
+        if text:
+            write_text(path, text + "\n")
+        elif path.is_file():
+            path.unlink()
+        changed += 1
+    return changed
+
+
+# --------------------------------------------------------------------------- crops
+
+def crop_note(item: ImageItem, resolution: int, center: bool = True) -> str:
+    """What training does to one image, in words: '800x600: centre 600x600 square, scaled down to 512'."""
+    w, h = item.width, item.height
+    side = min(w, h)
+    what = "the centre" if center else "a random"
+    crop = "" if w == h else f"{what} {side}x{side} square, "
+    if side > resolution:
+        scale = f"scaled down to {resolution}x{resolution}"
+    elif side < resolution:
+        scale = f"scaled UP to {resolution}x{resolution} (it will look soft; a larger photo is better)"
+    else:
+        scale = "used as it is" if w == h else f"kept at {resolution}x{resolution}"
+    return f"{w}x{h}: {crop}{scale}"
+
+
+# --------------------------------------------------------------------------- prompts
+
+def token_pieces(word: str, tokenizer=None) -> list[str]:
+    """How the CLIP tokenizer splits `word` (e.g. 'mydog' -> ['my', 'dog'])."""
+    if tokenizer is None:
+        from .models import clip_tokenizer
+
+        tokenizer = clip_tokenizer()
+    ids = tokenizer(word.strip(), add_special_tokens=False).input_ids
+    return [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def suggest_identifiers(n: int = 6, seed: int = 0, tokenizer=None) -> list[str]:
+    """Rare words that the CLIP tokenizer keeps as one token: good identifiers for a new subject.
+
+    Seed 0 starts with the well-known ones (sks, ohwx, ...); other seeds draw from the rarest third of the
+    vocabulary: 3-4 letters, at most one vowel, so they read as nonsense rather than as a word.
+    """
+    if tokenizer is None:
+        from .models import clip_tokenizer
+
+        tokenizer = clip_tokenizer()
+    vocab = tokenizer.get_vocab()
+    pool = sorted(tok[:-4] for tok, i in vocab.items()
+                  if i > 33000 and tok.endswith("</w>") and re.fullmatch(r"[a-z]{3,4}", tok[:-4])
+                  and sum(c in "aeiouy" for c in tok[:-4]) <= 1 and tok[:-4] not in _MEANINGFUL)
+    known = [w for w in KNOWN_IDENTIFIERS if len(token_pieces(w, tokenizer)) == 1]
+    rest = [w for w in pool if w not in known]
+    random.Random(seed).shuffle(rest)
+    words = (known if seed == 0 else []) + rest
+    return words[:n]
+
+
+def article(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" else "a"
+
+
+def instance_prompt(identifier: str, noun: str) -> str:
+    """'sks' + 'dog' -> 'a photo of sks dog'."""
+    identifier, noun = identifier.strip(), noun.strip()
+    if not identifier or not noun:
+        return ""
+    return f"a photo of {identifier} {noun}"
+
+
+def class_prompt(noun: str) -> str:
+    """'dog' -> 'a photo of a dog'."""
+    noun = noun.strip()
+    return f"a photo of {article(noun)} {noun}" if noun else ""

@@ -1,0 +1,127 @@
+"""The playground engine: one base model kept loaded, adapters swapped in and out, images generated.
+
+Adapters are cached by their file (path, size, modification time) or, for a paused run's live adapter,
+by run and step. Switching adapters never reloads the base model: unused adapters are deleted from the
+layers, and when a LoRA must join a model that already holds LoHa/LoKr layers (which peft cannot do),
+all adapter layers are taken out (`adapters.remove_all`) and the wanted set is injected again, LoRA first.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import adapters
+from .adapters import AdapterFile
+from .errors import ModelLoadError, UserError
+from .models import BaseModel, load_base_model
+from .sampling import generate, make_pipeline, save_png
+
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)  # the compare grid: adapters off, then a strength sweep
+
+
+@dataclass
+class Wanted:
+    """One enabled adapter: a cache key, how to get the file when it is not loaded yet, and its weight."""
+
+    key: str
+    load: Callable[[], AdapterFile]
+    weight: float = 1.0
+
+
+def file_key(path: str | Path) -> str:
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise ModelLoadError(f"Adapter file not found: {p}") from None
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def from_file(path: str | Path, weight: float = 1.0) -> Wanted:
+    return Wanted(file_key(path), lambda: adapters.read_adapter(path), weight)
+
+
+class Playground:
+    """Thread-safe: one generation at a time."""
+
+    def __init__(self, device: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self._lock = threading.Lock()
+        self.base: BaseModel | None = None
+        self.base_spec = ""
+        self.base_loads = 0  # how many times a base model was loaded (the tests check swaps do not reload)
+        self._loaded: dict[str, tuple[str, AdapterFile]] = {}  # key -> (name in the model, file)
+        self._names = itertools.count()
+
+    # -- model and adapters --------------------------------------------------------------------------------------
+    def _ensure_base(self, spec: str) -> BaseModel:
+        spec = (spec or "").strip()
+        if self.base is None or spec != self.base_spec:
+            self.base = None  # free the old one first
+            self._loaded = {}
+            base = load_base_model(spec)
+            self.base = base.to(self.device, None if self.dtype == torch.float32 else self.dtype)
+            self.base_spec = spec
+            self.base_loads += 1
+        return self.base
+
+    def _ensure_adapters(self, wanted: list[Wanted]) -> dict[str, float]:
+        """Make the model hold exactly the wanted adapters; return {name in model: weight}."""
+        base = self.base
+        keys = {w.key for w in wanted}
+        for key in [k for k in self._loaded if k not in keys]:
+            adapters.delete_adapter(base, self._loaded.pop(key)[0])
+        new = [(w.key, w.load()) for w in wanted if w.key not in self._loaded]
+        if any(f.type == "lora" for _, f in new) and _has_lycoris_layers(base):
+            # A LoRA cannot wrap a LoHa/LoKr layer: start again from the plain model, LoRA first.
+            new = [(k, f) for k, (_, f) in self._loaded.items()] + new
+            adapters.remove_all(base)
+            self._loaded = {}
+        for key, f in sorted(new, key=lambda kf: 0 if kf[1].type == "lora" else 1):
+            name = f"a{next(self._names)}"
+            adapters.load_into(base, f, name)
+            self._loaded[key] = (name, f)
+        return {self._loaded[w.key][0]: w.weight for w in wanted}
+
+    def loaded_names(self) -> list[str]:
+        return sorted(name for name, _ in self._loaded.values())
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    def generate(self, base_spec: str, wanted: list[Wanted], prompt: str, negative_prompt: str = "", seed: int = 0,
+                 steps: int = 25, guidance: float = 7.5, size: int | None = None,
+                 strengths: tuple[float, ...] = (1.0,)) -> list:
+        """One image per strength (a multiplier on every adapter's weight), all from the same seed."""
+        if not prompt.strip():
+            raise UserError("Write a prompt first, e.g. 'a photo of sks dog on the beach'.")
+        if size and size % 8:
+            raise UserError(f"The image size must be a multiple of 8, got {size}.")
+        with self._lock:
+            base = self._ensure_base(base_spec)
+            weights = self._ensure_adapters(wanted)
+            pipe = make_pipeline(base, self.device)
+            images = []
+            try:
+                for s in strengths:
+                    adapters.set_weights(base, {n: w * s for n, w in weights.items()})
+                    images += generate(pipe, [prompt], [int(seed)], steps=int(steps), guidance=float(guidance),
+                                       size=size or None, negative_prompt=negative_prompt)
+            finally:
+                adapters.set_weights(base, weights)
+        return images
+
+    def save(self, image, folder: str | Path, info: dict) -> Path:
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{int(time.time() * 1000) % 1000:03d}-seed{info.get('seed', 0)}.png"
+        return save_png(image, Path(folder) / name, {k: str(v) for k, v in info.items()})
+
+
+def _has_lycoris_layers(base) -> bool:
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    return any(isinstance(m, LycorisLayer) for part in adapters.PARTS for m in getattr(base, part).modules())

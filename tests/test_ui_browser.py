@@ -1,0 +1,161 @@
+"""The app in a real browser (Playwright driving Debian's chromium; `.ci/run` installs it).
+
+Make a dataset from sample images, generate class images, start a short training on the tiny model, see loss
+points and samples appear, pause, generate in the playground with the live adapter, resume, stop, reload the
+page and find the run again. Screenshots of every step go to test-output/ui/.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from ui_helpers import OUTPUT, sample_images, start_app, stop_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+TIMEOUT = 60_000  # ms; the CPU may be busy
+
+from playwright import sync_api  # noqa: E402  (requirements-dev.txt)
+
+# No skip: without a browser this test fails, saying how to get one.
+assert CHROMIUM.exists(), "Debian's chromium is needed: apt-get install -y chromium (.ci/run does it)"
+
+
+@pytest.fixture(scope="module")
+def shots():
+    folder = OUTPUT / "browser"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    app = start_app(tmp_path_factory.mktemp("workspace"))
+    yield app
+    stop_app(app)
+
+
+@pytest.fixture(scope="module")
+def page(running):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(TIMEOUT)
+        page.errors = []
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+        yield page
+        browser.close()
+
+
+def text_of(page, selector: str) -> str:
+    return page.locator(selector).inner_text()
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick `option` in a Gradio dropdown."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=re.compile(re.escape(option))).first.click()
+
+
+def fill(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id}").get_by_role("textbox").or_(page.locator(f"#{elem_id} input")).first
+    box.fill(value)
+    box.press("Tab")  # commit: Gradio fires change / blur
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def expect_text(page, selector: str, pattern: str) -> None:
+    sync_api.expect(page.locator(selector)).to_contain_text(re.compile(pattern), timeout=TIMEOUT)
+
+
+def test_first_run_in_a_browser(running, page, shots, tmp_path):
+    photos = sample_images(tmp_path / "photos")
+    page.goto(running.url)
+    page.wait_for_selector("#ds-create")
+
+    # 1. Dataset from sample images (upload), the prompt from identifier + class noun.
+    fill(page, "ds-new-name", "ball")
+    page.click("#ds-create")
+    expect_text(page, "#ds-add-msg", "Created dataset")
+    fill(page, "ds-resolution", "32")
+    page.locator("#ds-upload input[type=file]").set_input_files(
+        [str(photos / n) for n in ("photo0.png", "photo1.png", "photo2.png", "tiny.png")])
+    expect_text(page, "#ds-add-msg", r"Added 3 images\. Not added: tiny\.png: too small")
+    expect_text(page, "#ds-report", "3 usable images")
+    assert page.locator("#ds-gallery img").count() == 3
+    page.locator("#ds-class-noun").get_by_role("textbox").press_sequentially("ball")  # typed, as a user does
+    sync_api.expect(page.locator("#ds-instance-prompt").get_by_role("textbox")).to_have_value("a photo of sks ball")
+    page.screenshot(path=shots / "1-dataset.png", full_page=True)
+
+    # 2. Class images with the tiny model (the class prompt came from the class noun).
+    tab(page, "2. Class images")
+    sync_api.expect(page.locator("#cls-prompt").get_by_role("textbox")).to_have_value("a photo of a ball")
+    choose(page, "cls-base", "tiny")
+    fill(page, "cls-count", "4")
+    page.click("#cls-generate")
+    expect_text(page, "#cls-progress", "Done")
+    sync_api.expect(page.locator("#cls-gallery img")).to_have_count(4, timeout=TIMEOUT)
+    expect_text(page, "#cls-info", r"4 of 4")
+    page.screenshot(path=shots / "2-class-images.png", full_page=True)
+
+    # 3. Train: the base model picked on the Class images tab is already chosen here.
+    tab(page, "3. Train")
+    sync_api.expect(page.locator("#tr-base input")).to_have_value(re.compile("^tiny"))
+    fill(page, "tr-steps", "100000")
+    page.get_by_text("Advanced options").click()
+    fill(page, "tr-sample-every", "8")
+    fill(page, "tr-sample-steps", "2")
+    expect_text(page, "#tr-maths", r"3 images × 1 repeat × \d+ epochs ÷ batch 1 = 100000 steps")
+    page.click("#tr-start")
+    expect_text(page, "#tr-status", r"step (1\d|[2-9]\d|\d{3,}) / 100000")  # at least 10 steps
+    sync_api.expect(page.locator("#tr-samples img").first).to_be_visible(timeout=TIMEOUT)
+    expect_text(page, "#tr-samples", "step 0")
+    lines = page.locator("#tr-loss .mark-line path")
+    sync_api.expect(lines).to_have_count(2, timeout=TIMEOUT)  # raw and smoothed
+    sync_api.expect(lines.first).to_have_attribute("d", re.compile(r"^M[^L]*(L[^L]+){5,}"))  # >= 6 loss points
+    page.screenshot(path=shots / "3-training.png", full_page=True)
+
+    page.click("#tr-pause")
+    expect_text(page, "#tr-status", "Paused")
+    paused_at = running.ctx.session.snapshot()["step"]
+    sync_api.expect(lines.first).to_have_attribute("d", re.compile(r"^M[^L]*(L[^L]+){5,}"))
+    page.wait_for_timeout(1500)  # the plot redraws once more with the last points
+    page.screenshot(path=shots / "3b-paused.png", full_page=True)
+
+    # 4. Playground on the paused run's live adapter.
+    tab(page, "4. Playground")
+    expect_text(page, "#pg-live-note", f"paused at step {paused_at}")
+    choose(page, "pg-base", "tiny")
+    choose(page, "pg-adapter-1", "Live: the paused training run")
+    fill(page, "pg-prompt", "a photo of sks ball")
+    fill(page, "pg-steps", "2")
+    page.click("#pg-generate")
+    sync_api.expect(page.locator("#pg-image img")).to_be_visible(timeout=TIMEOUT)
+    expect_text(page, "#pg-info", "live run ×1")
+    page.screenshot(path=shots / "4-playground.png", full_page=True)
+    assert running.ctx.session.snapshot()["step"] == paused_at
+
+    # 5. Resume, stop; a reloaded page finds the run with its history.
+    tab(page, "3. Train")
+    page.click("#tr-resume")
+    expect_text(page, "#tr-status", "Training")
+    page.click("#tr-stop")
+    expect_text(page, "#tr-status", "Stopped")
+    assert running.ctx.session.snapshot()["step"] > paused_at
+    page.reload()
+    page.wait_for_selector("#ds-create")
+    tab(page, "3. Train")
+    expect_text(page, "#tr-status", "Stopped")
+    sync_api.expect(page.locator("#tr-base input")).to_have_value(re.compile("^tiny"))  # the run's settings
+    sync_api.expect(page.locator("#tr-steps input")).to_have_value("100000")
+    sync_api.expect(page.locator("#tr-loss .mark-line path")).to_have_count(2, timeout=TIMEOUT)
+    sync_api.expect(page.locator("#tr-samples img").first).to_be_visible(timeout=TIMEOUT)
+    page.screenshot(path=shots / "5-after-reload.png", full_page=True)
+    assert not page.errors, page.errors

@@ -1,0 +1,228 @@
+"""Each tab's main actions through `gradio_client`, against the app launched in-process on the tiny model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from ui_helpers import sample_images, start_app, stop_app, wait_until
+
+from gradio_client import handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+TINY = dict(base_choice="tiny", resolution=32)
+CLASS = dict(class_prompt="a photo of a ball", num_class_images=2, class_steps=2, class_batch_size=2)
+TRAIN = dict(TINY, **CLASS, instance_prompt="a photo of sks ball", rank=4, alpha=4, learning_rate=1e-3,
+             sample_steps=2, sample_prompts="a photo of sks ball", checkpoint_every=0, prior_preservation=False)
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    running = start_app(tmp_path_factory.mktemp("workspace"))
+    yield running
+    stop_app(running)
+
+
+@pytest.fixture(scope="module")
+def client(ui):
+    return ui.client()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return sample_images(tmp_path_factory.mktemp("photos"))
+
+
+def make_dataset(ui, client, name, photos) -> dict:
+    ui.call(client, "create_dataset", new_name=name, resolution=32)
+    return ui.call(client, "add_folder", dataset=name, folder=str(photos), resolution=32)
+
+
+# --------------------------------------------------------------------------- Dataset tab
+
+def test_dataset_tab(ui, client, photos):
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    out = ui.call(client, "create_dataset", new_name="ball", resolution=32)
+    assert out["dataset"]["value"] == "ball" and "Created dataset" in out["add_msg"]
+    with pytest.raises(AppError, match="already exists"):
+        ui.call(client, "create_dataset", new_name="ball", resolution=32)
+
+    out = ui.call(client, "add_folder", dataset="ball", folder=str(photos), resolution=32)
+    assert out["add_msg"].startswith("Added 3 images.")
+    for name, why in (("notes.pdf", "not an image"), ("broken.jpg", "corrupt"), ("tiny.png", "too small")):
+        assert f"{name}: {why}" in out["add_msg"]
+    assert "3 usable images" in out["report"]
+    assert [g["caption"] for g in out["gallery"]["value"]] == ["photo0.png", "photo1.png", "photo2.png"]
+    assert len(out["crops"]) == 3  # the training crops, previewed
+    assert out["captions"]["data"][1] == ["photo1.png", "a photo of sks ball on a table"]
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # originals untouched
+
+    # Upload: a wide picture is reported as cropped at the chosen resolution.
+    from PIL import Image
+
+    wide = photos.parent / "upload" / "wide.png"
+    wide.parent.mkdir(exist_ok=True)
+    Image.new("RGB", (128, 64), (0, 90, 200)).save(wide)
+    out = ui.call(client, "add_upload", dataset="ball", upload=[handle_file(str(wide))], resolution=32)
+    assert out["add_msg"] == "Added 1 image."
+    assert "`wide.png` 128x64: the centre 64x64 square, scaled down to 32x32" in out["report"]
+
+    out = ui.call(client, "build_prompt", dataset="ball", identifier="sks", class_noun="ball")
+    assert out["instance_prompt"] == "a photo of sks ball" and out["class_prompt"] == "a photo of a ball"
+    assert "single token" in out["token_info"]
+    out = ui.call(client, "build_prompt", dataset="ball", identifier="mydog", class_noun="dog")
+    assert "splits `mydog` into 2 pieces" in out["token_info"]
+    words = ui.call(client, "suggest_identifiers")["suggestions"]["choices"]
+    assert [w for w, _ in words][:2] == ["sks", "ohwx"]
+
+    table = {"headers": ["file", "caption"],
+             "data": [["photo0.png", "a photo of sks ball, red"], ["photo1.png", ""], ["photo2.png", ""],
+                      ["wide.png", ""]]}
+    assert "2 caption files changed" in ui.call(client, "save_captions", dataset="ball", captions=table)["caption_msg"]
+    folder = ui.workspace / "datasets" / "ball"
+    assert (folder / "photo0.txt").read_text() == "a photo of sks ball, red\n" and not (folder / "photo1.txt").exists()
+
+    view = ui.call(client, "dataset_view", dataset="ball", resolution=32)
+    assert view["identifier"] == "mydog" and view["class_noun"] == "dog"  # settings remembered per dataset
+    out = ui.call(client, "remove_images", dataset="ball", selected="wide.png", resolution=32)
+    assert "Removed 1 image" in out["add_msg"] and "4 usable" not in out["report"]
+
+
+def test_demo_subject_dataset(ui, client):
+    out = ui.call(client, "demo_dataset", resolution=64)
+    assert out["dataset"]["value"] == "demo-star" and out["instance_prompt"] == "a photo of sks star"
+    assert "5 usable images" in out["report"] and out["class_prompt"] == "a photo of a star"
+
+
+# --------------------------------------------------------------------------- Class images tab
+
+def test_class_images_tab(ui, client):
+    job = ui.ctx.class_job
+    with pytest.raises(AppError, match="class prompt"):
+        ui.call(client, "class_generate", **TINY, class_prompt=" ")
+    out = ui.call(client, "class_generate", **TINY, **dict(CLASS, num_class_images=3))
+    assert "Generating" in out["class_progress"]
+    assert job.wait(60) == "finished"
+    view = ui.call(client, "class_view", **TINY, **dict(CLASS, num_class_images=3))
+    assert "**3 of 3**" in view["class_info"] and len(view["class_gallery"]) == 3
+    folder = Path(job.snapshot()["folder"])
+    out = ui.call(client, "class_reject", class_selected="class_00001.png", **TINY, **dict(CLASS, num_class_images=3))
+    assert out["class_selected"] == ""
+    assert job.wait(60) == "finished"
+    names = sorted(p.name for p in folder.glob("class_*.png"))
+    assert names == ["class_00000.png", "class_00002.png", "class_00003.png"]  # topped up with a new seed
+    assert (folder / "rejected" / "class_00001.png").is_file()
+    # Cached per base model and prompt: another prompt is another (empty) set.
+    other = ui.call(client, "class_view", **TINY, **dict(CLASS, class_prompt="a photo of a cube"))
+    assert "**0 of 2**" in other["class_info"]
+
+
+# --------------------------------------------------------------------------- Train tab + playground ("pause and test")
+
+def test_train_tab_live_run_pause_test_resume_stop(ui, client, photos):
+    make_dataset(ui, client, "train-set", photos)
+    maths = ui.call(client, "step_maths", dataset="train-set", **TRAIN, max_steps=30, batch_size=1, repeats=2)
+    assert "3 images × 2 repeats × 5.0 epochs ÷ batch 1 = 30 steps" in maths["maths"]
+    assert "Estimated training time" in maths["maths"]
+
+    with pytest.raises(AppError, match="No dataset chosen"):
+        ui.call(client, "start_training", dataset=None, **TRAIN)
+    out = ui.call(client, "start_training", dataset="train-set", **TRAIN, max_steps=100000, sample_every=5)
+    assert "Training" in out["train_status"]
+    with pytest.raises(AppError, match="already in progress"):
+        ui.call(client, "start_training", dataset="train-set", **TRAIN)
+
+    s = ui.ctx.session
+    wait_until(lambda: s.snapshot()["step"] >= 6 and len(s.snapshot()["samples"]) >= 2, what="steps and samples")
+    poll = ui.call(client, "train_poll")
+    assert len(poll["loss_plot"]["data"]) >= 12  # raw and smoothed points
+    assert {row[2] for row in poll["loss_plot"]["data"]} == {"loss", "smoothed"}
+    assert poll["samples"][0]["caption"].startswith("step 0:")
+    assert "step " in poll["train_status"] and "it/s" in poll["train_status"] or "s/step" in poll["train_status"]
+
+    ui.call(client, "pause")
+    wait_until(lambda: s.snapshot()["state"] == "paused", what="pause")
+    paused_step = s.snapshot()["step"]
+    n_samples = len(s.snapshot()["samples"])
+    ui.call(client, "sample_now")
+    wait_until(lambda: len(s.snapshot()["samples"]) > n_samples, what="sample now")
+
+    pg = dict(pg_base_choice="tiny", pg_prompt="a photo of sks ball", pg_steps=2, pg_seed=5)
+    out = ui.call(client, "playground_generate", **pg, adapter_1="live", weight_1=1.0)
+    assert Path(out["pg_image"]).is_file() and "live run ×1" in out["pg_info"]
+    grid = ui.call(client, "playground_compare", **pg, adapter_1="live", weight_1=0.8)["pg_grid"]
+    assert [g["caption"] for g in grid] == ["adapters off", "strength ×0.25", "strength ×0.5", "strength ×0.75",
+                                            "strength ×1 (as set)", "strength ×1.25"]
+    assert s.snapshot()["step"] == paused_step  # testing did not move training on
+    with pytest.raises(AppError, match="trains on the base model 'tiny'"):
+        ui.call(client, "playground_generate", **dict(pg, pg_base_choice="other", pg_base_other="/nowhere/x"),
+                adapter_1="live")
+
+    # A new client (a reloaded browser tab) re-attaches with the whole history.
+    fresh = ui.call(ui.client(), "train_poll")
+    assert len(fresh["loss_plot"]["data"]) == 2 * paused_step and "Paused" in fresh["train_status"]
+
+    ui.call(client, "resume")
+    wait_until(lambda: s.snapshot()["step"] > paused_step + 2, what="training to go on")
+    ui.call(client, "save_now")
+    wait_until(lambda: s.snapshot()["checkpoints"], what="save now")
+    ui.call(client, "stop")
+    assert s.wait(60) == "stopped"
+    final = ui.call(client, "train_poll")
+    assert "Stopped" in final["train_status"] and Path(s.snapshot()["adapter_path"]).is_file()
+    with pytest.raises(AppError, match="No training run is paused"):
+        ui.call(client, "playground_generate", **pg, adapter_1="live")
+
+
+def test_training_errors_show_in_plain_words(ui, client, photos):
+    s = ui.ctx.session
+    ui.call(client, "start_training", dataset="train-set", **dict(TRAIN, base_choice="other",
+                                                                    base_other="/no/such/model.safetensors"))
+    assert s.wait(60) == "failed"
+    poll = ui.call(ui.client(), "train_poll")  # a fresh page: everything is sent
+    assert "Base model file or folder not found: /no/such/model.safetensors" in poll["train_error"]
+    with pytest.raises(AppError, match="Prior preservation needs a class prompt"):
+        ui.call(client, "start_training", dataset="train-set", **dict(TRAIN, prior_preservation=True, class_prompt=""))
+
+
+def test_presets(ui, client):
+    out = ui.call(client, "load_preset", preset="sd15-loha")
+    assert out["adapter_type"] == "loha" and out["resolution"] == 512 and out["base_choice"] == "other"
+    assert out["base_other"] == "stable-diffusion-v1-5/stable-diffusion-v1-5" and out["train_text_encoder"] is True
+    saved = ui.call(client, "save_preset", preset_name="quick", **dict(TRAIN, max_steps=77, adapter_type="lokr"))
+    assert saved["preset"]["value"] == "quick" and (ui.workspace / "presets" / "quick.yaml").is_file()
+    back = ui.call(client, "load_preset", preset="quick")
+    assert back["max_steps"] == 77 and back["adapter_type"] == "lokr" and back["base_choice"] == "tiny"
+    with pytest.raises(AppError, match="built-in preset"):
+        ui.call(client, "save_preset", preset_name="sd15-lora")
+
+
+# --------------------------------------------------------------------------- Playground tab
+
+def test_playground_mixes_run_adapters(ui, client, photos):
+    s = ui.ctx.session
+    paths = []
+    for kind in ("loha", "lora"):
+        ui.call(client, "start_training", dataset="train-set", **dict(TRAIN, adapter_type=kind, max_steps=2,
+                                                                        sample_every=0, run_name=f"mix-{kind}"))
+        assert s.wait(60) == "finished"
+        paths.append(s.snapshot()["adapter_path"])
+    choices = ui.call(client, "playground_adapters")["adapter_1"]["choices"]
+    offered = {value: label for label, value in choices}
+    assert all(p in offered for p in paths) and "LoHa" in offered[paths[0]] and offered["live"]
+    pg = dict(pg_base_choice="tiny", pg_prompt="a photo of sks ball", pg_steps=2)
+    ui.call(client, "playground_generate", **pg, adapter_1=paths[0], weight_1=0.5)
+    out = ui.call(client, "playground_generate", **pg, adapter_1=paths[0], weight_1=0.5, adapter_2=paths[1],
+                  weight_2=1.2)  # a LoRA joining a LoHa: reloaded in the right order, the base model kept
+    assert "mix-loha ×0.5, mix-lora ×1.2" in out["pg_info"]
+    assert ui.ctx.playground.base_loads == 1
+    with pytest.raises(AppError, match="chosen in two slots"):
+        ui.call(client, "playground_generate", **pg, adapter_1=paths[0], adapter_2=paths[0])
+    with pytest.raises(AppError, match="Choose at least one adapter"):
+        ui.call(client, "playground_compare", **pg)
+
+    out = ui.call(client, "import_adapter", import_file=handle_file(paths[1]))
+    assert "Imported" in out["import_msg"]
+    labels = [label for label, _ in out["adapter_1"]["choices"]]
+    assert any(label.startswith("imported: mix-lora") for label in labels)
+    with pytest.raises(AppError, match="already exists"):
+        ui.call(client, "import_adapter", import_file=handle_file(paths[1]))

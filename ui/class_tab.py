@@ -1,0 +1,166 @@
+"""Class images tab: generate the prior-preservation images with the base model, review, reject, top up."""
+from __future__ import annotations
+
+import gradio as gr
+
+from core.class_images import class_dir_for, class_min_size, reject_class_images
+from core.data import scan_folder
+from core.errors import DataError
+
+from .common import Ctx, bind, error_html, model_picker, progress_html
+from .dataset_tab import names_of, on_select
+from .form import form_config
+
+CLASS_FIELDS = ("class_prompt", "num_class_images", "class_steps", "class_guidance", "class_seed", "class_batch_size",
+                "class_negative_prompt")
+GALLERY_LIMIT = 200
+
+
+def class_config(ctx: Ctx, values: dict):
+    """A config holding what class images depend on: base model, class settings, resolution."""
+    cfg = form_config(values, ctx.workspace)
+    if not cfg.data.class_prompt.strip():
+        raise DataError("Enter a class prompt first, e.g. 'a photo of a dog' (the Dataset tab fills it in from the "
+                        "class noun).")
+    return cfg
+
+
+def class_view(ctx: Ctx, values: dict) -> dict:
+    """The cached images for these settings, and a line saying how many there are and where."""
+    try:
+        cfg = class_config(ctx, values)
+    except DataError as e:
+        return {"class_info": str(e), "class_gallery": []}
+    folder = class_dir_for(cfg)
+    items = scan_folder(folder, min_size=class_min_size(cfg)).images if folder.is_dir() else []
+    want = cfg.data.num_class_images
+    ready = min(len(items), want)
+    info = (f"**{ready} of {want}** class images ready for *{cfg.data.class_prompt}* with `{cfg.model.base}` at "
+            f"{cfg.data.resolution} px. They are kept in `{folder}` and reused by every run with the same model, "
+            "prompt and size.")
+    if ready < want:
+        info += " Press **Generate** to make the rest (training also makes them when it starts)."
+    shown = items[:GALLERY_LIMIT]
+    return {"class_info": info, "class_gallery": [(str(i.path), i.path.name) for i in shown]}
+
+
+def job_view(ctx: Ctx) -> dict:
+    s = ctx.class_job.snapshot()
+    state = s["state"]
+    if state == "idle":
+        progress = ""
+    elif state == "failed":
+        progress = error_html(s["error"])
+    else:
+        count = f"{s['done']} / {s['total']} new images"
+        if state == "running":
+            label, detail = "Generating", count if s["total"] else s["message"]
+        elif state == "finished":
+            label, detail = "Done", count if s["total"] else "all the images were already there"
+        else:
+            label, detail = "Stopped", f"{count}; press Generate to continue where it stopped"
+        progress = progress_html(label, s["done"], s["total"] or (1 if state == "finished" else 0), detail, state)
+    busy = ctx.class_job.busy
+    return {"class_progress": progress, "class_generate_btn": gr.update(interactive=not busy),
+            "class_stop_btn": gr.update(interactive=busy)}
+
+
+def build(ctx: Ctx, initial: dict) -> dict:
+    c: dict = {}
+    gr.Markdown("**Prior preservation.** The base model draws ordinary pictures of the class (*a photo of a dog*); "
+                "training keeps doing those right while it learns your subject, so the model does not forget what "
+                "a dog looks like. Optional: turn it off on the Train tab.", elem_classes="db-note")
+    c["base_choice"], c["base_other"] = model_picker("cls", value=initial["base_choice"], other=initial["base_other"])
+    with gr.Row():
+        c["class_prompt"] = gr.Textbox(initial["class_prompt"], label="Class prompt", scale=3, elem_id="cls-prompt",
+                                       placeholder="a photo of a dog",
+                                       info="The Dataset tab fills this in from the class noun.")
+        c["num_class_images"] = gr.Number(initial["num_class_images"], label="How many", precision=0, minimum=1,
+                                          scale=1, elem_id="cls-count", info="100-200 for real photos.")
+    with gr.Accordion("Generation settings", open=False):
+        with gr.Row():
+            c["class_steps"] = gr.Number(initial["class_steps"], label="Sampling steps", precision=0, minimum=1,
+                                         elem_id="cls-steps")
+            c["class_guidance"] = gr.Number(initial["class_guidance"], label="Guidance", minimum=0, step=0.5,
+                                            elem_id="cls-guidance")
+            c["class_seed"] = gr.Number(initial["class_seed"], label="First seed", precision=0, elem_id="cls-seed",
+                                        info="Image i uses seed + i: stopping and continuing gives the same set.")
+            c["class_batch_size"] = gr.Number(initial["class_batch_size"], label="Batch size", precision=0, minimum=1,
+                                              elem_id="cls-batch")
+        c["class_negative_prompt"] = gr.Textbox(initial["class_negative_prompt"], label="Negative prompt",
+                                                elem_id="cls-negative")
+    c["class_info"] = gr.Markdown(elem_id="cls-info")
+    with gr.Row():
+        c["class_generate_btn"] = gr.Button("Generate", variant="primary", elem_id="cls-generate")
+        c["class_stop_btn"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="cls-stop")
+    c["class_progress"] = gr.HTML(elem_id="cls-progress")
+    c["class_gallery"] = gr.Gallery(label="Class images: click the bad ones to select them", columns=8, height=360,
+                                    allow_preview=False, object_fit="cover", elem_id="cls-gallery")
+    with gr.Row(elem_classes="db-bottom"):
+        c["class_selected"] = gr.Textbox("", label="Selected", scale=4, elem_id="cls-selected")
+        c["class_reject_btn"] = gr.Button("Reject selected and top up", scale=0, min_width=300, elem_id="cls-reject")
+    c["class_last_done"] = gr.State(-1)
+    return c
+
+
+def wire(ctx: Ctx, c: dict, resolution) -> None:
+    fields = {k: c[k] for k in CLASS_FIELDS + ("base_choice", "base_other")} | {"resolution": resolution}
+    view_out = {k: c[k] for k in ("class_info", "class_gallery")}
+    job_out = {k: c[k] for k in ("class_progress", "class_generate_btn", "class_stop_btn")}
+
+    def view(**values):
+        return class_view(ctx, values)
+
+    bind(ctx, c["class_prompt"].blur, view, fields, view_out, api_name="class_view")
+    for name in ("num_class_images", "base_choice", "base_other"):
+        bind(ctx, c[name].change, view, fields, view_out, show_progress="hidden")
+    bind(ctx, resolution.change, view, fields, view_out, show_progress="hidden")
+
+    def generate(**values):
+        if ctx.session.busy:
+            raise DataError("Training is running; generate class images when it has finished (or stop it).")
+        ctx.class_job.start(class_config(ctx, values))
+        return {**job_view(ctx), **class_view(ctx, values)}
+
+    bind(ctx, c["class_generate_btn"].click, generate, fields, job_out | view_out, api_name="class_generate")
+
+    def stop():
+        ctx.class_job.stop()
+        return job_view(ctx)
+
+    bind(ctx, c["class_stop_btn"].click, stop, {}, job_out, api_name="class_stop")
+
+    c["class_gallery"].select(on_select, c["class_selected"], c["class_selected"], api_visibility="undocumented",
+                              show_progress="hidden")
+
+    def reject(class_selected, **values):
+        names = names_of(class_selected)
+        if not names:
+            raise DataError("Select images first: click them in the gallery.")
+        if ctx.class_job.busy:
+            raise DataError("Wait for the generation to finish (or stop it) before rejecting images.")
+        cfg = class_config(ctx, values)
+        moved = reject_class_images(class_dir_for(cfg), names)
+        out = {"class_selected": ""}
+        if moved and not ctx.session.busy:
+            ctx.class_job.start(cfg)  # top up to the count
+        return {**out, **job_view(ctx), **class_view(ctx, values)}
+
+    bind(ctx, c["class_reject_btn"].click, reject, fields | {"class_selected": c["class_selected"]},
+         {"class_selected": c["class_selected"]} | job_out | view_out, api_name="class_reject")
+
+    def poll(class_last_done, **values):
+        """While a job runs (and once after), redraw its progress and the gallery as images arrive."""
+        s = ctx.class_job.snapshot()
+        if s["state"] == "idle" or (class_last_done == -2 and not ctx.class_job.busy):
+            return {}
+        out = job_view(ctx)
+        marker = s["done"] if ctx.class_job.busy else -2
+        if marker != class_last_done:
+            out.update(class_view(ctx, values))
+        out["class_last_done"] = marker
+        return out
+
+    c["poll_inputs"] = fields | {"class_last_done": c["class_last_done"]}
+    c["poll_outputs"] = job_out | view_out | {"class_last_done": c["class_last_done"]}
+    c["poll"] = poll

@@ -1,0 +1,158 @@
+"""What the tabs share: the app context, event binding with plain-words errors, small view helpers."""
+from __future__ import annotations
+
+import functools
+import html
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from core.errors import UserError
+from core.playground import Playground
+from core.session import ClassImagesJob, Session
+
+from .form import BASE_CHOICES, OTHER
+
+log = logging.getLogger("ui")
+
+
+@dataclass
+class Ctx:
+    """Process-wide state: the tabs read it on every event, so a reloaded page sees the same jobs."""
+
+    workspace: Path
+    session: Session
+    class_job: ClassImagesJob
+    playground: Playground
+    api_outputs: dict[str, list] = field(default_factory=dict)  # api name -> [(output name, component)], in order
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.workspace / "runs"
+
+    @property
+    def playground_dir(self) -> Path:
+        return self.workspace / "playground"
+
+
+def guarded(fn: Callable) -> Callable:
+    """UserError -> a pop-up with its message; anything else -> a short message, traceback in the log."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except UserError as e:
+            raise gr.Error(str(e), duration=None, print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 - a bug: tell the user briefly, keep the details for a report
+            log.exception("Unexpected error in %s", getattr(fn, "__name__", fn))
+            raise gr.Error(f"Something went wrong ({type(e).__name__}: {e}). The details are in the terminal "
+                           "where the app runs.", duration=None, print_exception=False) from None
+
+    return wrapper
+
+
+def bind(ctx: Ctx, event: Callable, fn: Callable, inputs: dict[str, Any] | None = None,
+         outputs: dict[str, Any] | None = None, api_name: str | None = None, **kwargs):
+    """Register `fn(**{name: value}) -> {name: value}` on a Gradio event.
+
+    Inputs arrive as keyword arguments named after their field; the returned dict is keyed by output name,
+    and names left out keep their value. Errors become plain-words pop-ups (see `guarded`).
+    """
+    outputs = outputs or {}
+    names = list(outputs)
+    safe = guarded(fn)
+
+    @functools.wraps(fn)  # Gradio reads fn's signature and may pass some inputs by position
+    def run(*args, **values):
+        result = safe(*args, **values) or {}
+        unknown = set(result) - set(outputs)
+        if unknown:
+            raise KeyError(f"{fn.__name__} returned values for unknown outputs {sorted(unknown)}")
+        if not names:
+            return None
+        if not result:  # Gradio reads an empty dict as one value: say "unchanged" for each output instead
+            return gr.skip() if len(names) == 1 else [gr.skip()] * len(names)
+        return {outputs[k]: v for k, v in result.items()}
+
+    if api_name:
+        ctx.api_outputs[api_name] = [(n, outputs[n]) for n in names]
+    else:
+        kwargs.setdefault("api_visibility", "undocumented")
+    return event(run, inputs_kwargs=dict(inputs or {}) or None, outputs=[outputs[n] for n in names],
+                 api_name=api_name, **kwargs)
+
+
+# --------------------------------------------------------------------------- base-model picker
+
+def model_picker(prefix: str, label: str = "Base model", value: str = "demo", other: str = ""):
+    """A dropdown (demo, tiny, other) and a text box for the other model, shown when "Other" is chosen."""
+    with gr.Group():
+        choice = gr.Dropdown(BASE_CHOICES, value=value, label=label, elem_id=f"{prefix}-base",
+                             info="The model you teach. The demo model is tiny and fast; for real photos use an "
+                                  "SD 1.x/2.x model (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5).")
+        other_box = gr.Textbox(other, label="Other base model", visible=value == OTHER, elem_id=f"{prefix}-base-other",
+                               placeholder="org/name, /path/to/diffusers-folder or /path/to/model.safetensors")
+    choice.change(lambda c: gr.update(visible=c == OTHER), choice, other_box, show_progress="hidden",
+                  api_visibility="undocumented", queue=False)
+    return choice, other_box
+
+
+def link_pickers(a: tuple, b: tuple) -> None:
+    """Keep two pickers (on two tabs) showing the same model: a user's change to one is copied to the other."""
+    for src, dst in ((a, b), (b, a)):
+        for s, d in zip(src, dst):
+            s.input(lambda v: v, s, d, show_progress="hidden", api_visibility="undocumented", queue=False)
+
+
+# --------------------------------------------------------------------------- view helpers
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours} h {m:02d} min"
+
+
+STATE_WORDS = {
+    "idle": "Not started", "running": "Training", "paused": "Paused", "stopping": "Stopping",
+    "finished": "Finished", "stopped": "Stopped", "failed": "Failed",
+}
+
+
+def progress_html(label: str, done: int, total: int, detail: str = "", state: str = "running") -> str:
+    pct = 0 if not total else max(0.0, min(100.0, 100.0 * done / total))
+    return (f'<div class="db-progress db-{html.escape(state)}"><div class="db-bar-outer">'
+            f'<div class="db-bar" style="width:{pct:.1f}%"></div></div>'
+            f'<div class="db-progress-text"><b>{html.escape(label)}</b>'
+            f'{" · " + html.escape(detail) if detail else ""}</div></div>')
+
+
+def error_html(message: str) -> str:
+    return f'<div class="db-error"><b>Something stopped the job:</b> {html.escape(message)}</div>' if message else ""
+
+
+CSS = """
+.db-progress { margin: 4px 0 8px 0; }
+.db-bar-outer { height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; }
+.dark .db-bar-outer { background: var(--neutral-700); }
+.db-bar { height: 100%; background: var(--color-accent); transition: width 0.4s ease; }
+.db-paused .db-bar { background: var(--neutral-400); }
+.db-failed .db-bar { background: #dc2626; }
+.db-progress-text { margin-top: 4px; font-size: 0.95em; }
+.db-error { border: 1px solid #dc2626; background: #fef2f2; color: #7f1d1d; border-radius: 8px; padding: 8px 12px; }
+.db-note { color: var(--body-text-color-subdued); font-size: 0.92em; }
+#db-header h1 { margin-bottom: 0; }
+.db-bottom { align-items: flex-end !important; }
+#pg-image img { min-width: min(256px, 100%); object-fit: contain; }
+#db-log textarea { font-family: var(--font-mono); font-size: 0.85em; }
+"""

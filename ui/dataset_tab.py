@@ -1,0 +1,297 @@
+"""Dataset tab: named datasets of copied images, a validation report with crop previews, captions, prompts."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from core import datasets as ds
+from core.config import APP_ROOT, DataConfig
+from core.data import ImageSet, scan_folder
+from core.errors import DataError
+
+from .common import Ctx, bind
+
+MIN_SIZE = DataConfig().min_image_size
+DEMO_DATASET = "demo-star"
+DEMO_SUBJECT = APP_ROOT / "core" / "assets" / "demo_subject"  # the two-colour star the demo presets train on
+CROPS_SHOWN = 24
+
+
+def dataset_view(ctx: Ctx, dataset: str, resolution) -> dict:
+    """Thumbnails, validation report, training-crop previews and the caption table of one dataset."""
+    empty = pd.DataFrame({"file": [], "caption": []})
+    if not dataset:
+        return {"gallery": gr.update(value=[], label="Images"), "crops": [], "captions": empty,
+                "report": "Create a dataset, or pick one from the list."}
+    folder = ds.dataset_dir(ctx.workspace, dataset)
+    scan = scan_folder(folder, min_size=MIN_SIZE)
+    res = int(resolution or 0)
+    if res <= 0 or res % 8:
+        raise DataError(f"The training resolution must be a positive multiple of 8, got {resolution}.")
+    n = len(scan.images)
+    uncaptioned = [i for i in scan.images if not i.caption]
+    head = f"**{n} usable image{'s' if n != 1 else ''}** in `{folder}`"
+    if n:
+        head += f" ({n - len(uncaptioned)} with their own caption, {len(uncaptioned)} use the instance prompt)."
+    lines = [head]
+    if not n:
+        lines.append("Add 3-20 photos of your subject: varied angles, backgrounds and light help.")
+    elif n < 3:
+        lines.append("3-20 photos work best; with fewer the adapter copies them closely.")
+    if scan.rejected:
+        lines.append("**Rejected, not used for training:**\n" +
+                     "\n".join(f"- `{r.path.name}`: {r.reason}" for r in scan.rejected))
+    if n:
+        changed = [i for i in scan.images if i.width != i.height or min(i.width, i.height) < res]
+        plain = n - len(changed)
+        text = f"**At {res}x{res} px:** "
+        text += (f"{plain} square image{'s are' if plain != 1 else ' is'} only resized. " if plain else "")
+        text += ("Cropped or enlarged:" if changed else "Nothing is cropped.")
+        lines.append(text + "".join(f"\n- `{i.path.name}` {ds.crop_note(i, res)}" for i in changed))
+    crops = []
+    if scan.images:
+        shown = scan.images[:CROPS_SHOWN]
+        previews = ImageSet(shown, [""] * len(shown), res)
+        crops = [(previews.preview(k), item.path.name) for k, item in enumerate(shown)]
+    gallery = [(str(i.path), i.path.name) for i in scan.images]
+    captions = pd.DataFrame({"file": [i.path.name for i in scan.images],
+                             "caption": [i.caption or "" for i in scan.images]})
+    return {"gallery": gr.update(value=gallery, label=f"Images ({len(scan.images)})"), "report": "\n\n".join(lines),
+            "crops": crops, "captions": captions}
+
+
+def dataset_settings(ctx: Ctx, dataset: str) -> dict:
+    """What the dataset remembers: identifier, class noun, instance prompt (and so the class prompt)."""
+    m = ds.read_manifest(ds.dataset_dir(ctx.workspace, dataset)) if dataset else {}
+    out = {"selected": "", "add_msg": ""}
+    if m.get("identifier"):
+        out["identifier"] = m["identifier"]
+        out["token_info"] = token_info(m["identifier"])
+    if m.get("class_noun") is not None:
+        out["class_noun"] = m.get("class_noun", "")
+    if m.get("instance_prompt"):
+        out["instance_prompt"] = m["instance_prompt"]
+    if m.get("class_noun"):
+        out["class_prompt"] = ds.class_prompt(m["class_noun"])
+    return out
+
+
+def token_info(identifier: str) -> str:
+    word = (identifier or "").strip()
+    if not word:
+        return "Pick an identifier: a rare word that will come to mean *your* subject."
+    if " " in word:
+        return "**Careful:** use one word without spaces as the identifier."
+    pieces = ds.token_pieces(word)
+    if len(pieces) == 1:
+        return f"✓ `{word}` is a single token for the text encoder: a good identifier."
+    return (f"**Careful:** the text encoder splits `{word}` into {len(pieces)} pieces ({' + '.join(pieces)}); "
+            "a rare word that stays one token works better. Try the suggestions.")
+
+
+def build(ctx: Ctx, initial: dict) -> dict:
+    """Lay out the tab; return its components by name (the fields other tabs read are among them)."""
+    c: dict = {}
+    gr.Markdown("Put **3-20 photos of your subject** in a dataset. The photos are *copied* into the workspace: "
+                "your originals are never changed.", elem_classes="db-note")
+    with gr.Row(elem_classes="db-bottom"):
+        c["dataset"] = gr.Dropdown(ds.list_datasets(ctx.workspace), value=None, label="Dataset", scale=3,
+                                   elem_id="ds-dataset", info="Pick a dataset, or create a new one on the right.")
+        c["new_name"] = gr.Textbox("", label="New dataset name", placeholder="e.g. rex", scale=2, elem_id="ds-new-name")
+        with gr.Column(scale=1, min_width=160):
+            c["create_btn"] = gr.Button("Create dataset", variant="primary", elem_id="ds-create")
+            c["demo_btn"] = gr.Button("Use the demo subject", size="sm", elem_id="ds-demo")
+    with gr.Row():
+        c["upload"] = gr.File(file_count="multiple", file_types=["image", ".txt"], label="Add photos: drop files here",
+                              height=120, elem_id="ds-upload", scale=3)
+        with gr.Column(scale=2):
+            c["folder"] = gr.Textbox("", label="...or add all images of a folder", placeholder="/home/me/photos/rex",
+                                     elem_id="ds-folder")
+            c["add_folder_btn"] = gr.Button("Add images from folder", elem_id="ds-add-folder")
+    c["add_msg"] = gr.Markdown(elem_id="ds-add-msg")
+    with gr.Row():
+        with gr.Column(scale=3):
+            c["gallery"] = gr.Gallery(label="Images", columns=6, height=300, allow_preview=False, object_fit="cover",
+                                      elem_id="ds-gallery")
+            with gr.Row(elem_classes="db-bottom"):
+                c["selected"] = gr.Textbox("", label="Selected (click images above)", scale=4, elem_id="ds-selected")
+                c["remove_btn"] = gr.Button("Remove selected", scale=0, min_width=200, elem_id="ds-remove")
+        with gr.Column(scale=2):
+            c["resolution"] = gr.Number(initial["resolution"], label="Training resolution (px)", precision=0,
+                                        step=8, elem_id="ds-resolution",
+                                        info="Demo model: 64. SD 1.x: 512. SD 2.x 768-v: 768.")
+            c["crops"] = gr.Gallery(label="What training sees (the crop at the training resolution)", columns=5,
+                                    height=260,
+                                    allow_preview=True, elem_id="ds-crops")
+    c["report"] = gr.Markdown(elem_id="ds-report")
+    gr.Markdown("### Prompt")
+    with gr.Row(equal_height=True):
+        c["identifier"] = gr.Textbox("sks", label="Identifier (a rare word)", scale=1, elem_id="ds-identifier")
+        c["class_noun"] = gr.Textbox("", label="Class noun", placeholder="dog", scale=1, elem_id="ds-class-noun",
+                                     info="What the subject is: dog, woman, mug...")
+        c["instance_prompt"] = gr.Textbox(initial["instance_prompt"], label="Instance prompt", scale=2,
+                                          elem_id="ds-instance-prompt",
+                                          info="Used for every image without its own caption.")
+    with gr.Row():
+        c["token_info"] = gr.Markdown(token_info("sks"), elem_id="ds-token-info")
+        c["suggest_btn"] = gr.Button("Suggest rare words", size="sm", scale=0, min_width=180, elem_id="ds-suggest")
+    c["suggestions"] = gr.Radio([], label="Suggestions (click one to use it)", visible=False, elem_id="ds-suggestions")
+    c["suggest_seed"] = gr.State(0)
+    gr.Markdown("### Captions")
+    gr.Markdown("Optional: a caption per image (saved as a .txt file beside it) overrides the instance prompt; "
+                "include the identifier, e.g. *a photo of sks dog on a sofa*.", elem_classes="db-note")
+    c["captions"] = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], interactive=True,
+                                 static_columns=[0], column_widths=["25%", "75%"], wrap=True, elem_id="ds-captions")
+    with gr.Row():
+        c["save_captions_btn"] = gr.Button("Save captions", elem_id="ds-save-captions", scale=0, min_width=160)
+        c["caption_msg"] = gr.Markdown(elem_id="ds-caption-msg")
+    return c
+
+
+def wire(ctx: Ctx, c: dict, other: dict) -> None:
+    """Events; `other` holds the components of other tabs this one updates (the class prompt)."""
+    view_in = {"dataset": c["dataset"], "resolution": c["resolution"]}
+    view_out = {k: c[k] for k in ("gallery", "report", "crops", "captions")}
+
+    def view(dataset, resolution):
+        return dataset_view(ctx, dataset, resolution)
+
+    def settings_of(dataset):
+        return dataset_settings(ctx, dataset)
+
+    settings_out = {k: c[k] for k in ("identifier", "class_noun", "instance_prompt", "token_info", "selected",
+                                      "add_msg")} | {"class_prompt": other["class_prompt"]}
+
+    def pick(dataset, resolution):
+        return {**view(dataset, resolution), **settings_of(dataset)}
+
+    bind(ctx, c["dataset"].input, pick, view_in, view_out | settings_out, api_name="dataset_view")
+    bind(ctx, c["resolution"].change, view, view_in, view_out)
+
+    def create(new_name, resolution):
+        folder = ds.create_dataset(ctx.workspace, new_name)
+        return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace), value=folder.name), "new_name": "",
+                "add_msg": f"Created dataset **{folder.name}**. Now add photos.", **view(folder.name, resolution)}
+
+    bind(ctx, c["create_btn"].click, create, {"new_name": c["new_name"], "resolution": c["resolution"]},
+         {"dataset": c["dataset"], "new_name": c["new_name"], "add_msg": c["add_msg"]} | view_out,
+         api_name="create_dataset")
+    bind(ctx, c["new_name"].submit, create, {"new_name": c["new_name"], "resolution": c["resolution"]},
+         {"dataset": c["dataset"], "new_name": c["new_name"], "add_msg": c["add_msg"]} | view_out)
+
+    def use_demo(resolution):
+        names = ds.list_datasets(ctx.workspace)
+        folder = ds.datasets_root(ctx.workspace) / DEMO_DATASET
+        if DEMO_DATASET not in names:
+            folder = ds.create_dataset(ctx.workspace, DEMO_DATASET)
+        report = ds.add_folder(folder, DEMO_SUBJECT, MIN_SIZE)
+        ds.update_manifest(folder, identifier="sks", class_noun="star",
+                           instance_prompt=ds.instance_prompt("sks", "star"))
+        return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace), value=DEMO_DATASET),
+                "add_msg": f"The demo subject: a two-colour star the demo model has never seen. {report.summary()}",
+                **view(DEMO_DATASET, resolution), **settings_of(DEMO_DATASET)}
+
+    bind(ctx, c["demo_btn"].click, use_demo, {"resolution": c["resolution"]},
+         {"dataset": c["dataset"]} | view_out | settings_out, api_name="demo_dataset")
+
+    def add_upload(dataset, upload, resolution):
+        if not upload:
+            return {}
+        folder = ds.dataset_dir(ctx.workspace, dataset)
+        report = ds.add_images(folder, [str(f) for f in upload], MIN_SIZE, uploaded=True)
+        return {"add_msg": report.summary(), "upload": None, **view(dataset, resolution)}
+
+    bind(ctx, c["upload"].upload, add_upload,
+         {"dataset": c["dataset"], "upload": c["upload"], "resolution": c["resolution"]},
+         {"add_msg": c["add_msg"], "upload": c["upload"]} | view_out, api_name="add_upload")
+
+    def add_folder(dataset, folder, resolution):
+        report = ds.add_folder(ds.dataset_dir(ctx.workspace, dataset), folder, MIN_SIZE)
+        return {"add_msg": report.summary(), **view(dataset, resolution)}
+
+    bind(ctx, c["add_folder_btn"].click, add_folder,
+         {"dataset": c["dataset"], "folder": c["folder"], "resolution": c["resolution"]},
+         {"add_msg": c["add_msg"]} | view_out, api_name="add_folder")
+
+    c["gallery"].select(on_select, c["selected"], c["selected"], api_visibility="undocumented",
+                        show_progress="hidden")
+
+    def remove(dataset, selected, resolution):
+        names = names_of(selected)
+        if not names:
+            raise DataError("Select images first: click them in the gallery.")
+        moved = ds.remove_images(ds.dataset_dir(ctx.workspace, dataset), names)
+        return {"add_msg": f"Removed {len(moved)} image(s) (kept in the dataset's .removed folder).", "selected": "",
+                **view(dataset, resolution)}
+
+    bind(ctx, c["remove_btn"].click, remove,
+         {"dataset": c["dataset"], "selected": c["selected"], "resolution": c["resolution"]},
+         {"add_msg": c["add_msg"], "selected": c["selected"]} | view_out, api_name="remove_images")
+
+    def prompt(dataset, identifier, class_noun):
+        out = {"instance_prompt": ds.instance_prompt(identifier, class_noun), "token_info": token_info(identifier)}
+        if class_noun.strip():
+            out["class_prompt"] = ds.class_prompt(class_noun)
+        if dataset and out["instance_prompt"]:
+            ds.update_manifest(ds.dataset_dir(ctx.workspace, dataset), identifier=identifier.strip(),
+                               class_noun=class_noun.strip(), instance_prompt=out["instance_prompt"])
+        return out
+
+    prompt_in = {"dataset": c["dataset"], "identifier": c["identifier"], "class_noun": c["class_noun"]}
+    prompt_out = {"instance_prompt": c["instance_prompt"], "token_info": c["token_info"],
+                  "class_prompt": other["class_prompt"]}
+    bind(ctx, c["identifier"].input, prompt, prompt_in, prompt_out, api_name="build_prompt", trigger_mode="always_last",
+         show_progress="hidden")
+    bind(ctx, c["class_noun"].input, prompt, prompt_in, prompt_out, trigger_mode="always_last", show_progress="hidden")
+
+    def save_prompt(dataset, instance_prompt):
+        if dataset and instance_prompt.strip():
+            ds.update_manifest(ds.dataset_dir(ctx.workspace, dataset), instance_prompt=instance_prompt.strip())
+        return {}
+
+    bind(ctx, c["instance_prompt"].blur, save_prompt,
+         {"dataset": c["dataset"], "instance_prompt": c["instance_prompt"]})
+
+    def suggest(suggest_seed):
+        words = ds.suggest_identifiers(6, seed=suggest_seed)
+        return {"suggestions": gr.update(choices=words, value=None, visible=True), "suggest_seed": suggest_seed + 1}
+
+    bind(ctx, c["suggest_btn"].click, suggest, {"suggest_seed": c["suggest_seed"]},
+         {"suggestions": c["suggestions"], "suggest_seed": c["suggest_seed"]}, api_name="suggest_identifiers")
+
+    def use_suggestion(dataset, suggestions, class_noun):
+        if not suggestions:
+            return {}
+        return {"identifier": suggestions, **prompt(dataset, suggestions, class_noun)}
+
+    bind(ctx, c["suggestions"].input, use_suggestion,
+         {"dataset": c["dataset"], "suggestions": c["suggestions"], "class_noun": c["class_noun"]},
+         {"identifier": c["identifier"]} | prompt_out)
+
+    def save_captions(dataset, captions):
+        folder = ds.dataset_dir(ctx.workspace, dataset)
+        rows = captions.to_dict("records") if hasattr(captions, "to_dict") else captions
+        captions = {str(r["file"]): str(r.get("caption") or "") for r in rows if r.get("file")}
+        changed = ds.write_captions(folder, captions)
+        return {"caption_msg": f"Saved: {changed} caption file{'s' if changed != 1 else ''} changed."}
+
+    bind(ctx, c["save_captions_btn"].click, save_captions, {"dataset": c["dataset"], "captions": c["captions"]},
+         {"caption_msg": c["caption_msg"]}, api_name="save_captions")
+
+
+def on_select(selected: str, evt: gr.SelectData) -> str:
+    """A click on a gallery image adds its name to (or takes it out of) the selection; captions are file names."""
+    value = evt.value if isinstance(evt.value, dict) else {}
+    return toggle(selected, str(value.get("caption") or ""))
+
+
+def names_of(text: str) -> list[str]:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+
+def toggle(text: str, name: str) -> str:
+    names = names_of(text)
+    if not name:
+        return text
+    names = [n for n in names if n != name] if name in names else names + [name]
+    return ", ".join(names)

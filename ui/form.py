@@ -1,0 +1,217 @@
+"""The form: which UI field sets which config key, and the conversions both ways.
+
+Every settings field of every tab is named here once. Handlers receive the fields as keyword arguments
+(`inputs_kwargs`), so the same names are the API parameter names (`client.predict(max_steps=4, ...)`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.config import CONFIG_VERSION, Config, list_presets, preset_dict, read_yaml
+from core.datasets import check_name, dataset_dir
+from core.errors import ConfigError, UserError
+from core.fileio import write_text
+
+OTHER = "other"  # the base-model picker's "other model" choice
+BASE_CHOICES = [
+    ("demo: the small built-in model (default)", "demo"),
+    ("tiny: random weights, for testing only", "tiny"),
+    ("Other: a Hugging Face id, a model folder or a .safetensors file", OTHER),
+]
+DEFAULT_PRESET = "demo-lora"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # keyword / API parameter name
+    key: str  # config key, section.name
+    kind: str = "plain"  # plain, int, float, opt_int / opt_float (0 = unset), off_float (0 = off), lines, list
+
+
+FIELDS = [Field(*f) for f in [
+    # Dataset tab
+    ("instance_prompt", "data.instance_prompt"), ("resolution", "data.resolution", "int"),
+    # Class images tab
+    ("class_prompt", "data.class_prompt"), ("num_class_images", "data.num_class_images", "int"),
+    ("class_steps", "data.class_steps", "int"), ("class_guidance", "data.class_guidance", "float"),
+    ("class_seed", "data.class_seed", "int"), ("class_batch_size", "data.class_batch_size", "int"),
+    ("class_negative_prompt", "data.class_negative_prompt"),
+    # Train tab
+    ("adapter_type", "adapter.type"), ("rank", "adapter.rank", "int"), ("alpha", "adapter.alpha", "float"),
+    ("train_text_encoder", "adapter.train_text_encoder"), ("max_steps", "train.max_steps", "int"),
+    ("learning_rate", "train.learning_rate", "float"), ("batch_size", "train.batch_size", "int"),
+    ("prior_preservation", "train.prior_preservation"), ("prior_loss_weight", "train.prior_loss_weight", "float"),
+    ("run_name", "output.name"),
+    # Train tab, advanced
+    ("repeats", "data.repeats", "int"), ("center_crop", "data.center_crop"), ("random_flip", "data.random_flip"),
+    ("text_encoder_learning_rate", "train.text_encoder_learning_rate", "opt_float"),
+    ("text_encoder_rank", "adapter.text_encoder_rank", "opt_int"),
+    ("text_encoder_alpha", "adapter.text_encoder_alpha", "opt_float"),
+    ("dropout", "adapter.dropout", "float"), ("module_dropout", "adapter.module_dropout", "float"),
+    ("lr_scheduler", "train.lr_scheduler"), ("lr_warmup_steps", "train.lr_warmup_steps", "int"),
+    ("mixed_precision", "train.mixed_precision"), ("optimizer", "train.optimizer"),
+    ("gradient_checkpointing", "train.gradient_checkpointing"),
+    ("gradient_accumulation_steps", "train.gradient_accumulation_steps", "int"),
+    ("max_grad_norm", "train.max_grad_norm", "float"), ("min_snr_gamma", "train.min_snr_gamma", "off_float"),
+    ("noise_offset", "train.noise_offset", "float"), ("seed", "train.seed", "int"),
+    ("sample_every", "train.sample_every", "int"), ("sample_prompts", "train.sample_prompts", "lines"),
+    ("sample_steps", "train.sample_steps", "int"), ("sample_guidance", "train.sample_guidance", "float"),
+    ("checkpoint_every", "train.checkpoint_every", "int"), ("unet_targets", "adapter.unet_targets", "list"),
+    ("text_encoder_targets", "adapter.text_encoder_targets", "list"),
+    ("decompose_both", "adapter.decompose_both"), ("decompose_factor", "adapter.decompose_factor", "int"),
+    ("use_effective_conv2d", "adapter.use_effective_conv2d"), ("cache_latents", "train.cache_latents"),
+]]
+BY_NAME = {f.name: f for f in FIELDS}
+# Settings that belong to one dataset, not to a way of training: presets neither set nor save them.
+DATASET_KEYS = {"data.instance_dir", "data.instance_prompt", "data.class_prompt", "data.class_dir", "output.name",
+                "output.dir"}
+
+
+def _label(f: Field) -> str:
+    return f"`{f.key}`"
+
+
+def to_config_value(f: Field, value: Any) -> Any:
+    """A form value as the config wants it; a plain-words error for a missing number."""
+    if f.kind in ("int", "float") and (value is None or value == ""):
+        raise ConfigError(f"{_label(f)} is empty: enter a number.")
+    if f.kind == "int" or (f.kind == "opt_int" and value not in (None, "", 0)):
+        if float(value) != int(float(value)):
+            raise ConfigError(f"{_label(f)} must be a whole number, got {value}.")
+        return int(float(value))
+    if f.kind == "opt_int":
+        return None
+    if f.kind == "float":
+        return float(value)
+    if f.kind in ("opt_float", "off_float"):  # 0 or empty: unset (same as the main value / off)
+        return None if value in (None, "") or float(value) == 0 else float(value)
+    if f.kind == "lines":
+        return [line.strip() for line in (value or "").splitlines() if line.strip()]
+    if f.kind == "list":
+        return [v.strip() for v in (value or "").replace("\n", ",").split(",") if v.strip()]
+    return "" if value is None else value
+
+
+def to_form_value(f: Field, value: Any) -> Any:
+    if f.kind == "lines":
+        return "\n".join(value or [])
+    if f.kind == "list":
+        return ", ".join(value or [])
+    if f.kind in ("opt_int", "opt_float", "off_float") and value is None:
+        return 0
+    return value
+
+
+def get_key(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
+def set_key(d: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        d = d.setdefault(part, {})
+    d[last] = value
+
+
+def base_spec(choice: str, other: str) -> str:
+    if choice != OTHER:
+        return choice or "demo"
+    spec = (other or "").strip()
+    if not spec:
+        raise UserError("Enter the other base model: a Hugging Face id (org/name), a diffusers folder or a "
+                        ".safetensors checkpoint file.")
+    return spec
+
+
+def picker_values(spec: str) -> tuple[str, str]:
+    """A config's model.base as the picker's (choice, other text)."""
+    return (spec, "") if spec in ("demo", "tiny") else (OTHER, spec)
+
+
+def form_dict(values: dict[str, Any], workspace: Path, dataset: str | None = None) -> dict:
+    """The nested config dict of the given form values (only the fields present)."""
+    d: dict = {"output": {"dir": str(workspace / "runs")}}
+    for name, value in values.items():
+        if name in BY_NAME:
+            set_key(d, BY_NAME[name].key, to_config_value(BY_NAME[name], value))
+    if "base_choice" in values:
+        set_key(d, "model.base", base_spec(values["base_choice"], values.get("base_other", "")))
+    if dataset is not None:
+        set_key(d, "data.instance_dir", str(dataset_dir(workspace, dataset)))
+    return d
+
+
+def form_config(values: dict[str, Any], workspace: Path, dataset: str | None = None) -> Config:
+    return Config.from_dict(form_dict(values, workspace, dataset))
+
+
+def form_values(cfg: dict, names=None, skip_dataset_keys: bool = False) -> dict[str, Any]:
+    """Form values for a full config dict: {field name: value} (and the base-model picker)."""
+    out = {}
+    for f in FIELDS:
+        if (names is None or f.name in names) and not (skip_dataset_keys and f.key in DATASET_KEYS):
+            out[f.name] = to_form_value(f, get_key(cfg, f.key))
+    out["base_choice"], out["base_other"] = picker_values(cfg["model"]["base"])
+    return out
+
+
+# --------------------------------------------------------------------------- presets
+
+def user_presets_dir(workspace: Path) -> Path:
+    return workspace / "presets"
+
+
+def preset_names(workspace: Path) -> list[str]:
+    user = sorted(p.stem for p in user_presets_dir(workspace).glob("*.yaml"))
+    return list_presets() + [n for n in user if n not in list_presets()]
+
+
+def preset_config(workspace: Path, name: str) -> dict:
+    """Defaults with the preset merged in (a user preset in the workspace, or a shipped one)."""
+    if not name:
+        raise UserError("Choose a preset first.")
+    path = user_presets_dir(workspace) / f"{name}.yaml"
+    data = read_yaml(path) if name not in list_presets() and path.is_file() else preset_dict(name)
+    data = {k: v for k, v in data.items() if k not in ("description", "preset")}
+    cfg = Config.from_dict(data)  # validates the preset
+    return cfg.to_dict()
+
+
+def initial_config() -> dict:
+    """The form's starting values: the demo preset over the defaults (the defaults alone if it is missing)."""
+    try:
+        return preset_config(Path("."), DEFAULT_PRESET) if DEFAULT_PRESET in list_presets() else Config().to_dict()
+    except UserError:
+        return Config().to_dict()
+
+
+def sparse(d: dict, defaults: dict, prefix: str = "") -> dict:
+    """Only the settings of `d` that differ from `defaults`, leaving out the dataset-specific ones."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            sub = sparse(v, defaults.get(k, {}), key + ".")
+            if sub:
+                out[k] = sub
+        elif key not in DATASET_KEYS and key != "version" and v != defaults.get(k):
+            out[k] = v
+    return out
+
+
+def save_preset(workspace: Path, name: str, cfg: Config) -> Path:
+    name = check_name(name, "preset")
+    if name in list_presets():
+        raise UserError(f"{name!r} is a built-in preset; choose another name for yours.")
+    body = {"version": CONFIG_VERSION, **sparse(cfg.to_dict(), Config().to_dict())}
+    path = user_presets_dir(workspace) / f"{name}.yaml"
+    text = (f"# A preset saved from the app (listed under Presets on the Train tab).\n"
+            f"# Command line: ./launch.sh train --config {path} --set data.instance_dir=... (and the prompts)\n"
+            + yaml.safe_dump(body, sort_keys=False))
+    return write_text(path, text)

@@ -1,0 +1,180 @@
+"""The Gradio app: four tabs over one process-wide session.
+
+`build_app(workspace)` lays out the tabs and wires their events; `launch(args)` serves it (127.0.0.1 unless
+told otherwise, and never on the network without a password). State lives in the `Ctx` (the session, the
+class-image job, the playground), not in the browser: a reloaded page re-attaches to a running job.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: no telemetry
+
+import gradio as gr  # noqa: E402
+
+from core.datasets import datasets_root, list_datasets  # noqa: E402
+from core.playground import Playground  # noqa: E402
+from core.session import ClassImagesJob, Session  # noqa: E402
+
+from . import class_tab, dataset_tab, playground_tab, train_tab  # noqa: E402
+from .common import CSS, Ctx, bind, link_pickers  # noqa: E402
+from .form import FIELDS, form_values, initial_config  # noqa: E402
+
+log = logging.getLogger("ui")
+DEFAULT_WORKSPACE = "workspace"
+
+
+def theme():
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
+
+
+def build_app(workspace: str | Path | None = None, session: Session | None = None) -> gr.Blocks:
+    """The app; `workspace` holds datasets/, class_images/, runs/, adapters/, presets/ and playground/."""
+    workspace = Path(workspace or DEFAULT_WORKSPACE).expanduser().resolve()
+    workspace.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(workspace, session or Session(), ClassImagesJob(), Playground())
+    initial = form_values(initial_config(), skip_dataset_keys=True)
+    initial.update(instance_prompt="", class_prompt="", run_name="")
+
+    with gr.Blocks(title="DreamBooth adapters") as app:
+        gr.Markdown("# DreamBooth adapters\nTeach Stable Diffusion your subject from a few photos: "
+                    "**1. Dataset → 2. Class images → 3. Train → 4. Playground.** "
+                    "Everything stays on this computer; "
+                    f"files go to `{workspace}`.", elem_id="db-header")
+        with gr.Tabs():
+            with gr.Tab("1. Dataset", id="dataset", elem_id="tab-dataset") as t_data:
+                d = dataset_tab.build(ctx, initial)
+            with gr.Tab("2. Class images", id="class", elem_id="tab-class") as t_class:
+                k = class_tab.build(ctx, initial)
+            with gr.Tab("3. Train", id="train", elem_id="tab-train") as t_train:
+                t = train_tab.build(ctx, initial)
+            with gr.Tab("4. Playground", id="playground", elem_id="tab-playground") as t_play:
+                p = playground_tab.build(ctx, initial)
+
+        # Every settings field, wherever it sits: the Train tab's Start and presets read them all.
+        everything = {**d, **k, **t}
+        form = {f.name: everything[f.name] for f in FIELDS} | {"base_choice": t["base_choice"],
+                                                               "base_other": t["base_other"]}
+        dataset_tab.wire(ctx, d, {"class_prompt": k["class_prompt"]})
+        class_tab.wire(ctx, k, d["resolution"])
+        train_tab.wire(ctx, t, form, d["dataset"])
+        playground_tab.wire(ctx, p)
+        link_pickers((k["base_choice"], k["base_other"]), (t["base_choice"], t["base_other"]))
+
+        # One clock: the live views poll the process-wide state once a second.
+        timer = gr.Timer(1.0)
+        bind(ctx, timer.tick, t["poll"], t["poll_inputs"], t["poll_outputs"], api_name="train_poll")
+        bind(ctx, timer.tick, k["poll"], k["poll_inputs"], k["poll_outputs"])
+        bind(ctx, timer.tick, p["poll"], p["poll_inputs"], p["poll_outputs"])
+
+        # Lists that change on disk are read again when a tab is opened (and when the page loads).
+        def lists():
+            return {"dataset": gr.update(choices=list_datasets(ctx.workspace)), **train_tab.refresh(ctx),
+                    **p["refresh"]()}
+
+        lists_out = {"dataset": d["dataset"], "resume_run": t["resume_run"], "preset": t["preset"],
+                     **p["refresh_outputs"]}
+        bind(ctx, app.load, lists, {}, lists_out)
+        bind(ctx, app.load, t["maths_fn"], t["maths_in"], {"maths": t["maths"]})
+        bind(ctx, app.load, class_tab_view(ctx), k["poll_inputs"], {"class_info": k["class_info"],
+                                                                    "class_gallery": k["class_gallery"]})
+
+        # A reloaded page shows the settings of the run this process is running (or ran last).
+        def restore():
+            cfg = ctx.session.config
+            if cfg is None:
+                return {}
+            values = form_values(cfg.to_dict())
+            folder = Path(cfg.data.instance_dir)
+            if folder.parent == datasets_root(ctx.workspace) and folder.is_dir():
+                values["dataset"] = gr.update(choices=list_datasets(ctx.workspace), value=folder.name)
+                values.update(dataset_tab.dataset_view(ctx, folder.name, cfg.data.resolution))
+                values.update(dataset_tab.dataset_settings(ctx, folder.name))
+                values["instance_prompt"] = cfg.data.instance_prompt
+                values["class_prompt"] = cfg.data.class_prompt
+            return values
+
+        view_names = ("gallery", "report", "crops", "captions", "identifier", "class_noun", "token_info", "selected",
+                      "add_msg")
+        bind(ctx, app.load, restore, {}, form | {"dataset": d["dataset"]} | {n: d[n] for n in view_names})
+        for tab in (t_data, t_train, t_play):
+            bind(ctx, tab.select, lists, {}, lists_out, show_progress="hidden")
+        bind(ctx, t_class.select, class_tab_view(ctx), k["poll_inputs"],
+             {"class_info": k["class_info"], "class_gallery": k["class_gallery"]}, show_progress="hidden")
+        bind(ctx, t_train.select, t["maths_fn"], t["maths_in"], {"maths": t["maths"]}, show_progress="hidden")
+
+    app.ctx = ctx
+    app.api_outputs = ctx.api_outputs
+    return app
+
+
+def class_tab_view(ctx: Ctx):
+    def view(class_last_done=None, **values):
+        return class_tab.class_view(ctx, values)
+    return view
+
+
+def launch_kwargs(app: gr.Blocks) -> dict:
+    """What every launch passes: the theme and CSS (Gradio 6 takes them here), and files limited to the workspace."""
+    return {"theme": theme(), "css": CSS, "allowed_paths": [str(app.ctx.workspace)], "ssr_mode": False,
+            "footer_links": [], "show_error": True}
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must look like user:password (both parts non-empty).")
+    return user, password
+
+
+def serving_problem(args) -> str | None:
+    """Why these flags must not be used as given, in plain words; None when they are fine."""
+    host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
+    public = args.share or host not in ("127.0.0.1", "localhost", "::1")
+    if public and not args.auth:
+        how = "--share" if args.share else ("--listen" if args.listen else f"--host {host}")
+        return (f"Refusing to start: {how} makes the app reachable by other computers, and anyone who reaches it "
+                "can read your images and use your GPU. Add a login with --auth user:password (or leave out "
+                f"{how} to keep the app on this computer only).")
+    try:
+        parse_auth(args.auth)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def launch(args) -> int:
+    """Serve the app until Ctrl+C; 2 with a message for unsafe or malformed serving flags."""
+    problem = serving_problem(args)
+    if problem:
+        print(f"Error: {problem}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
+    print("Starting the app (loading the libraries takes a few seconds)...", flush=True)
+    app = build_app(workspace=args.workspace)
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name=host, server_port=args.port, share=args.share, auth=parse_auth(args.auth),
+               inbrowser=False, quiet=True, prevent_thread_lock=True, **launch_kwargs(app))
+    print(f"The app is running: open {app.local_url} in your browser. Files go to {app.ctx.workspace}.")
+    if host != "127.0.0.1":
+        print(f"It listens on {host}:{app.server_port}; a login is required.")
+    if args.share and app.share_url:
+        print(f"Public link: {app.share_url}")
+    print("Press Ctrl+C to stop (a running training is stopped cleanly first).", flush=True)
+    try:
+        app.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if app.ctx.session.busy:
+            print("Stopping the training run (saving a checkpoint)...", flush=True)
+            app.ctx.session.stop()
+            app.ctx.session.wait()
+        app.close()
+    return 0

@@ -1,0 +1,175 @@
+"""Playground tab: a base model with several adapters mixed by weight; generate, compare, test a paused run."""
+from __future__ import annotations
+
+import gradio as gr
+
+from core.errors import ModelLoadError, UserError
+from core.playground import STRENGTHS, Wanted, from_file
+from core.runs import import_adapter, list_adapters
+
+from .common import Ctx, bind, model_picker
+from .form import base_spec
+
+SLOTS = 4
+LIVE = "live"
+LIVE_LABEL = "Live: the paused training run"
+
+
+def adapter_choices(ctx: Ctx) -> list[tuple[str, str]]:
+    return [("(none)", ""), (LIVE_LABEL, LIVE)] + [(e.label, e.path) for e in list_adapters(ctx.workspace)]
+
+
+def wanted_adapters(ctx: Ctx, spec: str, values: dict) -> list[tuple[str, Wanted]]:
+    """(label, Wanted) for every filled slot, in slot order."""
+    out, seen = [], set()
+    for i in range(1, SLOTS + 1):
+        choice, weight = values.get(f"adapter_{i}"), float(values.get(f"weight_{i}") or 0.0)
+        if not choice:
+            continue
+        if choice == LIVE:
+            w = live_wanted(ctx, spec, weight)
+            label = "live run"
+        else:
+            w = from_file(choice, weight)
+            label = choice.rsplit("/", 1)[-1].removesuffix(".safetensors")
+        if w.key in seen:
+            raise UserError(f"The same adapter ({label}) is chosen in two slots; use one slot and its weight.")
+        seen.add(w.key)
+        out.append((label, w))
+    return out
+
+
+def live_wanted(ctx: Ctx, spec: str, weight: float) -> Wanted:
+    s = ctx.session
+    snap = s.snapshot()
+    if snap["state"] != "paused" or s.config is None:
+        raise UserError("No training run is paused. Pause the run on the Train tab, then generate here "
+                        "(\"pause and test\"); press Resume there when done.")
+    if s.config.model.base != spec:
+        raise ModelLoadError(f"The paused run trains on the base model {s.config.model.base!r}: choose that base "
+                             "model here to test its live adapter.")
+    return Wanted(f"live|{snap['run_dir']}|{snap['started_at']}|{snap['step']}", s.live_adapter, weight)
+
+
+def settings_text(values: dict, labels: list[str], weights: list[float]) -> str:
+    mix = ", ".join(f"{n} ×{w:g}" for n, w in zip(labels, weights)) or "none (the base model alone)"
+    return (f"Seed {int(values['pg_seed'])} · {int(values['pg_steps'])} steps · "
+            f"guidance {values['pg_guidance']:g} · adapters: {mix}")
+
+
+def run_generation(ctx: Ctx, values: dict, strengths) -> tuple[list, str, list[str], list[float]]:
+    spec = base_spec(values["pg_base_choice"], values["pg_base_other"])
+    chosen = wanted_adapters(ctx, spec, values)
+    size = int(values.get("pg_size") or 0)
+    images = ctx.playground.generate(
+        spec, [w for _, w in chosen], values["pg_prompt"], values.get("pg_negative") or "", int(values["pg_seed"]),
+        int(values["pg_steps"]), float(values["pg_guidance"]), size or None, strengths=tuple(strengths))
+    return images, spec, [n for n, _ in chosen], [w.weight for _, w in chosen]
+
+
+def build(ctx: Ctx, initial: dict) -> dict:
+    c: dict = {}
+    gr.Markdown("Try your adapters: mix several (LoRA, LoHa and LoKr together), each with its own weight. "
+                "Switching adapters does not reload the base model.", elem_classes="db-note")
+    c["live_note"] = gr.Markdown(elem_id="pg-live-note")
+    with gr.Row():
+        with gr.Column(scale=2):
+            c["pg_base_choice"], c["pg_base_other"] = model_picker("pg", value=initial["base_choice"],
+                                                                   other=initial["base_other"])
+            choices = adapter_choices(ctx)
+            for i in range(1, SLOTS + 1):
+                with gr.Row(equal_height=True):
+                    c[f"adapter_{i}"] = gr.Dropdown(choices, value="", label=f"Adapter {i}", scale=3,
+                                                    elem_id=f"pg-adapter-{i}")
+                    c[f"weight_{i}"] = gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="Weight", scale=2,
+                                                 elem_id=f"pg-weight-{i}")
+            with gr.Row():
+                c["refresh_btn"] = gr.Button("Refresh adapter list", size="sm", elem_id="pg-refresh")
+                c["import_file"] = gr.UploadButton("Import an adapter file...", file_types=[".safetensors"],
+                                                   size="sm", elem_id="pg-import")
+            c["import_msg"] = gr.Markdown()
+        with gr.Column(scale=3):
+            c["pg_prompt"] = gr.Textbox(initial["instance_prompt"] or "", label="Prompt", lines=2, elem_id="pg-prompt",
+                                        placeholder="a photo of sks dog on the beach")
+            c["pg_negative"] = gr.Textbox("", label="Negative prompt", elem_id="pg-negative")
+            with gr.Row():
+                c["pg_seed"] = gr.Number(7, label="Seed", precision=0, elem_id="pg-seed")
+                c["pg_steps"] = gr.Number(25, label="Steps", precision=0, minimum=1, elem_id="pg-steps")
+                c["pg_guidance"] = gr.Number(7.5, label="Guidance", minimum=0, step=0.5, elem_id="pg-guidance")
+                c["pg_size"] = gr.Number(0, label="Size (px)", precision=0, minimum=0, step=8, elem_id="pg-size",
+                                         info="0: the model's own.")
+            with gr.Row():
+                c["generate_btn"] = gr.Button("Generate", variant="primary", elem_id="pg-generate")
+                c["compare_btn"] = gr.Button("Compare: off / on / strengths", elem_id="pg-compare")
+            c["pg_image"] = gr.Image(label="Result", type="filepath", height=360, elem_id="pg-image",
+                                     interactive=False)
+            c["pg_info"] = gr.Markdown(elem_id="pg-info")
+    c["pg_grid"] = gr.Gallery(label="Compare (same seed): adapters off, then every weight × strength", columns=6,
+                              height=260, object_fit="contain", elem_id="pg-grid")
+    return c
+
+
+def wire(ctx: Ctx, c: dict) -> None:
+    fields = {k: c[k] for k in ("pg_base_choice", "pg_base_other", "pg_prompt", "pg_negative", "pg_seed", "pg_steps",
+                                "pg_guidance", "pg_size")}
+    fields |= {f"adapter_{i}": c[f"adapter_{i}"] for i in range(1, SLOTS + 1)}
+    fields |= {f"weight_{i}": c[f"weight_{i}"] for i in range(1, SLOTS + 1)}
+
+    def generate(**values):
+        images, spec, labels, weights = run_generation(ctx, values, (1.0,))
+        info = settings_text(values, labels, weights)
+        path = ctx.playground.save(images[0], ctx.playground_dir,
+                                   {"prompt": values["pg_prompt"], "negative_prompt": values["pg_negative"],
+                                    "base": spec, "settings": info, "seed": int(values["pg_seed"])})
+        return {"pg_image": str(path), "pg_info": f"{info} · saved as `{path}`"}
+
+    bind(ctx, c["generate_btn"].click, generate, fields, {"pg_image": c["pg_image"], "pg_info": c["pg_info"]},
+         api_name="playground_generate")
+
+    def compare(**values):
+        images, _, labels, weights = run_generation(ctx, values, STRENGTHS)
+        if not labels:
+            raise UserError("Choose at least one adapter to compare with the base model.")
+        captions = ["adapters off" if s == 0 else f"strength ×{s:g}" + (" (as set)" if s == 1 else "")
+                    for s in STRENGTHS]
+        return {"pg_grid": list(zip(images, captions)), "pg_info": settings_text(values, labels, weights)}
+
+    bind(ctx, c["compare_btn"].click, compare, fields, {"pg_grid": c["pg_grid"], "pg_info": c["pg_info"]},
+         api_name="playground_compare")
+
+    slots_out = {f"adapter_{i}": c[f"adapter_{i}"] for i in range(1, SLOTS + 1)}
+
+    def refresh():
+        choices = adapter_choices(ctx)
+        return {name: gr.update(choices=choices) for name in slots_out}
+
+    bind(ctx, c["refresh_btn"].click, refresh, {}, slots_out, api_name="playground_adapters")
+    c["refresh"], c["refresh_outputs"] = refresh, slots_out
+
+    def do_import(import_file):
+        if not import_file:
+            return {}
+        path = import_adapter(ctx.workspace, import_file)
+        return {**refresh(), "import_msg": f"Imported `{path.name}`: choose it in a slot."}
+
+    bind(ctx, c["import_file"].upload, do_import, {"import_file": c["import_file"]},
+         slots_out | {"import_msg": c["import_msg"]}, api_name="import_adapter")
+
+    def note(live_state=None):
+        snap = ctx.session.snapshot()
+        state = snap["state"]
+        signature = (state, snap["step"] if state == "paused" else 0)
+        if signature == live_state:
+            return {}
+        if state == "paused":
+            text = (f"**Training is paused at step {snap['step']}.** Choose *{LIVE_LABEL}* in a slot to test its "
+                    "adapter as it is now, then press **Resume** on the Train tab.")
+        elif state in ("running", "stopping"):
+            text = "Training is running: pause it on the Train tab to test its adapter here."
+        else:
+            text = ""
+        return {"live_note": text, "live_state": signature}
+
+    c["live_state"] = gr.State(None)
+    c["poll"], c["poll_inputs"] = note, {"live_state": c["live_state"]}
+    c["poll_outputs"] = {"live_note": c["live_note"], "live_state": c["live_state"]}
