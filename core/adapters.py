@@ -14,8 +14,7 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from .config import Config
 from .errors import ModelLoadError
@@ -148,16 +147,15 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise ModelLoadError(f"Adapter file not found: {path}")
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{path.name} is not a .safetensors file; adapters are loaded from .safetensors only.")
-    try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
+    try:  # one open: the metadata first (a foreign file is refused before its tensors are read), then the tensors
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT_TAG:
+                raise ModelLoadError(f"{path.name} was not written by this app (no '{FORMAT_TAG}' metadata), "
+                                     "so its layout is unknown.")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelLoadError(f"{path.name} is damaged or not a safetensors file ({e}).") from None
-    if metadata.get("format") != FORMAT_TAG:
-        raise ModelLoadError(f"{path.name} was not written by this app (no '{FORMAT_TAG}' metadata), so its layout is unknown.")
     # Fix (tests/test_adapters.py): a damaged `adapters` entry raised a raw KeyError/JSONDecodeError/TypeError.
     try:
         specs = {part: AdapterSpec(**d) for part, d in json.loads(metadata["adapters"]).items()}

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ui_helpers import OUTPUT, sample_images, start_app, stop_app
+from ui_helpers import OUTPUT, launched_app, sample_images
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -32,11 +32,7 @@ def shots():
     return folder
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory):
-    app = start_app(tmp_path_factory.mktemp("workspace"))
-    yield app
-    stop_app(app)
+running = pytest.fixture(scope="module", name="running")(launched_app)
 
 
 @pytest.fixture(scope="module")

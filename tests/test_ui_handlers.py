@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from ui_helpers import sample_images, start_app, stop_app, wait_until
+from ui_helpers import launched_app, sample_images, wait_until
 
 from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
@@ -15,11 +15,7 @@ TRAIN = dict(TINY, **CLASS, instance_prompt="a photo of sks ball", rank=4, alpha
              sample_steps=2, sample_prompts="a photo of sks ball", checkpoint_every=0, prior_preservation=False)
 
 
-@pytest.fixture(scope="module")
-def ui(tmp_path_factory):
-    running = start_app(tmp_path_factory.mktemp("workspace"))
-    yield running
-    stop_app(running)
+ui = pytest.fixture(scope="module", name="ui")(launched_app)
 
 
 @pytest.fixture(scope="module")

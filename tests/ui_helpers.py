@@ -85,3 +85,10 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def launched_app(tmp_path_factory):
+    """Module fixture body: the app on a fresh workspace, closed after the module's tests."""
+    app = start_app(tmp_path_factory.mktemp("workspace"))
+    yield app
+    stop_app(app)
