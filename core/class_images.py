@@ -19,7 +19,7 @@ from .data import ImageItem, scan_folder
 from .errors import DataError
 from .fileio import write_json
 from .events import ClassImagesProgress, Emit, Log, ignore
-from .models import BaseModel
+from .models import BaseModel, model_fingerprint
 from .sampling import generate, make_pipeline, save_png
 
 MANIFEST = "manifest.json"
@@ -41,12 +41,14 @@ def cache_name(text: str) -> str:
 
 
 def class_dir_for(cfg: Config) -> Path:
-    """The user's class folder, or a cache folder per base model, prompt and resolution."""
+    """The user's class folder, or a cache folder per base model (its name and weights), prompt and resolution."""
     if cfg.data.class_dir:
         return resolve_path(cfg.data.class_dir)
     workspace = Path(cfg.output.dir).expanduser().parent
     prompt_folder = f"{cache_name(cfg.data.class_prompt)}-{cfg.data.resolution}"
-    return workspace / "class_images" / cache_name(cfg.model.base) / prompt_folder
+    weights = model_fingerprint(cfg.model.base)
+    model_folder = cache_name(cfg.model.base) + (f"-w{weights}" if weights else "")
+    return workspace / "class_images" / model_folder / prompt_folder
 
 
 def class_min_size(cfg: Config) -> int:

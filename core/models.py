@@ -13,6 +13,7 @@ Every failure the user can fix is a ModelLoadError in plain words.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -187,6 +188,33 @@ def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool
     if prediction_type != "auto" and prediction_type != model.prediction_type:
         model.scheduler = DDPMScheduler.from_config(model.scheduler.config, prediction_type=prediction_type)
     return model.to("cpu", torch.float32).freeze()
+
+
+def model_fingerprint(spec: str) -> str:
+    """A short id of the weights a local `spec` names (demo, folder or file), "" for tiny and hub ids.
+
+    Caches that depend on the model (class images) include it, so a model replaced under the same name or
+    path never reuses another model's images. Content, not dates: files up to 64 MiB are hashed whole,
+    larger ones by size and their first and last MiB (a 4 GB checkpoint costs two reads, not a minute).
+    """
+    spec = str(spec).strip()
+    root = DEMO_MODEL_DIR if spec == "demo" else Path(spec).expanduser()
+    if spec == "tiny" or not root.exists():
+        return ""
+    files = [root] if root.is_file() else sorted(
+        f for f in root.rglob("*") if f.is_file() and (f.suffix in SINGLE_FILE_SUFFIXES or f.name.endswith(".json")))
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(root) if f != root else f.name}:{size};".encode())
+        with open(f, "rb") as fh:
+            if size <= 64 << 20:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                digest.update(fh.read())
+    return digest.hexdigest()[:10]
 
 
 def looks_like_path(spec: str) -> bool:

@@ -290,6 +290,38 @@ def test_cache_folder_keeps_long_or_similar_names_apart(tmp_path):
     assert class_dir_for(c) != class_dir_for(d)
 
 
+def test_cache_folder_changes_when_the_model_weights_change(tmp_path):
+    """A model replaced under the same path (a re-download, a retrained demo model) must not reuse the class
+    images of the old one: the cache folder includes a fingerprint of the weights."""
+    from core.models import model_fingerprint
+
+    checkpoint = tmp_path / "models" / "mine.safetensors"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"weights version 1")
+    cfg = make_cfg(tmp_path)
+    cfg.model.base = str(checkpoint)
+    first = class_dir_for(cfg)
+    assert first == class_dir_for(cfg) and model_fingerprint(str(checkpoint)) in first.parent.name
+    checkpoint.write_bytes(b"weights version 2")
+    assert class_dir_for(cfg) != first
+    cfg.model.base = "demo"
+    assert model_fingerprint("demo") and model_fingerprint("demo") in class_dir_for(cfg).parent.name
+
+
+def test_fingerprint_of_large_files_reads_their_ends(tmp_path):
+    from core.models import model_fingerprint
+
+    big = tmp_path / "big.safetensors"
+    with open(big, "wb") as f:  # sparse: 65 MiB without writing them
+        f.truncate(65 << 20)
+    before = model_fingerprint(str(big))
+    with open(big, "r+b") as f:
+        f.seek((65 << 20) - 10)
+        f.write(b"changed")
+    assert model_fingerprint(str(big)) != before
+    assert model_fingerprint("tiny") == "" and model_fingerprint("org/some-hub-model") == ""
+
+
 def test_cache_folder_is_filled_by_ensure(model, tmp_path):
     cfg = make_cfg(tmp_path, num_class_images=2)
     items = ensure_class_images(cfg, model)

@@ -76,6 +76,13 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     page.goto(running.url)
     page.wait_for_selector("#ds-create")
 
+    # 0. First start on an empty workspace: the demo subject is set up and selected, ready for Start.
+    sync_api.expect(page.locator("#ds-dataset input")).to_have_value("demo-star", timeout=TIMEOUT)
+    sync_api.expect(page.locator("#ds-instance-prompt textarea")).to_have_value("a photo of sks star", timeout=TIMEOUT)
+    demo_folder = running.workspace / "datasets" / "demo-star"
+    assert sorted(p.name for p in demo_folder.glob("*.png")) == [f"star_{i}.png" for i in range(5)]
+    page.screenshot(path=str(shots / "00-first-start.png"), full_page=True)
+
     # 1. Dataset from sample images (upload), the prompt from identifier + class noun.
     fill(page, "ds-new-name", "ball")
     page.click("#ds-create")

@@ -39,6 +39,7 @@ def test_dataset_tab(ui, client, photos):
     before = {p.name: p.read_bytes() for p in photos.iterdir()}
     out = ui.call(client, "create_dataset", new_name="ball", resolution=32)
     assert out["dataset"]["value"] == "ball" and "Created dataset" in out["add_msg"]
+    assert out["class_noun"] == "" and out["instance_prompt"] == ""  # the previous subject does not carry over
     with pytest.raises(AppError, match="already exists"):
         ui.call(client, "create_dataset", new_name="ball", resolution=32)
 

@@ -76,6 +76,19 @@ def dataset_settings(ctx: Ctx, dataset: str) -> dict:
     return out
 
 
+def demo_dataset(ctx: Ctx, resolution) -> dict:
+    """Create (or top up) the demo dataset, select it and fill in its prompts: the two-colour star."""
+    names = ds.list_datasets(ctx.workspace)
+    folder = ds.datasets_root(ctx.workspace) / DEMO_DATASET
+    if DEMO_DATASET not in names:
+        folder = ds.create_dataset(ctx.workspace, DEMO_DATASET)
+    report = ds.add_folder(folder, DEMO_SUBJECT, MIN_SIZE)
+    ds.update_manifest(folder, identifier="sks", class_noun="star", instance_prompt=ds.instance_prompt("sks", "star"))
+    return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace), value=DEMO_DATASET),
+            "add_msg": f"The demo subject: a two-colour star the demo model has never seen. {report.summary()}",
+            **dataset_view(ctx, DEMO_DATASET, resolution), **dataset_settings(ctx, DEMO_DATASET)}
+
+
 def token_info(identifier: str) -> str:
     word = (identifier or "").strip()
     if not word:
@@ -170,26 +183,19 @@ def wire(ctx: Ctx, c: dict, other: dict) -> None:
 
     def create(new_name, resolution):
         folder = ds.create_dataset(ctx.workspace, new_name)
+        # a new subject: the previous dataset's class noun and prompt must not carry over (the identifier may)
         return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace), value=folder.name), "new_name": "",
-                "add_msg": f"Created dataset **{folder.name}**. Now add photos.", **view(folder.name, resolution)}
+                "add_msg": f"Created dataset **{folder.name}**. Now add photos.", "class_noun": "",
+                "instance_prompt": "", **view(folder.name, resolution)}
 
-    bind(ctx, c["create_btn"].click, create, {"new_name": c["new_name"], "resolution": c["resolution"]},
-         {"dataset": c["dataset"], "new_name": c["new_name"], "add_msg": c["add_msg"]} | view_out,
+    create_out = {"dataset": c["dataset"], "new_name": c["new_name"], "add_msg": c["add_msg"],
+                  "class_noun": c["class_noun"], "instance_prompt": c["instance_prompt"]} | view_out
+    bind(ctx, c["create_btn"].click, create, {"new_name": c["new_name"], "resolution": c["resolution"]}, create_out,
          api_name="create_dataset")
-    bind(ctx, c["new_name"].submit, create, {"new_name": c["new_name"], "resolution": c["resolution"]},
-         {"dataset": c["dataset"], "new_name": c["new_name"], "add_msg": c["add_msg"]} | view_out)
+    bind(ctx, c["new_name"].submit, create, {"new_name": c["new_name"], "resolution": c["resolution"]}, create_out)
 
     def use_demo(resolution):
-        names = ds.list_datasets(ctx.workspace)
-        folder = ds.datasets_root(ctx.workspace) / DEMO_DATASET
-        if DEMO_DATASET not in names:
-            folder = ds.create_dataset(ctx.workspace, DEMO_DATASET)
-        report = ds.add_folder(folder, DEMO_SUBJECT, MIN_SIZE)
-        ds.update_manifest(folder, identifier="sks", class_noun="star",
-                           instance_prompt=ds.instance_prompt("sks", "star"))
-        return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace), value=DEMO_DATASET),
-                "add_msg": f"The demo subject: a two-colour star the demo model has never seen. {report.summary()}",
-                **view(DEMO_DATASET, resolution), **settings_of(DEMO_DATASET)}
+        return demo_dataset(ctx, resolution)
 
     bind(ctx, c["demo_btn"].click, use_demo, {"resolution": c["resolution"]},
          {"dataset": c["dataset"]} | view_out | settings_out, api_name="demo_dataset")

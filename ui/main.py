@@ -36,7 +36,9 @@ def build_app(workspace: str | Path | None = None, session: Session | None = Non
     workspace = Path(workspace or DEFAULT_WORKSPACE).expanduser().resolve()
     workspace.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(workspace, session or Session(), ClassImagesJob(), Playground())
-    initial = form_values(initial_config(), skip_dataset_keys=True)
+    start = initial_config()
+    initial = form_values(start, skip_dataset_keys=True)
+    initial["pg_prompt"] = start.get("data", {}).get("instance_prompt", "")  # the playground starts on the demo subject's prompt
     initial.update(instance_prompt="", class_prompt="", run_name="")
 
     with gr.Blocks(title="DreamBooth adapters") as app:
@@ -86,6 +88,9 @@ def build_app(workspace: str | Path | None = None, session: Session | None = Non
         def restore():
             cfg = ctx.session.config
             if cfg is None:
+                # First start (an empty workspace): the demo subject is set up and selected, so Start works at once.
+                if not list_datasets(ctx.workspace) and dataset_tab.DEMO_SUBJECT.is_dir():
+                    return dataset_tab.demo_dataset(ctx, initial["resolution"])
                 return {}
             values = form_values(cfg.to_dict())
             folder = Path(cfg.data.instance_dir)

@@ -89,7 +89,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
                                                    size="sm", elem_id="pg-import")
             c["import_msg"] = gr.Markdown()
         with gr.Column(scale=3):
-            c["pg_prompt"] = gr.Textbox(initial["instance_prompt"] or "", label="Prompt", lines=2, elem_id="pg-prompt",
+            c["pg_prompt"] = gr.Textbox(initial.get("pg_prompt") or "", label="Prompt", lines=2, elem_id="pg-prompt",
                                         placeholder="a photo of sks dog on the beach")
             c["pg_negative"] = gr.Textbox("", label="Negative prompt", elem_id="pg-negative")
             with gr.Row():
