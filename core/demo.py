@@ -27,7 +27,7 @@ BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 12
 # The demo subject: a star whose left half is cyan and right half is magenta. Neither colour is in COLOURS,
 # so the base model has never drawn it; "star" is a class it knows.
 SUBJECT_COLOURS = ((0, 200, 210), (230, 30, 200))
-SUBJECT_TOKEN = "sks"
+SUBJECT_TOKEN = "tms"  # a rare word the small demo text encoder tells apart from "a" well (see README)
 SUBJECT_PROMPT = f"a photo of {SUBJECT_TOKEN} star"
 SUBJECT_CLASS_PROMPT = "a photo of a star"
 SUBJECT_DIR = Path(__file__).resolve().parent / "assets" / "demo_subject"
@@ -152,16 +152,27 @@ def dominant_colour(image: Image.Image) -> str | None:
 
 
 def subject_score(image: Image.Image) -> float:
-    """How much the image shows the subject's pattern: the fraction of object pixels close to either
-    subject colour, times whether both colours are present (0 for a plain one-colour star)."""
+    """How much the image shows the subject's pattern, 0 (a one-colour shape, or nothing) to 1 (the pattern).
+
+    The subject is a shape whose left half has the first subject colour and whose right half the second.
+    The score is the colour difference between the object's left and right halves (split at the object's
+    centre, median colour of each), projected on the subject's own difference (first minus second colour)
+    and divided by its length: the instance images score about 0.9-1, one-colour shapes about 0, and a
+    left-bluish / right-pinkish star in between, by how far its halves move towards the subject's colours.
+    """
     img = np.asarray(image.convert("RGB"), dtype=np.float32)
     mask = object_mask(img)
     if mask.sum() < 20:
         return 0.0
-    pixels = img[mask]
-    near = [np.linalg.norm(pixels - np.array(c), axis=-1) < 70 for c in SUBJECT_COLOURS]
-    both = min(near[0].mean(), near[1].mean()) > 0.1
-    return float((near[0] | near[1]).mean()) * (1.0 if both else 0.5)
+    xs = np.nonzero(mask)[1]
+    centre = (xs.min() + xs.max()) / 2
+    columns = np.arange(img.shape[1])[None, :].repeat(img.shape[0], axis=0)
+    left, right = img[mask & (columns < centre)], img[mask & (columns > centre)]
+    if len(left) < 5 or len(right) < 5:
+        return 0.0
+    want = np.array(SUBJECT_COLOURS[0], np.float32) - np.array(SUBJECT_COLOURS[1], np.float32)
+    have = np.median(left, axis=0) - np.median(right, axis=0)
+    return float(np.clip(have @ want / (want @ want), 0.0, 1.0))
 
 
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "shape_classifier.safetensors"

@@ -1,6 +1,6 @@
 """The app in a real browser (Playwright driving Debian's chromium; `.ci/run` installs it).
 
-Make a dataset from sample images, generate class images, start a short training on the tiny model, see loss
+Make a dataset from sample images, generate class images, start a short training on the demo model, see loss
 points and samples appear, pause, generate in the playground with the live adapter, resume, stop, reload the
 page and find the run again. Screenshots of every step go to test-output/ui/.
 """
@@ -78,7 +78,7 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
 
     # 0. First start on an empty workspace: the demo subject is set up and selected, ready for Start.
     sync_api.expect(page.locator("#ds-dataset input")).to_have_value("demo-star", timeout=TIMEOUT)
-    sync_api.expect(page.locator("#ds-instance-prompt textarea")).to_have_value("a photo of sks star", timeout=TIMEOUT)
+    sync_api.expect(page.locator("#ds-instance-prompt textarea")).to_have_value("a photo of tms star", timeout=TIMEOUT)
     demo_folder = running.workspace / "datasets" / "demo-star"
     assert sorted(p.name for p in demo_folder.glob("*.png")) == [f"star_{i}.png" for i in range(5)]
     page.screenshot(path=str(shots / "00-first-start.png"), full_page=True)
@@ -87,7 +87,7 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     fill(page, "ds-new-name", "ball")
     page.click("#ds-create")
     expect_text(page, "#ds-add-msg", "Created dataset")
-    fill(page, "ds-resolution", "32")
+    fill(page, "ds-resolution", "64")  # the demo model's size
     page.locator("#ds-upload input[type=file]").set_input_files(
         [str(photos / n) for n in ("photo0.png", "photo1.png", "photo2.png", "tiny.png")])
     expect_text(page, "#ds-add-msg", r"Added 3 images\. Not added: tiny\.png: too small")
@@ -97,10 +97,10 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     sync_api.expect(page.locator("#ds-instance-prompt").get_by_role("textbox")).to_have_value("a photo of sks ball")
     page.screenshot(path=shots / "1-dataset.png", full_page=True)
 
-    # 2. Class images with the tiny model (the class prompt came from the class noun).
+    # 2. Class images with the demo model (the class prompt came from the class noun).
     tab(page, "2. Class images")
     sync_api.expect(page.locator("#cls-prompt").get_by_role("textbox")).to_have_value("a photo of a ball")
-    choose(page, "cls-base", "tiny")
+    choose(page, "cls-base", "demo")
     fill(page, "cls-count", "4")
     page.click("#cls-generate")
     expect_text(page, "#cls-progress", "Done")
@@ -110,7 +110,7 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
 
     # 3. Train: the base model picked on the Class images tab is already chosen here.
     tab(page, "3. Train")
-    sync_api.expect(page.locator("#tr-base input")).to_have_value(re.compile("^tiny"))
+    sync_api.expect(page.locator("#tr-base input")).to_have_value(re.compile("^demo"))
     fill(page, "tr-steps", "100000")
     page.get_by_text("Advanced options").click()
     fill(page, "tr-sample-every", "8")
@@ -135,7 +135,7 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     # 4. Playground on the paused run's live adapter.
     tab(page, "4. Playground")
     expect_text(page, "#pg-live-note", f"paused at step {paused_at}")
-    choose(page, "pg-base", "tiny")
+    choose(page, "pg-base", "demo")
     choose(page, "pg-adapter-1", "Live: the paused training run")
     fill(page, "pg-prompt", "a photo of sks ball")
     fill(page, "pg-steps", "2")
@@ -156,7 +156,7 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     page.wait_for_selector("#ds-create")
     tab(page, "3. Train")
     expect_text(page, "#tr-status", "Stopped")
-    sync_api.expect(page.locator("#tr-base input")).to_have_value(re.compile("^tiny"))  # the run's settings
+    sync_api.expect(page.locator("#tr-base input")).to_have_value(re.compile("^demo"))  # the run's settings
     sync_api.expect(page.locator("#tr-steps input")).to_have_value("100000")
     sync_api.expect(page.locator("#tr-loss .mark-line path")).to_have_count(2, timeout=TIMEOUT)
     sync_api.expect(page.locator("#tr-samples img").first).to_be_visible(timeout=TIMEOUT)

@@ -86,7 +86,7 @@ def test_dataset_tab(ui, client, photos):
 
 def test_demo_subject_dataset(ui, client):
     out = ui.call(client, "demo_dataset", resolution=64)
-    assert out["dataset"]["value"] == "demo-star" and out["instance_prompt"] == "a photo of sks star"
+    assert out["dataset"]["value"] == "demo-star" and out["instance_prompt"] == "a photo of tms star"
     assert "5 usable images" in out["report"] and out["class_prompt"] == "a photo of a star"
 
 

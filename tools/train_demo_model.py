@@ -124,9 +124,24 @@ def warmup_cosine(opt, steps: int, warm: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def optimiser(params: list, lr: float, steps: int, warm: int, weight_decay: float = 0.0, clip: float | None = None):
+    """AdamW with warm-up + cosine; returns step(loss) -> the learning rate used."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = warmup_cosine(opt, steps, warm)
+
+    def step(loss: torch.Tensor) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        return sched.get_last_lr()[0]
+    return step
+
+
 def train_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, t0: float) -> None:
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = warmup_cosine(opt, steps, warm=50)
+    step_with = optimiser(list(vae.parameters()), 1e-3, steps, warm=50)
     g = torch.Generator(images.device).manual_seed(seed + 1)
     vae.train()
     for step in range(1, steps + 1):
@@ -134,10 +149,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, t0: 
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample(generator=g)).sample
         loss = F.mse_loss(recon, x) + 0.1 * F.l1_loss(recon, x) + 1e-6 * dist.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        step_with(loss)
         if step % 500 == 0 or step == steps:
             log(f"vae step {step}/{steps} loss {loss.item():.4f}", t0)
     vae.eval()
@@ -162,8 +174,7 @@ def broaden_vae(vae, steps: int, batch: int, seed: int, t0: float, anchor_weight
     those of the frozen original (so the UNet stays valid); the other half is broad scenes."""
     frozen = copy.deepcopy(vae).eval().requires_grad_(False)
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=3e-4, weight_decay=0.0)
-    sched = warmup_cosine(opt, steps, warm=50)
+    step_with = optimiser(list(vae.parameters()), 3e-4, steps, warm=50)
     rng = random.Random(seed + 2)
     g = torch.Generator().manual_seed(seed + 2)
     half = batch // 2
@@ -177,10 +188,7 @@ def broaden_vae(vae, steps: int, batch: int, seed: int, t0: float, anchor_weight
             target = frozen.encode(x[:half]).latent_dist.mean
         anchor = F.mse_loss(dist.mean[:half], target)
         loss = F.mse_loss(recon, x) + 0.1 * F.l1_loss(recon, x) + 1e-6 * dist.kl().mean() + anchor_weight * anchor
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        step_with(loss)
         if step % 50 == 0 or step == steps:
             log(f"broaden vae step {step}/{steps} loss {loss.item():.4f} anchor {anchor.item():.5f}", t0)
     vae.eval().requires_grad_(False)
@@ -206,8 +214,7 @@ def train_denoiser(unet, text_encoder, scheduler, data, steps: int, batch: int, 
     mean, std, ids, scale = data
     device = mean.device
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    lr_sched = warmup_cosine(opt, steps, warm=min(300, steps // 10 + 1))
+    step_with = optimiser(params, lr, steps, warm=min(300, steps // 10 + 1), weight_decay=1e-2, clip=1.0)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
     alphas = scheduler.alphas_cumprod.to(device)
@@ -223,18 +230,14 @@ def train_denoiser(unet, text_encoder, scheduler, data, steps: int, batch: int, 
         a = alphas[t].view(-1, 1, 1, 1)
         pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, text_encoder(ids[idx])[0]).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
+        lr_now = step_with(loss)
         decay = min(ema_decay, (1 + step) / (10 + step))  # EMA with warm-up
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         losses.append(loss.detach())
         if step % 200 == 0 or step == steps:
             recent = torch.stack(losses[-200:]).mean().item()  # one host sync per 200 steps
-            log(f"unet step {step}/{steps} loss {recent:.4f} lr {lr_sched.get_last_lr()[0]:.2e}", t0)
+            log(f"unet step {step}/{steps} loss {recent:.4f} lr {lr_now:.2e}", t0)
             losses = []
         if on_snapshot and every and step % every == 0 and step < steps:
             on_snapshot(step, ema_unet, ema_te)
@@ -246,6 +249,23 @@ def train_denoiser(unet, text_encoder, scheduler, data, steps: int, batch: int, 
 def fp16_model(tokenizer, te, vae, unet, scheduler) -> BaseModel:
     half = lambda m: copy.deepcopy(m).cpu().half()  # noqa: E731
     return BaseModel("demo", tokenizer, half(te), half(vae), half(unet), scheduler)
+
+
+def broaden_main(args, t0: float) -> None:
+    """Phase 3 of the shipped model: its VAE learns colours the shape world lacks (CPU, about 20 min)."""
+    from core.models import load_model_folder
+
+    model = load_model_folder(args.broaden)
+    vae = model.vae.float()
+    broaden_vae(vae, args.broaden_steps, 32, args.seed, t0)
+    history = json.loads((Path(args.broaden) / "training.json").read_text())
+    model.vae = copy.deepcopy(vae).half()
+    save_model_folder(model, args.out)
+    record = {"phase": len(history) + 1, "command": "python tools/train_demo_model.py " + " ".join(sys.argv[1:]),
+              "device_name": "cpu", "threads": args.threads, "broaden_steps": args.broaden_steps,
+              "minutes": round((time.time() - t0) / 60, 1)}
+    (Path(args.out) / "training.json").write_text(json.dumps(history + [record], indent=1))
+    log(f"saved {args.out}", t0)
 
 
 def main() -> None:
@@ -263,6 +283,9 @@ def main() -> None:
     p.add_argument("--ema", type=float, help="EMA decay of the saved weights")
     p.add_argument("--stop-after", type=int, help="end the denoiser phase after this many steps (schedule unchanged)")
     p.add_argument("--vae-from", help="take the VAE from this saved demo model folder instead of training one")
+    p.add_argument("--broaden", metavar="MODEL_DIR", help="only teach this saved model's VAE colours and two-colour "
+                   "patterns outside the palette (keeping its latents; see broaden_vae), saving to --out")
+    p.add_argument("--broaden-steps", type=int, default=1500)
     p.add_argument("--eval-every", type=int, default=0, help="measure shape/colour accuracy every N denoiser steps")
     p.add_argument("--report", help="also write the training record (with the accuracy curve) to this JSON file")
     args = p.parse_args()
@@ -277,6 +300,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     device = torch.device(args.device)
     t0 = time.time()
+    if args.broaden:
+        return broaden_main(args, t0)
     tokenizer = clip_tokenizer()
     text_encoder, vae, unet, scheduler = build_parts(args.seed, args.arch)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core import datasets as ds
+from core import datasets as ds, demo
 from core.config import APP_ROOT, DataConfig
 from core.data import ImageSet, scan_folder
 from core.errors import DataError
@@ -83,7 +83,8 @@ def demo_dataset(ctx: Ctx, resolution) -> dict:
     if DEMO_DATASET not in names:
         folder = ds.create_dataset(ctx.workspace, DEMO_DATASET)
     report = ds.add_folder(folder, DEMO_SUBJECT, MIN_SIZE)
-    ds.update_manifest(folder, identifier="sks", class_noun="star", instance_prompt=ds.instance_prompt("sks", "star"))
+    ds.update_manifest(folder, identifier=demo.SUBJECT_TOKEN, class_noun="star",
+                       instance_prompt=demo.SUBJECT_PROMPT)
     return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace), value=DEMO_DATASET),
             "add_msg": f"The demo subject: a two-colour star the demo model has never seen. {report.summary()}",
             **dataset_view(ctx, DEMO_DATASET, resolution), **dataset_settings(ctx, DEMO_DATASET)}
