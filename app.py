@@ -140,6 +140,13 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from core.formats import export_adapter
+
+    print(export_adapter(args.adapter, args.out, args.format))
+    return 0
+
+
 def cmd_gui(args) -> int:
     """The browser app (ui/), on 127.0.0.1 unless --listen / --host / --share, which need --auth."""
     from ui.main import launch
@@ -179,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=0, help="image size in pixels (default: the model's own)")
     s.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .ckpt base model")
     s.add_argument("--out", required=True, help="output .png")
+    e = sub.add_parser("export", help="write an adapter for A1111 / Forge / ComfyUI (kohya / LyCORIS layout)")
+    e.add_argument("--adapter", required=True, help="an adapter file this app wrote (a run's .safetensors)")
+    e.add_argument("--format", default="kohya", choices=["kohya"], help="kohya: A1111, Forge, ComfyUI, LyCORIS")
+    e.add_argument("--out", required=True, help="output .safetensors")
     return p
 
 
@@ -187,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from core.errors import UserError
 
-    handlers = {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample, None: cmd_gui}
+    handlers = {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample, "export": cmd_export,
+                None: cmd_gui}
     if args.command in ("train", "class-images") and not args.config and not args.preset and not getattr(args, "resume", None):
         print("Error: give a config file (--config FILE.yaml) or a preset (--preset NAME).", file=sys.stderr)
         return 2

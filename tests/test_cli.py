@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from conftest import ROOT, tiny_config
 from PIL import Image
+from safetensors import safe_open
 
 from core import adapters
 from core.config import Config
@@ -53,6 +54,17 @@ def test_train_then_sample(tmp_path, instance_dir):
     assert cli("sample", "--base", "tiny", "--prompt", "a photo of sks ball", "--seed", 3, "--steps", 2, "--size", 32,
                "--out", plain).returncode == 0
     assert Image.open(plain).tobytes() != img.tobytes()
+
+    # Export for A1111 / ComfyUI; a bad format or a foreign file is a plain error (exit 2), nothing written.
+    kohya = tmp_path / "export" / "cli-run-kohya.safetensors"
+    r = cli("export", "--adapter", adapter, "--out", kohya)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == kohya
+    with safe_open(str(kohya), "pt") as f:
+        assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+        assert any(k.endswith(".hada_w1_a") and k.startswith("lora_unet_") for k in f.keys())
+    r = cli("export", "--adapter", kohya, "--out", tmp_path / "again.safetensors")
+    assert r.returncode == 2 and "not written by this app" in r.stderr and not (tmp_path / "again.safetensors").exists()
 
 
 def test_class_images_command(tmp_path, instance_dir):

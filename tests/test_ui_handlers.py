@@ -8,6 +8,7 @@ from ui_helpers import launched_app, sample_images, wait_until
 
 from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 TINY = dict(base_choice="tiny", resolution=32)
 CLASS = dict(class_prompt="a photo of a ball", num_class_images=2, class_steps=2, class_batch_size=2)
@@ -39,7 +40,7 @@ def test_dataset_tab(ui, client, photos):
     before = {p.name: p.read_bytes() for p in photos.iterdir()}
     out = ui.call(client, "create_dataset", new_name="ball", resolution=32)
     assert out["dataset"]["value"] == "ball" and "Created dataset" in out["add_msg"]
-    assert out["class_noun"] == "" and out["instance_prompt"] == ""  # the previous subject does not carry over
+    assert out["class_noun"] == "" and out["instance_prompt"] == "" and out["identifier"] == "sks"  # a new subject
     with pytest.raises(AppError, match="already exists"):
         ui.call(client, "create_dataset", new_name="ball", resolution=32)
 
@@ -223,3 +224,12 @@ def test_playground_mixes_run_adapters(ui, client, photos):
     assert any(label.startswith("imported: mix-lora") for label in labels)
     with pytest.raises(AppError, match="already exists"):
         ui.call(client, "import_adapter", import_file=handle_file(paths[1]))
+
+    # Export slot 1 for A1111 / ComfyUI: a downloadable file in the workspace's exports folder.
+    out = ui.call(client, "export_adapter", adapter_1=paths[0])
+    exported = ui.workspace / "exports" / "mix-loha-kohya.safetensors"
+    assert exported.is_file() and "Exported" in out["import_msg"]
+    with safe_open(str(exported), "pt") as f:
+        assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+    with pytest.raises(AppError, match="Choose a saved adapter"):
+        ui.call(client, "export_adapter", adapter_1="live")

@@ -140,14 +140,14 @@ def build(ctx: Ctx, initial: dict) -> dict:
     c["report"] = gr.Markdown(elem_id="ds-report")
     gr.Markdown("### Prompt")
     with gr.Row(equal_height=True):
-        c["identifier"] = gr.Textbox("sks", label="Identifier (a rare word)", scale=1, elem_id="ds-identifier")
+        c["identifier"] = gr.Textbox(ds.KNOWN_IDENTIFIERS[0], label="Identifier (a rare word)", scale=1, elem_id="ds-identifier")
         c["class_noun"] = gr.Textbox("", label="Class noun", placeholder="dog", scale=1, elem_id="ds-class-noun",
                                      info="What the subject is: dog, woman, mug...")
         c["instance_prompt"] = gr.Textbox(initial["instance_prompt"], label="Instance prompt", scale=2,
                                           elem_id="ds-instance-prompt",
                                           info="Used for every image without its own caption.")
     with gr.Row():
-        c["token_info"] = gr.Markdown(token_info("sks"), elem_id="ds-token-info")
+        c["token_info"] = gr.Markdown(token_info(ds.KNOWN_IDENTIFIERS[0]), elem_id="ds-token-info")
         c["suggest_btn"] = gr.Button("Suggest rare words", size="sm", scale=0, min_width=180, elem_id="ds-suggest")
     c["suggestions"] = gr.Radio([], label="Suggestions (click one to use it)", visible=False, elem_id="ds-suggestions")
     c["suggest_seed"] = gr.State(0)
@@ -184,13 +184,16 @@ def wire(ctx: Ctx, c: dict, other: dict) -> None:
 
     def create(new_name, resolution):
         folder = ds.create_dataset(ctx.workspace, new_name)
-        # a new subject: the previous dataset's class noun and prompt must not carry over (the identifier may)
+        # a new subject: the previous dataset's identifier, class noun and prompt must not carry over
+        identifier = ds.KNOWN_IDENTIFIERS[0]
         return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace), value=folder.name), "new_name": "",
                 "add_msg": f"Created dataset **{folder.name}**. Now add photos.", "class_noun": "",
-                "instance_prompt": "", **view(folder.name, resolution)}
+                "instance_prompt": "", "identifier": identifier, "token_info": token_info(identifier),
+                **view(folder.name, resolution)}
 
     create_out = {"dataset": c["dataset"], "new_name": c["new_name"], "add_msg": c["add_msg"],
-                  "class_noun": c["class_noun"], "instance_prompt": c["instance_prompt"]} | view_out
+                  "class_noun": c["class_noun"], "instance_prompt": c["instance_prompt"],
+                  "identifier": c["identifier"], "token_info": c["token_info"]} | view_out
     bind(ctx, c["create_btn"].click, create, {"new_name": c["new_name"], "resolution": c["resolution"]}, create_out,
          api_name="create_dataset")
     bind(ctx, c["new_name"].submit, create, {"new_name": c["new_name"], "resolution": c["resolution"]}, create_out)

@@ -1,9 +1,12 @@
 """Playground tab: a base model with several adapters mixed by weight; generate, compare, test a paused run."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from core.errors import ModelLoadError, UserError
+from core.formats import export_adapter
 from core.playground import STRENGTHS, Wanted, from_file
 from core.runs import import_adapter, list_adapters
 
@@ -88,6 +91,10 @@ def build(ctx: Ctx, initial: dict) -> dict:
                 c["import_file"] = gr.UploadButton("Import an adapter file...", file_types=[".safetensors"],
                                                    size="sm", elem_id="pg-import")
             c["import_msg"] = gr.Markdown()
+            c["export_btn"] = gr.Button("Export adapter 1 for A1111 / Forge / ComfyUI", size="sm",
+                                        elem_id="pg-export")
+            c["export_file"] = gr.File(label="Exported file (kohya / LyCORIS layout)", visible=False,
+                                       elem_id="pg-export-file")
         with gr.Column(scale=3):
             c["pg_prompt"] = gr.Textbox(initial.get("pg_prompt") or "", label="Prompt", lines=2, elem_id="pg-prompt",
                                         placeholder="a photo of sks dog on the beach")
@@ -154,6 +161,18 @@ def wire(ctx: Ctx, c: dict) -> None:
 
     bind(ctx, c["import_file"].upload, do_import, {"import_file": c["import_file"]},
          slots_out | {"import_msg": c["import_msg"]}, api_name="import_adapter")
+
+    def export(adapter_1):
+        if not adapter_1 or adapter_1 == LIVE:
+            raise UserError("Choose a saved adapter in slot 1 first (a finished or stopped run, or an imported file).")
+        source = Path(adapter_1)
+        out = export_adapter(source, ctx.workspace / "exports" / f"{source.stem}-kohya.safetensors")
+        return {"export_file": gr.update(value=str(out), visible=True),
+                "import_msg": f"Exported `{out.name}` to `{out.parent}`: put it in A1111/Forge's `models/Lora` "
+                              "or ComfyUI's `models/loras` folder."}
+
+    bind(ctx, c["export_btn"].click, export, {"adapter_1": c["adapter_1"]},
+         {"export_file": c["export_file"], "import_msg": c["import_msg"]}, api_name="export_adapter")
 
     def note(live_state=None):
         snap = ctx.session.snapshot()
