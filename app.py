@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .png")
     e = sub.add_parser("export", help="write an adapter for A1111 / Forge / ComfyUI (kohya / LyCORIS layout)")
     e.add_argument("--adapter", required=True, help="an adapter file this app wrote (a run's .safetensors)")
-    e.add_argument("--format", default="kohya", choices=["kohya"], help="kohya: A1111, Forge, ComfyUI, LyCORIS")
+    e.add_argument("--format", default="kohya", choices=["kohya", "diffusers"],
+                   help="kohya: A1111, Forge, ComfyUI, LyCORIS (LoRA, LoHa, LoKr); diffusers: pipe.load_lora_weights (LoRA)")
     e.add_argument("--out", required=True, help="output .safetensors")
     return p
 

@@ -38,9 +38,12 @@ class AdapterSpec:
     decompose_both: bool = False
     decompose_factor: int = -1
     use_effective_conv2d: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module ranks/alphas (imported files)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def peft_config(self):
-        common = dict(r=self.rank, target_modules=list(self.targets))
+        common = dict(r=self.rank, target_modules=list(self.targets), rank_pattern=dict(self.rank_pattern),
+                      alpha_pattern=dict(self.alpha_pattern))
         if self.type == "lora":
             return LoraConfig(lora_alpha=self.alpha, lora_dropout=self.dropout, **common)
         lycoris = dict(alpha=self.alpha, rank_dropout=self.dropout, module_dropout=self.module_dropout,
@@ -130,9 +133,14 @@ class AdapterFile:
     specs: dict[str, AdapterSpec]
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    layout: str = "peft"  # "kohya": a community file whose names are resolved against the base model on load
 
     @property
     def type(self) -> str:
+        if self.layout == "kohya":
+            from .formats import kohya_type
+
+            return kohya_type(self)
         return self.specs["unet"].type if "unet" in self.specs else next(iter(self.specs.values())).type
 
     def part_state(self, part: str) -> dict[str, torch.Tensor]:
@@ -151,8 +159,9 @@ def read_adapter(path: str | Path) -> AdapterFile:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != FORMAT_TAG:
-                raise ModelLoadError(f"{path.name} was not written by this app (no '{FORMAT_TAG}' metadata), "
-                                     "so its layout is unknown.")
+                from .formats import foreign_adapter
+
+                return foreign_adapter(path, f, metadata)  # kohya / LyCORIS / diffusers files, or a clear error
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelLoadError(f"{path.name} is damaged or not a safetensors file ({e}).") from None
@@ -171,6 +180,10 @@ def load_into(base, adapter: AdapterFile, name: str) -> None:
     # becomes a ModelLoadError. Before, peft's size-mismatch RuntimeError (an adapter from a differently
     # shaped model) and its AttributeError (a LoRA on a layer already wrapped by LoHa/LoKr) escaped raw and
     # left a half-loaded adapter, and a failing text encoder part left the UNet part loaded.
+    if adapter.layout == "kohya":
+        from .formats import resolve_kohya
+
+        adapter = resolve_kohya(adapter, base)  # names and ranks read against this base model's layers
     try:
         for part, spec in adapter.specs.items():
             _load_part(module_of(base, part), spec, adapter, part, name)

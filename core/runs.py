@@ -28,9 +28,14 @@ def _entry(path: Path, origin: str) -> AdapterEntry | None:
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        specs = json.loads(meta["adapters"])
-        kind = (specs.get("unet") or next(iter(specs.values())))["type"]
-    except Exception:  # noqa: BLE001 - not one of ours, or damaged: not offered
+            keys = list(f.keys()) if "adapters" not in meta else []
+        if keys:  # a community file (kohya / LyCORIS / diffusers): its kind from the tensor names, without reading them
+            kind = next(k for s, k in (("hada_", "loha"), ("lokr_", "lokr"), ("lora_", "lora")) if any(s in k for k in keys))
+            meta = {"steps": meta.get("ss_max_train_steps", "?"), "base_model": meta.get("ss_sd_model_name", "?")}
+        else:
+            specs = json.loads(meta["adapters"])
+            kind = (specs.get("unet") or next(iter(specs.values())))["type"]
+    except Exception:  # noqa: BLE001 - not an adapter, or damaged: not offered
         return None
     names = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
     steps = meta.get("steps", "?")

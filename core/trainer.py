@@ -68,9 +68,19 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
 
 
+def unused_run_name(folder: Path, name: str) -> str:
+    """`name`, or `name-2`, `name-3`... when a run of that name exists (two runs started within one second)."""
+    candidate, n = name, 1
+    while (folder / candidate).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
 def run_dir_path(cfg: Config, acc: Accelerator) -> Path:
     """The new run's folder (all processes agree on the name); refuse one that already holds a run."""
-    name = [cfg.output.name or f"{cfg.adapter.type}-{datetime.now():%Y%m%d-%H%M%S}"]
+    name = [cfg.output.name or unused_run_name(Path(cfg.output.dir).expanduser(),
+                                                f"{cfg.adapter.type}-{datetime.now():%Y%m%d-%H%M%S}")]
     if acc.num_processes > 1:
         broadcast_object_list(name)
     run_dir = Path(cfg.output.dir).expanduser() / name[0]

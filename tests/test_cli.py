@@ -63,8 +63,12 @@ def test_train_then_sample(tmp_path, instance_dir):
     with safe_open(str(kohya), "pt") as f:
         assert f.metadata()["ss_network_module"] == "lycoris.kohya"
         assert any(k.endswith(".hada_w1_a") and k.startswith("lora_unet_") for k in f.keys())
+    r = cli("sample", "--base", "tiny", "--adapter", f"{kohya}@0.8", "--prompt", "a photo of sks ball", "--seed", 3,
+            "--steps", 2, "--size", 32, "--out", tmp_path / "kohya.png")  # a community-format file loads too
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "kohya.png").tobytes() == img.tobytes()  # the same adapter, the same image
     r = cli("export", "--adapter", kohya, "--out", tmp_path / "again.safetensors")
-    assert r.returncode == 2 and "not written by this app" in r.stderr and not (tmp_path / "again.safetensors").exists()
+    assert r.returncode == 2 and "already in the kohya" in r.stderr and not (tmp_path / "again.safetensors").exists()
 
 
 def test_class_images_command(tmp_path, instance_dir):

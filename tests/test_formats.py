@@ -7,12 +7,15 @@ of every `.alpha` (LoKr's differs, see core/formats.py).
 """
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from conftest import ADAPTER_TYPES
 from lycoris.modules import get_module, make_module
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_adapters import make_cfg, randomise, tiny
 
 from core import adapters, formats
@@ -126,5 +129,130 @@ def test_export_refuses_foreign_files_and_formats(tmp_path):
     ours = adapters.save_adapter(tmp_path / "a.safetensors", base, specs, {})
     with pytest.raises(ModelLoadError, match="Unknown export format"):
         formats.export_adapter(ours, tmp_path / "b.safetensors", fmt="ckpt")
-    with pytest.raises(ModelLoadError, match="not written by this app"):
+    with pytest.raises(ModelLoadError, match="already in the kohya / LyCORIS layout"):
         formats.export_adapter(formats.export_adapter(ours, tmp_path / "k.safetensors"), tmp_path / "again.safetensors")
+
+
+def test_diffusers_export_loads_with_load_lora_weights(tmp_path):
+    """diffusers' own loader on the exported LoRA gives our model's outputs and our images."""
+    from test_adapters import SAMPLE, TIMESTEPS, TOKENS, CONTEXT
+
+    from core.sampling import generate, make_pipeline
+
+    base, specs = adapted("lora")
+    ours = adapters.save_adapter(tmp_path / "ours.safetensors", base, specs, {"steps": 3})
+    out = formats.export_adapter(ours, tmp_path / "diffusers.safetensors", fmt="diffusers")
+    plain = tiny()
+    pipe = make_pipeline(plain)
+    pipe.load_lora_weights(str(out), adapter_name="exported")
+    with torch.no_grad():
+        torch.testing.assert_close(plain.unet(SAMPLE, TIMESTEPS, CONTEXT).sample,
+                                   base.unet(SAMPLE, TIMESTEPS, CONTEXT).sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain.text_encoder(TOKENS).last_hidden_state,
+                                   base.text_encoder(TOKENS).last_hidden_state, atol=1e-5, rtol=1e-5)
+    mine = tiny()
+    adapters.load_into(mine, adapters.read_adapter(ours), "ours")
+    a = generate(pipe, ["a photo of sks dog"], [5], steps=2, guidance=5.0, size=32)[0]
+    b = generate(make_pipeline(mine), ["a photo of sks dog"], [5], steps=2, guidance=5.0, size=32)[0]
+    assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1  # same image (rounding aside)
+    assert np.asarray(a).std() > 0
+    again = tiny()  # read back as a diffusers LoRA (alpha = rank, the scale folded): the same model again
+    adapters.load_into(again, adapters.read_adapter(out), "again")
+    with torch.no_grad():
+        torch.testing.assert_close(again.unet(SAMPLE, TIMESTEPS, CONTEXT).sample,
+                                   base.unet(SAMPLE, TIMESTEPS, CONTEXT).sample, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("adapter_type", ["loha", "lokr"])
+def test_diffusers_export_refuses_lycoris_types(tmp_path, adapter_type):
+    base, specs = adapted(adapter_type)
+    ours = adapters.save_adapter(tmp_path / "a.safetensors", base, specs, {})
+    with pytest.raises(ModelLoadError, match="LoRA only.*--format kohya"):
+        formats.export_adapter(ours, tmp_path / "d.safetensors", fmt="diffusers")
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- importing community files
+
+def outputs_of(base):
+    from test_adapters import outputs
+
+    return outputs(base)
+
+
+@pytest.mark.parametrize("adapter_type,extra", CASES, ids=[f"{t}{'-' + '-'.join(e) if e else ''}" for t, e in CASES])
+def test_kohya_files_import_back(tmp_path, adapter_type, extra):
+    """ours -> kohya file -> read as a community file -> loaded into a fresh model: the same model."""
+    base, specs = adapted(adapter_type, **extra)
+    kohya = formats.export_adapter(adapters.save_adapter(tmp_path / "a.safetensors", base, specs, {}),
+                                   tmp_path / "community.safetensors")
+    f = adapters.read_adapter(kohya)
+    assert f.layout == "kohya" and f.type == adapter_type
+    fresh = tiny()
+    adapters.load_into(fresh, f, "imported")
+    for ours, theirs in zip(outputs_of(fresh), outputs_of(base)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_community_locon_with_its_own_ranks_matches_deltas_applied_by_hand(tmp_path):
+    """A kohya LoCon as other trainers write it: conv layers at another rank and alpha, one module without
+    alpha (= rank). Loaded through peft it must equal the base model with W += up @ down * alpha / rank."""
+    g = torch.Generator().manual_seed(7)
+    plain, by_hand = tiny(), tiny()
+    layers = kohya_named_layers(by_hand)
+    chosen = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (4, 2.0),
+              "lora_unet_down_blocks_0_resnets_0_conv1": (2, 1.0),
+              "lora_unet_up_blocks_1_resnets_0_conv2": (2, 1.0),
+              "lora_te_text_model_encoder_layers_0_self_attn_v_proj": (3, None)}
+    tensors = {}
+    with torch.no_grad():
+        for name, (rank, alpha) in chosen.items():
+            w = layers[name].weight
+            down = torch.randn((rank, *w.shape[1:]), generator=g) * 0.3
+            up = torch.randn((w.shape[0], rank, *([1, 1] if w.dim() == 4 else [])), generator=g) * 0.3
+            tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
+            if alpha is not None:
+                tensors[f"{name}.alpha"] = torch.tensor(alpha)
+            scale = (alpha if alpha is not None else rank) / rank
+            w += (up.flatten(1) @ down.flatten(1)).reshape(w.shape) * scale
+    path = tmp_path / "locon.safetensors"
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"})
+    f = adapters.read_adapter(path)
+    adapters.load_into(plain, f, "locon")
+    for ours, theirs in zip(outputs_of(plain), outputs_of(by_hand)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keys,message", [
+    (["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], "for SDXL"),
+    (["model.diffusion_model.input_blocks.0.0.weight"], "whole model checkpoint"),
+    (["something.else"], "layout is unknown"),
+    (["lora_unet_input_blocks_4_1_proj_in.lora_down.weight", "lora_unet_input_blocks_4_1_proj_in.lora_up.weight"],
+     "original SD layout"),
+    (["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight",
+      "lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"], "another model family"),
+])
+def test_foreign_files_that_cannot_load_say_why(tmp_path, keys, message):
+    path = tmp_path / "foreign.safetensors"
+    save_file({k: torch.zeros(2, 2) for k in keys}, str(path))
+    fresh = tiny()
+    before = [o.clone() for o in outputs_of(fresh)]
+    with pytest.raises(ModelLoadError, match=message):
+        adapters.load_into(fresh, adapters.read_adapter(path), "x")
+    assert adapters.adapter_names(fresh) == []  # nothing loaded half-way
+    for a, b in zip(outputs_of(fresh), before):
+        torch.testing.assert_close(a, b)
+
+
+def test_describe_ours_and_community_files(tmp_path):
+    base, specs = adapted("lokr")
+    ours = adapters.save_adapter(tmp_path / "star.safetensors", base, specs,
+                                 {"steps": 400, "instance_prompt": "a photo of tms star", "base_model": "demo"})
+    text = formats.describe(adapters.read_adapter(ours))
+    assert "LOKR rank 4" in text and "trigger: `a photo of tms star`" in text and "base model: demo" in text
+    kohya = formats.export_adapter(ours, tmp_path / "star-kohya.safetensors")
+    text = formats.describe(adapters.read_adapter(kohya))
+    assert "LOKR rank 4" in text and "UNet + text encoder" in text and "400 steps" in text
+    tags = json.dumps({"10_tms star": {"tms star": 5, "star": 2}})
+    save_file(load_file(str(kohya)), str(tmp_path / "tagged.safetensors"), metadata={"ss_tag_frequency": tags})
+    assert "trigger: `tms star, star`" in formats.describe(adapters.read_adapter(tmp_path / "tagged.safetensors"))

@@ -241,6 +241,17 @@ def test_bad_input_gives_clear_error(tmp_path, instance_dir, change, error, word
     assert [e for e in events if isinstance(e, Failed)][-1].message == str(info.value)
 
 
+def test_automatic_run_names_never_collide(tmp_path):
+    """Regression: two runs started within one second got the same date-time name, and the second failed."""
+    from core.trainer import unused_run_name
+
+    assert unused_run_name(tmp_path, "lora-20261127-101010") == "lora-20261127-101010"
+    (tmp_path / "lora-20261127-101010").mkdir()
+    assert unused_run_name(tmp_path, "lora-20261127-101010") == "lora-20261127-101010-2"
+    (tmp_path / "lora-20261127-101010-2").mkdir()
+    assert unused_run_name(tmp_path, "lora-20261127-101010") == "lora-20261127-101010-3"
+
+
 def test_existing_run_folder_and_bad_resume(tmp_path, instance_dir):
     cfg = tiny_config(tmp_path, instance_dir, output={"name": "same"})
     run(cfg)

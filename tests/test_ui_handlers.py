@@ -233,3 +233,12 @@ def test_playground_mixes_run_adapters(ui, client, photos):
         assert f.metadata()["ss_network_module"] == "lycoris.kohya"
     with pytest.raises(AppError, match="Choose a saved adapter"):
         ui.call(client, "export_adapter", adapter_1="live")
+
+    # A community-format file (the export) imports too; the playground says what each chosen adapter is.
+    out = ui.call(client, "import_adapter", import_file=handle_file(str(exported)))
+    community = ui.workspace / "adapters" / "mix-loha-kohya.safetensors"
+    assert "Imported" in out["import_msg"] and community.is_file()
+    out = ui.call(client, "adapter_info", adapter_1=paths[0], adapter_2=str(community), adapter_3="live")
+    lines = out["adapter_info"].splitlines()
+    assert len(lines) == 2 and "LOHA rank" in lines[0] and "mix-loha-kohya.safetensors" in lines[1]
+    assert "LOHA" in lines[1] and "steps" in lines[0]

@@ -6,7 +6,8 @@ from pathlib import Path
 import gradio as gr
 
 from core.errors import ModelLoadError, UserError
-from core.formats import export_adapter
+from core.adapters import read_adapter
+from core.formats import describe, export_adapter
 from core.playground import STRENGTHS, Wanted, from_file
 from core.runs import import_adapter, list_adapters
 
@@ -91,6 +92,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
                 c["import_file"] = gr.UploadButton("Import an adapter file...", file_types=[".safetensors"],
                                                    size="sm", elem_id="pg-import")
             c["import_msg"] = gr.Markdown()
+            c["adapter_info"] = gr.Markdown(elem_id="pg-adapter-info")
             c["export_btn"] = gr.Button("Export adapter 1 for A1111 / Forge / ComfyUI", size="sm",
                                         elem_id="pg-export")
             c["export_file"] = gr.File(label="Exported file (kohya / LyCORIS layout)", visible=False,
@@ -161,6 +163,20 @@ def wire(ctx: Ctx, c: dict) -> None:
 
     bind(ctx, c["import_file"].upload, do_import, {"import_file": c["import_file"]},
          slots_out | {"import_msg": c["import_msg"]}, api_name="import_adapter")
+
+    def info(**chosen):
+        lines = []
+        for value in chosen.values():
+            if value and value != LIVE:
+                try:
+                    lines.append("- " + describe(read_adapter(value)))
+                except ModelLoadError as e:
+                    lines.append(f"- {e}")
+        return {"adapter_info": "\n".join(lines)}
+
+    for i in range(1, SLOTS + 1):
+        bind(ctx, c[f"adapter_{i}"].change, info, slots_out, {"adapter_info": c["adapter_info"]},
+             api_name="adapter_info" if i == 1 else None, show_progress="hidden")
 
     def export(adapter_1):
         if not adapter_1 or adapter_1 == LIVE:
