@@ -147,6 +147,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from core.merge import merge_to_model
+
+    print(merge_to_model(args.base, [parse_adapter_arg(a) for a in args.adapter], args.out))
+    return 0
+
+
 def cmd_gui(args) -> int:
     """The browser app (ui/), on 127.0.0.1 unless --listen / --host / --share, which need --auth."""
     from ui.main import launch
@@ -191,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="kohya", choices=["kohya", "diffusers"],
                    help="kohya: A1111, Forge, ComfyUI, LyCORIS (LoRA, LoHa, LoKr); diffusers: pipe.load_lora_weights (LoRA)")
     e.add_argument("--out", required=True, help="output .safetensors")
+    m = sub.add_parser("merge", help="fuse adapters into the base model and save it as a new model")
+    m.add_argument("--base", required=True, help="demo, a hub id, a diffusers folder or a .safetensors checkpoint")
+    m.add_argument("--adapter", action="append", required=True, metavar="FILE[@WEIGHT]",
+                   help="adapter file (ours or a kohya / LyCORIS / diffusers one), optionally @weight (repeatable)")
+    m.add_argument("--out", required=True, help="a .safetensors single file (A1111, ComfyUI) or a new diffusers folder")
     return p
 
 
@@ -199,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from core.errors import UserError
 
-    handlers = {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample, "export": cmd_export,
+    handlers = {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample, "export": cmd_export, "merge": cmd_merge,
                 None: cmd_gui}
     if args.command in ("train", "class-images") and not args.config and not args.preset and not getattr(args, "resume", None):
         print("Error: give a config file (--config FILE.yaml) or a preset (--preset NAME).", file=sys.stderr)
