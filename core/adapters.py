@@ -141,7 +141,12 @@ class AdapterFile:
             from .formats import kohya_type
 
             return kohya_type(self)
-        return self.specs["unet"].type if "unet" in self.specs else next(iter(self.specs.values())).type
+        return self.main_spec.type
+
+    @property
+    def main_spec(self) -> AdapterSpec:
+        """The UNet's spec (the text encoder's when a file holds only that): what a one-line summary names."""
+        return self.specs.get("unet") or next(iter(self.specs.values()))
 
     def part_state(self, part: str) -> dict[str, torch.Tensor]:
         prefix = f"{part}."

@@ -83,7 +83,7 @@ def to_diffusers(adapter: AdapterFile) -> dict[str, torch.Tensor]:
 def kohya_metadata(adapter: AdapterFile) -> dict[str, str]:
     """`ss_*` (kohya) and `modelspec.*` keys, all strings, describing the adapter and its training."""
     info = adapter.metadata
-    spec = adapter.specs.get("unet") or next(iter(adapter.specs.values()))
+    spec = adapter.main_spec
     lycoris = spec.type in ("loha", "lokr")
     meta = {
         "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
@@ -246,7 +246,7 @@ def describe(adapter: AdapterFile) -> str:
         steps, lr = meta.get("ss_max_train_steps"), meta.get("ss_learning_rate")
         parts = "UNet + text encoder" if any(k.startswith("lora_te_") for k in adapter.tensors) else "UNet"
     else:
-        spec = adapter.specs.get("unet") or next(iter(adapter.specs.values()))
+        spec = adapter.main_spec
         kind, rank, alpha = spec.type, spec.rank, f"{spec.alpha:g}"
         base = meta.get("base_model") or "not recorded"
         trigger, steps, lr = meta.get("instance_prompt", ""), meta.get("steps"), meta.get("learning_rate")

@@ -13,6 +13,7 @@ Every failure the user can fix is a ModelLoadError in plain words.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -205,16 +206,25 @@ def model_fingerprint(spec: str) -> str:
         f for f in root.rglob("*") if f.is_file() and (f.suffix in SINGLE_FILE_SUFFIXES or f.name.endswith(".json")))
     digest = hashlib.sha256()
     for f in files:
-        size = f.stat().st_size
-        digest.update(f"{f.relative_to(root) if f != root else f.name}:{size};".encode())
-        with open(f, "rb") as fh:
-            if size <= 64 << 20:
-                digest.update(fh.read())
-            else:
-                digest.update(fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                digest.update(fh.read())
+        st = f.stat()
+        name = f.relative_to(root) if f != root else f.name
+        digest.update(f"{name}:{st.st_size}:{_content_digest(str(f), st.st_size, st.st_mtime_ns)};".encode())
     return digest.hexdigest()[:10]
+
+
+@functools.lru_cache(maxsize=256)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's content (whole up to 64 MiB, else its first and last MiB); cached per size and mtime,
+    because the class-images view asks for the fingerprint again for every image that arrives."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if size <= 64 << 20:
+            digest.update(fh.read())
+        else:
+            digest.update(fh.read(1 << 20))
+            fh.seek(size - (1 << 20))
+            digest.update(fh.read())
+    return digest.hexdigest()
 
 
 def looks_like_path(spec: str) -> bool:

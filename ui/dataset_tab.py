@@ -5,7 +5,7 @@ import gradio as gr
 import pandas as pd
 
 from core import datasets as ds, demo
-from core.config import APP_ROOT, DataConfig
+from core.config import DataConfig
 from core.data import ImageSet, scan_folder
 from core.errors import DataError
 
@@ -13,7 +13,7 @@ from .common import Ctx, bind
 
 MIN_SIZE = DataConfig().min_image_size
 DEMO_DATASET = "demo-star"
-DEMO_SUBJECT = APP_ROOT / "core" / "assets" / "demo_subject"  # the two-colour star the demo presets train on
+DEMO_SUBJECT = demo.SUBJECT_DIR  # the two-colour star the demo presets train on
 CROPS_SHOWN = 24
 
 
