@@ -31,7 +31,8 @@ def is_main_process() -> bool:
 def config_from_args(args):
     from core.config import load_config
 
-    return load_config(args.config, overrides=args.set or [], preset=args.preset)
+    overrides = (args.set or []) + (["model.allow_pickle=true"] if getattr(args, "allow_pickle", False) else [])
+    return load_config(args.config, overrides=overrides, preset=args.preset)
 
 
 def cmd_train(args) -> int:
@@ -148,9 +149,18 @@ def cmd_export(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from core.merge import merge_to_model
+    from core.errors import UserError
+    from core.merge import merge_loras, merge_to_model
 
-    print(merge_to_model(args.base, [parse_adapter_arg(a) for a in args.adapter], args.out))
+    files = [parse_adapter_arg(a) for a in args.adapter]
+    if args.into == "lora":
+        print(merge_loras(files, args.out, base_spec=args.base, rank=args.rank, allow_pickle=args.allow_pickle))
+        return 0
+    if not args.base:
+        raise UserError("Give the base model to merge into: --base demo, a hub id, a folder or a .safetensors file.")
+    if args.rank is not None:
+        raise UserError("--rank only applies with --into lora (a merged model has no rank).")
+    print(merge_to_model(args.base, files, args.out, allow_pickle=args.allow_pickle))
     return 0
 
 
@@ -169,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     gui.add_argument("--listen", action="store_true", help="serve on the local network (0.0.0.0); needs --auth")
     gui.add_argument("--share", action="store_true", help="also open a public gradio.live link; needs --auth")
     gui.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (needed with --listen, --host, --share)")
+    gui.add_argument("--allow-pickle", action="store_true",
+                     help="let the app load pickled .ckpt base models (only files you trust; read with weights_only)")
     gui.add_argument("--workspace", default="workspace", help="folder for datasets, class images, runs (default ./workspace)")
     sub = p.add_subparsers(dest="command")
 
@@ -176,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="YAML config file (sparse: only the settings you change)")
         sp.add_argument("--preset", help="preset name from presets/ (e.g. sd15-lora); a `preset:` key in the file wins")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. train.max_steps=400 (repeatable)")
+        sp.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .ckpt base model")
 
     t = sub.add_parser("train", help="train an adapter")
     config_args(t)
@@ -198,11 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="kohya", choices=["kohya", "diffusers"],
                    help="kohya: A1111, Forge, ComfyUI, LyCORIS (LoRA, LoHa, LoKr); diffusers: pipe.load_lora_weights (LoRA)")
     e.add_argument("--out", required=True, help="output .safetensors")
-    m = sub.add_parser("merge", help="fuse adapters into the base model and save it as a new model")
-    m.add_argument("--base", required=True, help="demo, a hub id, a diffusers folder or a .safetensors checkpoint")
+    m = sub.add_parser("merge", help="fuse adapters into the base model (a new model), or several LoRAs into one LoRA")
+    m.add_argument("--into", choices=["model", "lora"], default="model",
+                   help="model (default): base + adapters saved as a new model; lora: LoRAs combined into one LoRA file")
+    m.add_argument("--base", help="demo, a hub id, a diffusers folder or a .safetensors checkpoint (with --into lora: "
+                                  "only needed for kohya / A1111 files)")
     m.add_argument("--adapter", action="append", required=True, metavar="FILE[@WEIGHT]",
                    help="adapter file (ours or a kohya / LyCORIS / diffusers one), optionally @weight (repeatable)")
-    m.add_argument("--out", required=True, help="a .safetensors single file (A1111, ComfyUI) or a new diffusers folder")
+    m.add_argument("--rank", type=int, help="with --into lora: shrink to this rank (closest approximation; "
+                                             "default: exact, the sum of the ranks)")
+    m.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .ckpt base model")
+    m.add_argument("--out", required=True, help="model: a .safetensors single file (A1111, ComfyUI) or a new diffusers "
+                                                "folder; lora: a .safetensors adapter file")
     return p
 
 

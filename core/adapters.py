@@ -120,11 +120,16 @@ def training_metadata(cfg: Config, step: int, base_name: str) -> dict[str, Any]:
     }
 
 
-def save_adapter(path, base, specs: dict[str, AdapterSpec], info: dict[str, Any], name: str = "default") -> Path:
+def file_metadata(specs: dict[str, AdapterSpec], info: dict[str, Any]) -> dict[str, str]:
+    """The safetensors metadata of our adapter files: format tag, each part's spec, then `info` (as strings)."""
     metadata = {"format": FORMAT_TAG, "format_version": FORMAT_VERSION,
                 "adapters": json.dumps({part: asdict(s) for part, s in specs.items()})}
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
-    return atomic_save_file(state_dict(base, specs, name), path, metadata)
+    return metadata
+
+
+def save_adapter(path, base, specs: dict[str, AdapterSpec], info: dict[str, Any], name: str = "default") -> Path:
+    return atomic_save_file(state_dict(base, specs, name), path, file_metadata(specs, info))
 
 
 @dataclass

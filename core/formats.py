@@ -21,6 +21,7 @@ import torch
 from .adapters import PARTS, AdapterFile, AdapterSpec, read_adapter
 from .errors import ModelLoadError
 from .fileio import save_safetensors
+from .ldm_convert import unet_module_ldm_names
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # transformers 5's CLIPTextModel names its modules without the `text_model.` level the tools expect
@@ -148,7 +149,7 @@ def _patterns(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[int, flo
     return rank, alpha, rank_pattern, alpha_pattern
 
 
-def _spec(kind: str, ranks: dict[str, int], alphas: dict[str, float], **extra) -> AdapterSpec:
+def part_spec(kind: str, ranks: dict[str, int], alphas: dict[str, float], **extra) -> AdapterSpec:
     rank, alpha, rank_pattern, alpha_pattern = _patterns(ranks, alphas)
     return AdapterSpec(type=kind, rank=rank, alpha=alpha, targets=sorted(ranks), rank_pattern=rank_pattern,
                        alpha_pattern=alpha_pattern, **extra)
@@ -161,7 +162,7 @@ def diffusers_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
         part, module, suffix = split_key(key)
         if suffix == "lora_A.weight":
             ranks.setdefault(part, {})[module] = tensor.shape[0]
-    specs = {part: _spec("lora", r, {m: float(v) for m, v in r.items()}) for part, r in ranks.items()}
+    specs = {part: part_spec("lora", r, {m: float(v) for m, v in r.items()}) for part, r in ranks.items()}
     return AdapterFile(path, specs, tensors, metadata)
 
 
@@ -195,15 +196,15 @@ def _lokr_rank(g: dict[str, torch.Tensor]) -> tuple[int, bool]:
 def resolve_kohya(adapter: AdapterFile, base) -> AdapterFile:
     """A kohya / LyCORIS file as one of ours, its layer names read against `base` (all or nothing)."""
     kind = kohya_type(adapter)
-    names = {kohya_name(part, n): (part, n) for part in PARTS for n, m in getattr(base, part).named_modules()
-             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    names = {}
+    for part in PARTS:
+        layers = [n for n, m in getattr(base, part).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        names.update({kohya_name(part, n): (part, n) for n in layers})
+        if part == "unet":  # older A1111-era files name UNet layers in the original SD layout (input_blocks ...)
+            ldm = unet_module_ldm_names(base.unet, layers)
+            names.update({KOHYA_PREFIX["unet"] + ldm[n].replace(".", "_"): (part, n) for n in layers if n in ldm})
     groups = kohya_groups(adapter)
     unknown = sorted(m for m in groups if m not in names)
-    if any(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
-           for m in unknown):
-        raise ModelLoadError(f"{adapter.path.name} names its UNet layers in the original SD layout (input_blocks, "
-                             "output_blocks), which this app cannot map yet; files from kohya's sd-scripts, "
-                             "LyCORIS and this app use the diffusers layout and load.")
     if unknown:
         raise ModelLoadError(f"{adapter.path.name} has {len(unknown)} layer(s) this base model does not have (e.g. "
                              f"{', '.join(unknown[:3])}): it was made for another model family (SD 1.x and 2.x "
@@ -231,7 +232,7 @@ def resolve_kohya(adapter: AdapterFile, base) -> AdapterFile:
         alphas.setdefault(part, {})[path] = alpha
         tensors.update({f"{part}.{path}.{suffix}": t.float() for suffix, t in renamed.items()})
     extra = lambda part: {"decompose_both": decompose.get(part, False)} if kind == "lokr" else {}  # noqa: E731
-    specs = {part: _spec(kind, ranks[part], alphas[part], **extra(part)) for part in ranks}
+    specs = {part: part_spec(kind, ranks[part], alphas[part], **extra(part)) for part in ranks}
     return AdapterFile(adapter.path, specs, tensors, adapter.metadata)
 
 

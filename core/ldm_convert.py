@@ -121,6 +121,16 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     return _rename(unet.state_dict(), _unet_prefixes(unet.config))
 
 
+def unet_module_ldm_names(unet, modules: list[str]) -> dict[str, str]:
+    """diffusers UNet module name -> its LDM name, e.g. 'down_blocks.0.attentions.0.proj_in' ->
+    'input_blocks.1.1.proj_in' (how older A1111-era LoRA files name their layers)."""
+    try:
+        renamed = _rename({f"{m}.weight": m for m in modules}, _unet_prefixes(unet.config))
+    except NotImplementedError:  # not an SD 1.x/2.x-shaped UNet: it has no LDM names
+        return {}
+    return {m: key.removesuffix(".weight") for key, m in renamed.items()}
+
+
 def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     """AutoencoderKL weights under LDM names (without the `first_stage_model.` prefix)."""
     out = _rename(vae.state_dict(), _vae_prefixes(vae.config),

@@ -425,8 +425,9 @@ def _read_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
         raise ModelLoadError(
             f"{path.name} is a pickled checkpoint ({path.suffix}); pickle files can run code on your computer when "
             "they are opened, so they are not loaded by default. Prefer a .safetensors version of the model (or "
-            "convert this one with a tool you trust). If you trust where the file came from, set "
-            "model.allow_pickle: true (it is then read with torch.load(weights_only=True)).")
+            "convert this one with a tool you trust). If you trust where the file came from, allow it: start the app "
+            "with --allow-pickle, add --allow-pickle to the command, or set model.allow_pickle: true in the config "
+            "(it is then read with torch.load(weights_only=True)).")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -50,7 +50,8 @@ def from_file(path: str | Path, weight: float = 1.0) -> Wanted:
 class Playground:
     """Thread-safe: one generation at a time."""
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, allow_pickle: bool = False):
+        self.allow_pickle = allow_pickle  # pickled .ckpt base models (the app's --allow-pickle)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self._lock = threading.Lock()
@@ -66,7 +67,7 @@ class Playground:
         if self.base is None or spec != self.base_spec:
             self.base = None  # free the old one first
             self._loaded = {}
-            base = load_base_model(spec)
+            base = load_base_model(spec, allow_pickle=self.allow_pickle)
             self.base = base.to(self.device, None if self.dtype == torch.float32 else self.dtype)
             self.base_spec = spec
             self.base_loads += 1

@@ -38,8 +38,8 @@ def _entry(path: Path, origin: str) -> AdapterEntry | None:
     except Exception:  # noqa: BLE001 - not an adapter, or damaged: not offered
         return None
     names = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
-    steps = meta.get("steps", "?")
-    label = f"{origin}{path.stem} ({names.get(kind, kind)}, {steps} steps, base {meta.get('base_model', '?')})"
+    made = f"merged from {meta['merged_from']}" if meta.get("merged_from") else f"{meta.get('steps', '?')} steps"
+    label = f"{origin}{path.stem} ({names.get(kind, kind)}, {made}, base {meta.get('base_model') or '?'})"
     return AdapterEntry(label, str(path), kind, meta.get("base_model", ""))
 
 

@@ -124,3 +124,12 @@ def test_two_process_accelerate_launch(tmp_path, instance_dir):
     assert sorted(p.name for p in (run_dir / "samples").glob("step_000003_*.png")) == ["step_000003_0.png", "step_000003_1.png"]
     assert adapters.read_adapter(run_dir / "ddp.safetensors").metadata["steps"] == "3"
     assert len(list((tmp_path / "workspace" / "class_images").rglob("class_*.png"))) == 2
+
+
+def test_allow_pickle_flag_reaches_the_config():
+    import app
+
+    parser = app.build_parser()
+    assert app.config_from_args(parser.parse_args(["train", "--preset", "demo-lora", "--allow-pickle"])).model.allow_pickle
+    assert not app.config_from_args(parser.parse_args(["train", "--preset", "demo-lora"])).model.allow_pickle
+    assert parser.parse_args(["--allow-pickle"]).allow_pickle and not parser.parse_args([]).allow_pickle

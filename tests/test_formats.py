@@ -227,8 +227,8 @@ def test_community_locon_with_its_own_ranks_matches_deltas_applied_by_hand(tmp_p
     (["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], "for SDXL"),
     (["model.diffusion_model.input_blocks.0.0.weight"], "whole model checkpoint"),
     (["something.else"], "layout is unknown"),
-    (["lora_unet_input_blocks_4_1_proj_in.lora_down.weight", "lora_unet_input_blocks_4_1_proj_in.lora_up.weight"],
-     "original SD layout"),
+    (["lora_unet_input_blocks_40_1_proj_in.lora_down.weight", "lora_unet_input_blocks_40_1_proj_in.lora_up.weight"],
+     "another model family"),
     (["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight",
       "lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"], "another model family"),
 ])
@@ -242,6 +242,53 @@ def test_foreign_files_that_cannot_load_say_why(tmp_path, keys, message):
     assert adapters.adapter_names(fresh) == []  # nothing loaded half-way
     for a, b in zip(outputs_of(fresh), before):
         torch.testing.assert_close(a, b)
+
+
+def test_original_sd_layer_names_of_sd15():
+    """Older A1111-era files name UNet layers as the original SD code did; these are SD 1.5's."""
+    from types import SimpleNamespace
+
+    from core.ldm_convert import unet_module_ldm_names
+    from core.models import read_config_folder, shipped_config_folder
+
+    unet = SimpleNamespace(config=read_config_folder(shipped_config_folder("sd1", "epsilon"))["unet"])
+    expected = {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+        "down_blocks.1.resnets.0.conv1": "input_blocks.4.0.in_layers.2",
+        "down_blocks.1.resnets.0.conv_shortcut": "input_blocks.4.0.skip_connection",
+        "down_blocks.2.downsamplers.0.conv": "input_blocks.9.0.op",
+        "mid_block.attentions.0.proj_in": "middle_block.1.proj_in",
+        "mid_block.resnets.1.time_emb_proj": "middle_block.2.emb_layers.1",
+        "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
+        "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0": "output_blocks.11.1.transformer_blocks.0.attn2.to_out.0",
+        "up_blocks.3.attentions.2.proj_out": "output_blocks.11.1.proj_out",
+        "time_embedding.linear_1": "time_embed.0",
+    }
+    assert unet_module_ldm_names(unet, list(expected)) == expected
+
+
+@pytest.mark.parametrize("adapter_type", ["lora", "loha"])
+def test_files_with_original_sd_layer_names_load(tmp_path, adapter_type):
+    """The same adapter named the diffusers way and the original-SD way (input_blocks ...) loads the same."""
+    from core.ldm_convert import unet_module_ldm_names
+
+    base, specs = adapted(adapter_type)
+    kohya = formats.export_adapter(adapters.save_adapter(tmp_path / "a.safetensors", base, specs, {}),
+                                   tmp_path / "diffusers-names.safetensors")
+    plain = tiny()
+    layers = [n for n, m in plain.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    rename = {formats.kohya_name("unet", n): "lora_unet_" + ldm.replace(".", "_")
+              for n, ldm in unet_module_ldm_names(plain.unet, layers).items()}
+    old = {}
+    for key, tensor in load_file(str(kohya)).items():
+        module, _, rest = key.partition(".")
+        old[f"{rename.get(module, module)}.{rest}"] = tensor
+    assert any(k.startswith("lora_unet_input_blocks_") for k in old) and any("output_blocks" in k for k in old)
+    path = tmp_path / "sd-names.safetensors"
+    save_file(old, str(path))
+    adapters.load_into(plain, adapters.read_adapter(path), "old")
+    for ours, theirs in zip(outputs_of(plain), outputs_of(base)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_describe_ours_and_community_files(tmp_path):

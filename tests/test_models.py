@@ -430,6 +430,15 @@ def test_pickle_refused_by_default_and_loaded_when_allowed(shipped_configs, tmp_
     loaded = load_base_model(str(path), allow_pickle=True)
     assert_same_model(model, loaded, vocab=1000)
     assert loaded.prediction_type == "epsilon"
+    # the app's --allow-pickle reaches its playground and the configs its forms make; off by default
+    from core.playground import Playground
+    from ui.form import form_config
+
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        Playground("cpu")._ensure_base(str(path))
+    assert_same_model(model, Playground("cpu", allow_pickle=True)._ensure_base(str(path)), vocab=1000)
+    assert form_config({}, tmp_path, allow_pickle=True).model.allow_pickle
+    assert not form_config({}, tmp_path).model.allow_pickle
 
 
 def test_pickle_with_code_or_damage_is_refused(tmp_path):

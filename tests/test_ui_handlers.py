@@ -242,3 +242,29 @@ def test_playground_mixes_run_adapters(ui, client, photos):
     lines = out["adapter_info"].splitlines()
     assert len(lines) == 2 and "LOHA rank" in lines[0] and "mix-loha-kohya.safetensors" in lines[1]
     assert "LOHA" in lines[1] and "steps" in lines[0]
+
+    # Merge: the LoRA alone into one LoRA file (listed at once); LoHa + LoRA into a new model file.
+    pg_base = dict(pg_base_choice="tiny", pg_base_other="")
+    out = ui.call(client, "merge_adapters", merge_into="lora", merge_name="my mix", merge_rank=0, **pg_base,
+                  adapter_1=paths[1], weight_1=0.6)
+    merged_lora = ui.workspace / "adapters" / "my mix.safetensors"
+    assert merged_lora.is_file() and "Saved" in out["merge_msg"]
+    assert str(merged_lora) in {value for _, value in out["adapter_1"]["choices"]}
+    with pytest.raises(AppError, match="only LoRAs merge"):
+        ui.call(client, "merge_adapters", merge_into="lora", merge_name="bad", merge_rank=0, **pg_base,
+                adapter_1=paths[0], weight_1=1.0)
+    with pytest.raises(AppError, match="already exists"):
+        ui.call(client, "merge_adapters", merge_into="lora", merge_name="my mix", merge_rank=0, **pg_base,
+                adapter_1=paths[1], weight_1=1.0)
+    with pytest.raises(AppError, match="cannot be a merged file name"):
+        ui.call(client, "merge_adapters", merge_into="lora", merge_name="../up", merge_rank=0, **pg_base,
+                adapter_1=paths[1], weight_1=1.0)
+    with pytest.raises(AppError, match="live run cannot be merged"):
+        ui.call(client, "merge_adapters", merge_into="lora", merge_name="x", merge_rank=0, **pg_base,
+                adapter_1="live", weight_1=1.0)
+    out = ui.call(client, "merge_adapters", merge_into="single", merge_name="tiny-mix", merge_rank=0, **pg_base,
+                  adapter_1=paths[0], weight_1=0.5, adapter_2=paths[1], weight_2=1.0)
+    model_file = ui.workspace / "models" / "tiny-mix.safetensors"
+    assert model_file.is_file() and str(model_file) in out["merge_msg"]
+    out = ui.call(client, "playground_generate", **dict(pg, pg_base_choice="other", pg_base_other=str(model_file)))
+    assert Path(out["pg_image"]).is_file()  # the merged model works as a base model

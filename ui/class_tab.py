@@ -18,7 +18,7 @@ GALLERY_LIMIT = 200
 
 def class_config(ctx: Ctx, values: dict):
     """A config holding what class images depend on: base model, class settings, resolution."""
-    cfg = form_config(values, ctx.workspace)
+    cfg = form_config(values, ctx.workspace, allow_pickle=ctx.allow_pickle)
     if not cfg.data.class_prompt.strip():
         raise DataError("Enter a class prompt first, e.g. 'a photo of a dog' (the Dataset tab fills it in from the "
                         "class noun).")

@@ -27,6 +27,7 @@ class Ctx:
     session: Session
     class_job: ClassImagesJob
     playground: Playground
+    allow_pickle: bool = False  # the app was started with --allow-pickle: pickled .ckpt base models may load
     api_outputs: dict[str, list] = field(default_factory=dict)  # api name -> [(output name, component)], in order
 
     @property

@@ -134,9 +134,11 @@ def picker_values(spec: str) -> tuple[str, str]:
     return (spec, "") if spec in ("demo", "tiny") else (OTHER, spec)
 
 
-def form_dict(values: dict[str, Any], workspace: Path, dataset: str | None = None) -> dict:
+def form_dict(values: dict[str, Any], workspace: Path, dataset: str | None = None, allow_pickle: bool = False) -> dict:
     """The nested config dict of the given form values (only the fields present)."""
     d: dict = {"output": {"dir": str(workspace / "runs")}}
+    if allow_pickle:
+        set_key(d, "model.allow_pickle", True)
     for name, value in values.items():
         if name in BY_NAME:
             set_key(d, BY_NAME[name].key, to_config_value(BY_NAME[name], value))
@@ -147,8 +149,8 @@ def form_dict(values: dict[str, Any], workspace: Path, dataset: str | None = Non
     return d
 
 
-def form_config(values: dict[str, Any], workspace: Path, dataset: str | None = None) -> Config:
-    return Config.from_dict(form_dict(values, workspace, dataset))
+def form_config(values: dict[str, Any], workspace: Path, dataset: str | None = None, allow_pickle: bool = False) -> Config:
+    return Config.from_dict(form_dict(values, workspace, dataset, allow_pickle))
 
 
 def form_values(cfg: dict, names=None, skip_dataset_keys: bool = False) -> dict[str, Any]:

@@ -31,11 +31,13 @@ def theme():
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 
 
-def build_app(workspace: str | Path | None = None, session: Session | None = None) -> gr.Blocks:
+def build_app(workspace: str | Path | None = None, session: Session | None = None,
+              allow_pickle: bool = False) -> gr.Blocks:
     """The app; `workspace` holds datasets/, class_images/, runs/, adapters/, presets/ and playground/."""
     workspace = Path(workspace or DEFAULT_WORKSPACE).expanduser().resolve()
     workspace.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(workspace, session or Session(), ClassImagesJob(), Playground())
+    ctx = Ctx(workspace, session or Session(), ClassImagesJob(), Playground(allow_pickle=allow_pickle),
+              allow_pickle=allow_pickle)
     start = initial_config()
     initial = form_values(start, skip_dataset_keys=True)
     initial["pg_prompt"] = start.get("data", {}).get("instance_prompt", "")  # the playground starts on the demo subject's prompt
@@ -162,7 +164,7 @@ def launch(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     print("Starting the app (loading the libraries takes a few seconds)...", flush=True)
-    app = build_app(workspace=args.workspace)
+    app = build_app(workspace=args.workspace, allow_pickle=getattr(args, "allow_pickle", False))
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=args.port, share=args.share, auth=parse_auth(args.auth),
                inbrowser=False, quiet=True, prevent_thread_lock=True, **launch_kwargs(app))

@@ -7,14 +7,19 @@ import gradio as gr
 
 from core.errors import ModelLoadError, UserError
 from core.adapters import read_adapter
+from core.datasets import check_name
 from core.formats import describe, export_adapter
+from core.merge import merge_loras, merge_to_model
 from core.playground import STRENGTHS, Wanted, from_file
-from core.runs import import_adapter, list_adapters
+from core.runs import IMPORTED_DIR, import_adapter, list_adapters
 
 from .common import Ctx, bind, model_picker
 from .form import base_spec
 
 SLOTS = 4
+MERGE_TARGETS = {"lora": "One LoRA file (LoRAs only; appears in the adapter lists)",
+                 "single": "A new model: one .safetensors file (A1111, Forge, ComfyUI, and here as Other)",
+                 "folder": "A new model: a diffusers folder"}
 LIVE = "live"
 LIVE_LABEL = "Live: the paused training run"
 
@@ -97,6 +102,16 @@ def build(ctx: Ctx, initial: dict) -> dict:
                                         elem_id="pg-export")
             c["export_file"] = gr.File(label="Exported file (kohya / LyCORIS layout)", visible=False,
                                        elem_id="pg-export-file")
+            with gr.Accordion("Merge the chosen adapters", open=False, elem_id="pg-merge-box"):
+                gr.Markdown("Combine the adapters in the slots, at their weights, into one file.", elem_classes="db-note")
+                c["merge_into"] = gr.Radio([(label, value) for value, label in MERGE_TARGETS.items()], value="lora",
+                                           label="Merge into", elem_id="pg-merge-into")
+                with gr.Row():
+                    c["merge_name"] = gr.Textbox("", label="Name", placeholder="my-mix", elem_id="pg-merge-name")
+                    c["merge_rank"] = gr.Number(0, label="Rank (LoRA)", precision=0, minimum=0, elem_id="pg-merge-rank",
+                                                info="0: exact (the sum of the ranks); smaller: a smaller file, close.")
+                c["merge_btn"] = gr.Button("Merge", size="sm", elem_id="pg-merge")
+                c["merge_msg"] = gr.Markdown(elem_id="pg-merge-msg")
         with gr.Column(scale=3):
             c["pg_prompt"] = gr.Textbox(initial.get("pg_prompt") or "", label="Prompt", lines=2, elem_id="pg-prompt",
                                         placeholder="a photo of sks dog on the beach")
@@ -189,6 +204,30 @@ def wire(ctx: Ctx, c: dict) -> None:
 
     bind(ctx, c["export_btn"].click, export, {"adapter_1": c["adapter_1"]},
          {"export_file": c["export_file"], "import_msg": c["import_msg"]}, api_name="export_adapter")
+
+    def merge(merge_into, merge_name, merge_rank, **values):
+        name = check_name(merge_name or "", "merged file")
+        chosen = [(values[f"adapter_{i}"], float(values[f"weight_{i}"] or 0.0)) for i in range(1, SLOTS + 1)
+                  if values.get(f"adapter_{i}")]
+        if not chosen or any(path == LIVE for path, _ in chosen):
+            raise UserError("Choose saved adapters in the slots to merge (a live run cannot be merged: stop it first).")
+        spec = base_spec(values["pg_base_choice"], values["pg_base_other"])
+        folder = ctx.workspace / (IMPORTED_DIR if merge_into == "lora" else "models")
+        target = folder / (name if merge_into == "folder" else f"{name}.safetensors")
+        if target.exists():
+            raise UserError(f"{target} already exists: choose another name.")
+        if merge_into == "lora":
+            out = merge_loras(chosen, target, base_spec=spec, rank=int(merge_rank or 0) or None,
+                              allow_pickle=ctx.allow_pickle)
+            return {**refresh(), "merge_msg": f"Saved `{out}`: choose it in a slot like any adapter."}
+        out = merge_to_model(spec, chosen, target, allow_pickle=ctx.allow_pickle)
+        return {"merge_msg": f"Saved the merged model as `{out}`. To use it, choose *Other* as the base model "
+                             "and give this path."}
+
+    merge_inputs = {k: v for k, v in fields.items() if k.startswith(("adapter_", "weight_", "pg_base"))}
+    bind(ctx, c["merge_btn"].click, merge,
+         {"merge_into": c["merge_into"], "merge_name": c["merge_name"], "merge_rank": c["merge_rank"], **merge_inputs},
+         slots_out | {"merge_msg": c["merge_msg"]}, api_name="merge_adapters")
 
     def note(live_state=None):
         snap = ctx.session.snapshot()

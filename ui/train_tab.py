@@ -175,7 +175,7 @@ def step_maths(ctx: Ctx, dataset: str, values: dict) -> str:
     import torch
 
     try:
-        cfg = form_config(values, ctx.workspace)
+        cfg = form_config(values, ctx.workspace, allow_pickle=ctx.allow_pickle)
     except UserError as e:
         return f"**Check the settings:** {e}"
     t, d = cfg.train, cfg.data
@@ -360,7 +360,7 @@ def wire(ctx: Ctx, c: dict, form: dict, dataset) -> None:
     def start(dataset, **values):
         if ctx.class_job.busy:
             raise UserError("Class images are being generated (Class images tab). Wait for them, or stop that first.")
-        cfg = form_config(values, ctx.workspace, dataset or "")  # "": a plain "No dataset chosen" error
+        cfg = form_config(values, ctx.workspace, dataset or "", ctx.allow_pickle)  # "": a plain "No dataset chosen" error
         scan = scan_folder(cfg.data.instance_dir, min_size=cfg.data.min_image_size)
         if not scan.images:
             raise UserError(f"The dataset {dataset!r} has no usable images: add photos on the Dataset tab.")
@@ -412,7 +412,7 @@ def wire(ctx: Ctx, c: dict, form: dict, dataset) -> None:
          api_name="load_preset")
 
     def save(preset_name, **values):
-        cfg = form_config(values, ctx.workspace)
+        cfg = form_config(values, ctx.workspace, allow_pickle=ctx.allow_pickle)
         path = save_preset(ctx.workspace, preset_name, cfg)
         return {"preset": gr.update(choices=_preset_names(ctx), value=path.stem), "preset_name": "",
                 "preset_msg": f"Saved preset **{path.stem}** to `{path}`."}
