@@ -249,7 +249,7 @@ def test_playground_mixes_run_adapters(ui, client, photos):
                   adapter_1=paths[1], weight_1=0.6)
     merged_lora = ui.workspace / "adapters" / "my mix.safetensors"
     assert merged_lora.is_file() and "Saved" in out["merge_msg"]
-    assert str(merged_lora) in {value for _, value in out["adapter_1"]["choices"]}
+    assert str(merged_lora) in {value for _, value in ui.call(client, "playground_adapters")["adapter_1"]["choices"]}
     with pytest.raises(AppError, match="only LoRAs merge"):
         ui.call(client, "merge_adapters", merge_into="lora", merge_name="bad", merge_rank=0, **pg_base,
                 adapter_1=paths[0], weight_1=1.0)

@@ -219,15 +219,16 @@ def wire(ctx: Ctx, c: dict) -> None:
         if merge_into == "lora":
             out = merge_loras(chosen, target, base_spec=spec, rank=int(merge_rank or 0) or None,
                               allow_pickle=ctx.allow_pickle)
-            return {**refresh(), "merge_msg": f"Saved `{out}`: choose it in a slot like any adapter."}
+            return {"merge_msg": f"Saved `{out}`: choose it in a slot like any adapter."}
         out = merge_to_model(spec, chosen, target, allow_pickle=ctx.allow_pickle)
         return {"merge_msg": f"Saved the merged model as `{out}`. To use it, choose *Other* as the base model "
                              "and give this path."}
 
     merge_inputs = {k: v for k, v in fields.items() if k.startswith(("adapter_", "weight_", "pg_base"))}
-    bind(ctx, c["merge_btn"].click, merge,
-         {"merge_into": c["merge_into"], "merge_name": c["merge_name"], "merge_rank": c["merge_rank"], **merge_inputs},
-         slots_out | {"merge_msg": c["merge_msg"]}, api_name="merge_adapters")
+    merged = bind(ctx, c["merge_btn"].click, merge, {"merge_into": c["merge_into"], "merge_name": c["merge_name"],
+                                                     "merge_rank": c["merge_rank"], **merge_inputs},
+                  {"merge_msg": c["merge_msg"]}, api_name="merge_adapters")
+    bind(ctx, merged.success, refresh, {}, slots_out)  # a new LoRA file joins the lists
 
     def note(live_state=None):
         snap = ctx.session.snapshot()
