@@ -6,6 +6,7 @@ The folder the user points at is theirs: everything here only reads it. Bad file
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 _WHITE = (255, 255, 255, 255)
+LINK_REASON = "a link to another file (links are not followed: copy the picture itself into the folder)"
 _MAX_NAMES_IN_MESSAGE = 5
 _MAX_NAMES_IN_SUMMARY = 10
 
@@ -67,7 +69,7 @@ class ScanReport:
         text = f"{count} image{'' if count == 1 else 's'} usable"
         if not self.rejected:
             return text
-        shown = [f"{r.path.name} ({r.reason})" for r in self.rejected[:_MAX_NAMES_IN_SUMMARY]]
+        shown = [f"{shown_name(r.path.name)} ({r.reason})" for r in self.rejected[:_MAX_NAMES_IN_SUMMARY]]
         hidden = len(self.rejected) - len(shown)
         if hidden:
             shown.append(f"and {hidden} more")
@@ -98,11 +100,21 @@ def scan_folder(
         if isinstance(item_or_reason, str):
             rejected.append(Rejected(path, item_or_reason))
             continue
-        try:
-            item_or_reason.caption = _read_caption(captions.get(path.stem))
-        except UnicodeDecodeError:
-            reason = f"its caption file {path.stem}{caption_ext} is not UTF-8 text; re-save it as UTF-8"
+        caption = captions.get(path.stem)
+        caption_name = shown_name(f"{path.stem}{caption_ext}")
+        # A caption that is a link is not read either (it could be any text file on the machine).
+        if caption is not None and caption.is_symlink():
+            reason = f"its caption file {caption_name} is a link (not followed: put the caption text itself there)"
             rejected.append(Rejected(path, reason))
+            continue
+        try:
+            item_or_reason.caption = _read_caption(caption)
+        except UnicodeDecodeError:
+            reason = f"its caption file {caption_name} is not UTF-8 text; re-save it as UTF-8"
+            rejected.append(Rejected(path, reason))
+            continue
+        except OSError as exc:  # e.g. no permission: a reason, not a crash of the whole scan
+            rejected.append(Rejected(path, f"its caption file {caption_name} cannot be read ({exc.strerror or exc})"))
             continue
         images.append(item_or_reason)
     return ScanReport(images=images, rejected=rejected)
@@ -127,8 +139,23 @@ def _list_folder(folder: Path) -> list[Path]:
             "Check that the folder's permissions let you open it."
         ) from exc
     # Dot files are OS/editor clutter (.DS_Store, ._img.jpg); sub-folders are not scanned.
-    visible = [p for p in children if not p.name.startswith(".") and p.is_file()]
+    # Links to files (even broken ones) are listed so that _check_file rejects them with a reason.
+    visible = [p for p in children if not p.name.startswith(".") and (p.is_file() or _is_file_link(p))]
     return sorted(visible, key=lambda p: p.name)
+
+
+def _is_file_link(path: Path) -> bool:
+    """A symbolic link that does not lead to a folder (it may lead nowhere)."""
+    return path.is_symlink() and not path.is_dir()
+
+
+def shown_name(name: str) -> str:
+    """`name` as text that can be printed or sent to the browser.
+
+    A file name that is not valid UTF-8 (e.g. from an old zip archive) reaches Python with
+    stand-in characters that crash print() and JSON encoding; show its bad bytes as U+FFFD.
+    """
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 def _normalise_extension(extension: str) -> str:
@@ -139,10 +166,16 @@ def _normalise_extension(extension: str) -> str:
 
 def _check_file(path: Path, min_size: int) -> ImageItem | str:
     """An ImageItem (caption not yet filled in) for a good image, else the reason to skip it."""
+    # A link is never followed: it could lead anywhere on the machine (outside the folder the
+    # user chose), and copying or training on its target would be a surprise.
+    if path.is_symlink():
+        return LINK_REASON
     # The extension decides what counts as an image: simple and predictable for the user.
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return "not an image"
     try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
         width, height = _decoded_size(path)
     except PermissionError:
         return "cannot be read (no permission to open the file)"
@@ -160,12 +193,24 @@ def _check_file(path: Path, min_size: int) -> ImageItem | str:
 def _decoded_size(path: Path) -> tuple[int, int]:
     """Decode the whole image (to catch truncation) and return its size after EXIF rotation."""
     with Image.open(path) as img:  # opened read-only; Pillow never writes back
+        _refuse_bomb(img)
         img.load()
         width, height = img.size
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     if orientation in _QUARTER_TURN_ORIENTATIONS:
         return height, width
     return width, height
+
+
+def _refuse_bomb(img: Image.Image) -> None:
+    """Raise DecompressionBombError before decoding an image with more pixels than Pillow's limit.
+
+    Image.open raises only above twice the limit and merely warns between 1x and 2x; load()
+    would then allocate the whole picture (a tiny file can claim 12000x12000 px).
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise Image.DecompressionBombError(f"{img.width}x{img.height} px is over the limit of {limit} px")
 
 
 def _read_caption(caption_path: Path | None) -> str | None:
@@ -186,20 +231,22 @@ def load_rgb(path: str | Path) -> Image.Image:
     Raises DataError naming the file if it cannot be decoded or its colour mode is unusable.
     """
     path = Path(path)
+    name, parent = shown_name(path.name), shown_name(str(path.parent))
     try:
         with Image.open(path) as img:
+            _refuse_bomb(img)  # the file may have changed since the scan
             # exif_transpose returns a new image, so closing the file afterwards is safe.
             upright = ImageOps.exif_transpose(img)
     except Exception as exc:  # noqa: BLE001 - any decode failure means "this file is unusable"
         raise DataError(
-            f"Could not read the image '{path.name}' ({path.parent}): it is missing, corrupt, "
-            "truncated or not an image. Replace it with a good copy or remove it from the folder."
+            f"Could not read the image '{name}' ({parent}): it is missing, corrupt, "
+            "truncated, too large or not an image. Replace it with a good copy or remove it from the folder."
         ) from exc
     try:
         return _to_rgb(upright)
     except (ValueError, OSError) as exc:
         raise DataError(
-            f"The image '{path.name}' uses the colour mode '{upright.mode}', which cannot be "
+            f"The image '{name}' uses the colour mode '{upright.mode}', which cannot be "
             "converted to RGB. Re-save it as an ordinary RGB PNG or JPEG."
         ) from exc
 
@@ -345,7 +392,7 @@ def caption_prompts(items: list[ImageItem], default_prompt: str) -> list[str]:
     DataError when an image has no caption and there is no prompt to fall back on.
     """
     fallback = default_prompt.strip()
-    uncaptioned = [item.path.name for item in items if not item.caption]
+    uncaptioned = [shown_name(item.path.name) for item in items if not item.caption]
     if uncaptioned and not fallback:
         shown = ", ".join(uncaptioned[:_MAX_NAMES_IN_MESSAGE])
         more = len(uncaptioned) - _MAX_NAMES_IN_MESSAGE

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import IMAGE_EXTENSIONS, ImageItem, _check_file, scan_folder
+from .data import IMAGE_EXTENSIONS, LINK_REASON, ImageItem, _check_file, _list_folder, scan_folder, shown_name
 from .errors import DataError
 from .fileio import atomic_path, write_json, write_text
 
@@ -22,6 +22,9 @@ MANIFEST = "manifest.json"  # ignored by data.scan_folder
 REMOVED_DIR = ".removed"  # removed images are moved here (dot folders are never scanned)
 CAPTION_EXT = ".txt"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
+# Longest image name stem kept in a dataset, in UTF-8 bytes: with "-NN", the extension and the temp-file
+# padding of fileio.atomic_path it stays well under the 255-byte file name limit of common file systems.
+_MAX_STEM_BYTES = 120
 
 # Identifiers the community already uses; each is one CLIP token with little meaning of its own.
 KNOWN_IDENTIFIERS = ["sks", "ohwx", "bnha", "phol", "nlwx", "azwx"]
@@ -102,7 +105,7 @@ class AddReport:
     def summary(self) -> str:
         parts = [f"Added {len(self.added)} image{'' if len(self.added) == 1 else 's'}."]
         if self.skipped:
-            parts.append("Not added: " + "; ".join(f"{n}: {r}" for n, r in self.skipped) + ".")
+            parts.append("Not added: " + "; ".join(f"{shown_name(n)}: {r}" for n, r in self.skipped) + ".")
         return " ".join(parts)
 
 
@@ -116,9 +119,15 @@ def _digest(path: Path) -> str:
 
 def _free_name(folder: Path, name: str) -> str:
     """`name`, or `name-1`, `name-2`... so that no other file in the folder has the same stem
-    (captions are matched to images by stem)."""
+    (captions are matched to images by stem).
+
+    The name is first made fit to keep: printable (bad bytes become U+FFFD), not hidden (leading dots
+    and spaces dropped: a dot file is never scanned for training) and at most _MAX_STEM_BYTES long
+    (a 250-byte name plus a temp suffix failed with "File name too long").
+    """
     taken = {p.stem.lower() for p in folder.iterdir()}
     stem, suffix = Path(name).stem, Path(name).suffix
+    stem = shown_name(stem).lstrip(". ").encode("utf-8")[:_MAX_STEM_BYTES].decode("utf-8", "ignore") or "image"
     candidate, i = stem, 1
     while candidate.lower() in taken:
         candidate, i = f"{stem}-{i}", i + 1
@@ -140,14 +149,18 @@ def add_images(folder: str | Path, files: list[str | Path], min_size: int = 64, 
     """
     folder = Path(folder)
     paths = [Path(f) for f in files]
-    captions = {p.stem: p for p in paths if p.suffix.lower() == CAPTION_EXT}
-    present = {_digest(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    captions: dict[str, list[Path]] = {}
+    for p in paths:
+        if p.suffix.lower() == CAPTION_EXT:
+            captions.setdefault(p.stem, []).append(p)
+    present = {_digest(p) for p in folder.iterdir()
+               if p.is_file() and not p.is_symlink() and p.suffix.lower() in IMAGE_EXTENSIONS}
     manifest = read_manifest(folder)
     report = AddReport()
     for src in paths:
         if src.suffix.lower() == CAPTION_EXT:
             continue
-        if not src.is_file():
+        if not (src.is_file() or src.is_symlink()):  # a link goes on to _check_file, which says why it is refused
             report.skipped.append((src.name, "not found"))
             continue
         checked = _check_file(src, min_size)
@@ -161,18 +174,41 @@ def add_images(folder: str | Path, files: list[str | Path], min_size: int = 64, 
         name = _free_name(folder, src.name)
         _copy(src, folder / name)
         present.add(digest)
-        caption = captions.get(src.stem) or _sibling_caption(src)
-        if caption is not None:
-            _copy(caption, folder / (Path(name).stem + CAPTION_EXT))
-        manifest["sources"][name] = "uploaded" if uploaded else str(src)
+        caption, problem = _caption_for(src, captions)
+        if caption is not None and problem is None:
+            try:
+                _copy(caption, folder / (Path(name).stem + CAPTION_EXT))
+            except OSError as exc:  # e.g. no permission: the image stays, the report says why its caption did not
+                problem = f"cannot be read ({exc.strerror or exc})"
+        if problem:
+            report.skipped.append((caption.name, problem))
+        manifest["sources"][name] = "uploaded" if uploaded else shown_name(str(src))
         report.added.append(name)
     write_json(folder / MANIFEST, manifest)
     return report
 
 
-def _sibling_caption(image: Path) -> Path | None:
-    caption = image.with_suffix(CAPTION_EXT)
-    return caption if caption.is_file() else None
+def _caption_for(image: Path, captions: dict[str, list[Path]]) -> tuple[Path | None, str | None]:
+    """(the caption file of `image` or None, and None if it can be copied or else the reason it is not).
+
+    The caption beside the image wins; otherwise the one caption among the given files with the image's
+    stem (uploads each arrive in a folder of their own). Two such captions for two uploads named alike
+    cannot be told apart, so neither is used (it used to be the last one, for both images). A caption
+    that is a link is not followed, as with images.
+    """
+    sibling = image.with_suffix(CAPTION_EXT)
+    if sibling.is_file() or sibling.is_symlink():
+        found = [sibling]
+    else:
+        found = [p for p in captions.get(image.stem, []) if p.is_file() or p.is_symlink()]
+    if not found:
+        return None, None
+    if len(found) > 1:
+        return found[0], (f"{len(found)} caption files have this name and it is unclear which belongs to "
+                          f"{shown_name(image.name)}: none copied, type its caption in the Captions table")
+    if found[0].is_symlink():
+        return found[0], LINK_REASON.replace("the picture", "the caption text")
+    return found[0], None
 
 
 def add_folder(folder: str | Path, source: str | Path, min_size: int = 64) -> AddReport:
@@ -182,7 +218,7 @@ def add_folder(folder: str | Path, source: str | Path, min_size: int = 64) -> Ad
         raise DataError(f"The folder {str(source)!r} does not exist: check the path (e.g. /home/me/photos/rex).")
     if source.resolve() == Path(folder).resolve():
         raise DataError("That is the dataset's own folder: choose the folder where your original photos are.")
-    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = _list_folder(source)  # the same files a training run on `source` would see, links included
     report = add_images(folder, files, min_size)
     if not files:
         report.skipped.append((str(source), "the folder is empty"))
