@@ -2,6 +2,7 @@
 # One command for everything:
 #   ./launch.sh            start the app (creates .venv and installs the pinned requirements on first run)
 #   ./launch.sh test       run the whole test suite (extra pytest arguments are passed on)
+#   ./launch.sh bench      the speed / memory benchmark (python -m bench.train_step; arguments passed on)
 #   ./launch.sh ARGS...    any app.py command, e.g. ./launch.sh train --config my.yaml
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -30,5 +31,9 @@ fi
 if [ "${1:-}" = "test" ]; then
   shift
   exec "$VENV/bin/python" -m pytest "$@"
+fi
+if [ "${1:-}" = "bench" ]; then
+  shift
+  exec "$VENV/bin/python" -m bench.train_step "$@"
 fi
 exec "$VENV/bin/python" app.py "$@"

@@ -121,6 +121,7 @@ def test_train_tab_live_run_pause_test_resume_stop(ui, client, photos):
     maths = ui.call(client, "step_maths", dataset="train-set", **TRAIN, max_steps=30, batch_size=1, repeats=2)
     assert "3 images × 2 repeats × 5.0 epochs ÷ batch 1 = 30 steps" in maths["maths"]
     assert "Estimated training time" in maths["maths"]
+    assert "Expected GPU memory: about" in maths["maths"] and "No NVIDIA GPU found" in maths["maths"]
 
     with pytest.raises(AppError, match="No dataset chosen"):
         ui.call(client, "start_training", dataset=None, **TRAIN)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
+from core import vram
 from core.config import TEXT_ENCODER_TARGETS_ALL, UNET_TARGETS_ATTENTION, UNET_TARGETS_FULL
 from core.data import caption_prompts, scan_folder
 from core.datasets import dataset_dir
@@ -33,6 +35,8 @@ BUTTONS = {  # which controls make sense in each state
     "save_btn": ("running", "paused"),
 }
 ADAPTER_TYPES = [("LoRA", "lora"), ("LoHa", "loha"), ("LoKr", "lokr")]
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- live view (the polling handler)
@@ -204,6 +208,10 @@ def step_maths(ctx: Ctx, dataset: str, values: dict) -> str:
     how = "measured on your last run with this model, size and batch" if measured else "a rough guess"
     extra = f"; plus the samples every {t.sample_every} steps" if t.sample_every else ""
     lines.append(f"Estimated training time: **about {fmt_duration(t.max_steps * per_step)}** ({how}{extra}).")
+    try:
+        lines.append(vram.advice(cfg, vram.free_gpu_memory()))
+    except Exception as e:  # noqa: BLE001 - a model the planner cannot read: the run itself will say why
+        log.info("VRAM planner: %s", e)
     return "\n\n".join(lines)
 
 
@@ -346,7 +354,9 @@ def wire(ctx: Ctx, c: dict, form: dict, dataset) -> None:
 
     # Step maths: redrawn when anything it depends on changes.
     maths_names = ("max_steps", "batch_size", "repeats", "gradient_accumulation_steps", "prior_preservation",
-                   "num_class_images", "class_prompt", "resolution", "base_choice", "base_other", "sample_every")
+                   "num_class_images", "class_prompt", "resolution", "base_choice", "base_other", "sample_every",
+                   "adapter_type", "rank", "train_text_encoder", "text_encoder_rank", "mixed_precision", "optimizer",
+                   "gradient_checkpointing", "unet_targets", "text_encoder_targets")
 
     def maths(dataset, **values):
         return {"maths": step_maths(ctx, dataset, values)}

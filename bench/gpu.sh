@@ -1,0 +1,18 @@
+#!/bin/bash
+# The GPU benchmark in one command (issue 6): every case on the SD 1.5-shaped model at 512 px, JSON lines
+# into ${OUT:-.}/bench-gpu.jsonl and the table on stdout. About 6 minutes on one H100/H200.
+#
+# On a machine with the project's environment: bash bench/gpu.sh   (./launch.sh bench takes the same arguments)
+# On a lent GPU machine without registry access, prepare the wheels here first:
+#   ../shared/gpu-wheels.sh diffusers==0.42.1 importlib_metadata      (then carry .whl with the run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -m bench.train_step --model sd15 --steps "${STEPS:-30}" --warmup "${WARMUP:-10}" --out "${OUT:-.}/bench-gpu.jsonl" "$@"

@@ -1,0 +1,75 @@
+"""The plain reference loop the benchmark compares against (what a first DreamBooth + peft script does).
+
+peft's `get_peft_model` on the UNet and the text encoder (r8, alpha 8, the full UNet target set and the
+text encoder's q/v), frozen weights in float32 under fp16 autocast with a GradScaler on a GPU (float32 on
+a CPU), the VAE encode and the text encoder run every step, plain AdamW, `loss.item()` every step; no
+caching, no compile, no checkpointing. Written for the benchmark only: the app never imports it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
+from PIL import Image
+
+from core.config import TEXT_ENCODER_TARGETS, UNET_TARGETS_FULL
+
+
+def peft_config(kind: str, targets: list[str]):
+    if kind == "lora":
+        return LoraConfig(r=8, lora_alpha=8, target_modules=targets)
+    if kind == "loha":
+        return LoHaConfig(r=8, alpha=8, target_modules=targets)
+    return LoKrConfig(r=8, alpha=8, target_modules=targets)
+
+
+def load_pixels(folder: Path, size: int) -> list[torch.Tensor]:
+    out = []
+    for path in sorted(folder.glob("*.png")):
+        img = Image.open(path).convert("RGB").resize((size, size))
+        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    return out
+
+
+def reference_loop(base, kind: str, instance_dir: Path, class_dir: Path, size: int, steps: int,
+                   device: torch.device) -> list[float]:
+    """Train `steps` steps of 1 instance + 1 class image; return each step's seconds."""
+    fp16 = device.type == "cuda"
+    unet = get_peft_model(base.unet.to(device, torch.float32), peft_config(kind, list(UNET_TARGETS_FULL)))
+    text_encoder = get_peft_model(base.text_encoder.to(device, torch.float32),
+                                  peft_config(kind, list(TEXT_ENCODER_TARGETS)))
+    vae = base.vae.to(device, torch.float32).requires_grad_(False)
+    params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    instance, klass = load_pixels(instance_dir, size), load_pixels(class_dir, size)
+    prompts = ["a photo of sks dog", "a photo of a dog"]
+    sched = base.scheduler
+    unet.train()
+    text_encoder.train()
+    seconds = []
+    for step in range(steps):
+        tic = time.perf_counter()
+        pixels = torch.stack([instance[step % len(instance)], klass[step % len(klass)]]).to(device)
+        ids = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            cond = text_encoder(ids)[0]
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, sched.config.num_train_timesteps, (2,), device=device)
+            pred = unet(sched.add_noise(latents, noise, t), t, cond).sample
+            per_image = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = per_image[0] + 1.0 * per_image[1]
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        loss.item()
+        seconds.append(time.perf_counter() - tic)
+    return seconds

@@ -1,0 +1,306 @@
+"""Training speed and memory: this project's trainer against a plain reference loop, in one run.
+
+    python -m bench.train_step                      # GPU: SD 1.5-shaped model, 512 px; CPU: the demo model
+    python -m bench.train_step --model tiny --steps 4 --warmup 1      # seconds, anywhere (what the tests run)
+    python -m bench.train_step --only ours-default,reference-lora --steps 40 --warmup 10
+
+Every case trains on 4 instance + 4 class images (random pixels: speed does not depend on content) with
+prior preservation, so a step at batch 1 sees 1 instance + 1 class image. Models are built from configs
+with random weights (`sd15`: the shipped SD 1.5 configs; nothing is downloaded) or loaded (`demo`, `tiny`).
+
+Cases (adapters r8 on the full UNet target set + the text encoder's q/v, as the issue asks):
+- ours-default / ours-lowvram / ours-loha / ours-lokr: `core.trainer.train` with the sd15-lora,
+  sd15-lora-lowvram preset settings (LoHa/LoKr: the default preset with that adapter type);
+- ours-batch2 / ours-batch8: the default preset at 2 and 8 instance images per step (throughput);
+- reference-lora / -loha / -lokr: the plain loop in bench/reference.py (peft get_peft_model, fp16 autocast
+  on a GPU, VAE encode and text encoder every step, AdamW, loss.item() every step);
+- class-images: generation images/s, one at a time vs batched; preview: seconds per preview during training.
+
+Output: one JSON line per case (stdout, and --out FILE), then a table with ours/reference ratios.
+Step times are medians after --warmup steps; memory is PyTorch's peak allocated / reserved on the GPU
+(0 on the CPU), with the VRAM planner's estimate (core/vram.py) beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from core import events as ev  # noqa: E402
+from core.config import Config, TEXT_ENCODER_TARGETS, UNET_TARGETS_FULL, preset_dict  # noqa: E402
+from core.models import BaseModel, clip_tokenizer, load_base_model, read_config_folder, shipped_config_folder  # noqa: E402
+
+GIB = 2 ** 30
+OURS = {  # case -> (preset, overrides)
+    "ours-default": ("sd15-lora", {}),
+    "ours-lowvram": ("sd15-lora-lowvram", {}),
+    "ours-loha": ("sd15-lora", {"adapter": {"type": "loha"}}),
+    "ours-lokr": ("sd15-lora", {"adapter": {"type": "lokr"}}),
+    "ours-batch2": ("sd15-lora", {"train": {"batch_size": 2}}),
+    "ours-batch8": ("sd15-lora", {"train": {"batch_size": 8}}),
+}
+REFERENCE = {"reference-lora": "lora", "reference-loha": "loha", "reference-lokr": "lokr"}
+EXTRA = ("class-images", "preview")
+ALL = (*OURS, *REFERENCE, *EXTRA)
+CPU_DEFAULT = ("ours-default", "ours-loha", "ours-lokr", "ours-batch2", "ours-batch8", "reference-lora",
+               "reference-loha", "reference-lokr", "class-images", "preview")
+
+
+# --------------------------------------------------------------------------- models and data
+
+def build_model(name: str, device: torch.device) -> BaseModel:
+    """`sd15`: SD 1.5-shaped, random weights, built on `device` directly; else core.models.load_base_model."""
+    if name != "sd15":
+        return load_base_model(name)
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = read_config_folder(shipped_config_folder("sd1", "epsilon"))
+    plain = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(plain(cfg["unet"]))
+        vae = AutoencoderKL.from_config(plain(cfg["vae"]))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**plain(cfg["text_encoder"])))
+    for m in (unet, vae, text_encoder):  # random init can overflow fp16 in deep stacks; keep activations sane
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() > 1:
+                    p.mul_(0.5)
+    return BaseModel("sd15-random", clip_tokenizer(), text_encoder, vae, unet, DDPMScheduler.from_config(plain(cfg["scheduler"])))
+
+
+def native_resolution(base: BaseModel) -> int:
+    return int(base.unet.config.sample_size) * base.vae_scale_factor
+
+
+def make_images(folder: Path, n: int, size: int, seed: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
+    return folder
+
+
+def case_config(case: str, model: str, resolution: int, work: Path, steps: int) -> Config:
+    preset, overrides = OURS[case]
+    d = preset_dict(preset)
+    d.pop("description", None)
+    d["model"] = {"base": model}
+    d["data"].update(instance_dir=str(work / "instance"), instance_prompt="a photo of sks dog", class_dir=str(work / "class"),
+                     class_prompt="a photo of a dog", num_class_images=4, resolution=resolution, min_image_size=8)
+    d["adapter"].update(rank=8, alpha=8, unet_targets=list(UNET_TARGETS_FULL), text_encoder_targets=list(TEXT_ENCODER_TARGETS),
+                        text_encoder_rank=8, text_encoder_alpha=8)
+    if not d["adapter"].get("train_text_encoder", False) and case != "ours-lowvram":
+        d["adapter"]["train_text_encoder"] = True
+    d["train"].update(max_steps=steps, sample_every=0, checkpoint_every=0, prior_preservation=True, seed=0)
+    d["output"] = {"dir": str(work / "runs"), "name": case}
+    for section, values in overrides.items():
+        d.setdefault(section, {}).update(values)
+    return Config.from_dict(d)
+
+
+# --------------------------------------------------------------------------- timing
+
+class Clock:
+    """Step times from the trainer's Progress events; the peak-memory counter restarts after warm-up."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device, self.times, self.loop_start_peak = warmup, device, [], None
+
+    def __call__(self, event) -> None:
+        if isinstance(event, ev.Progress):
+            self.times.append(time.perf_counter())  # the trainer reads the loss every step: the GPU is synced
+
+    def step_seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:])][self.warmup:]
+
+
+def memory_start(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory_peak(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"peak_allocated_gib": 0.0, "peak_reserved_gib": 0.0}
+    torch.cuda.synchronize()
+    return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3)}
+
+
+def summary(seconds: list[float], images_per_step: int) -> dict:
+    med = statistics.median(seconds)
+    return {"median_step_s": round(med, 5), "images_per_s": round(images_per_step / med, 3), "steps_timed": len(seconds)}
+
+
+def run_ours(case: str, args, device: torch.device, work: Path) -> dict:
+    from core import vram
+    from core.trainer import train
+
+    cfg = case_config(case, args.model, args.resolution, work, args.warmup + args.steps + 1)
+    base = build_model(args.model, device)
+    clock = Clock(args.warmup, device)
+    memory_start(device)
+    train(cfg, emit=clock, base=base)
+    out = {**summary(clock.step_seconds(), cfg.train.batch_size * 2), **memory_peak(device)}
+    precision = "fp16" if device.type == "cuda" else "no"
+    out["planner_gib"] = round(vram.plan(cfg, precision).total / GIB, 3)
+    if out["peak_allocated_gib"]:
+        out["planner_ratio"] = round(out["planner_gib"] / out["peak_allocated_gib"], 3)
+    del base
+    return out
+
+
+def run_reference(kind: str, args, device: torch.device, work: Path) -> dict:
+    from bench.reference import reference_loop
+
+    base = build_model(args.model, device)
+    memory_start(device)
+    seconds = reference_loop(base, kind, work / "instance", work / "class", args.resolution, args.warmup + args.steps + 1,
+                             device)
+    out = {**summary(seconds[args.warmup + 1:], 2), **memory_peak(device)}  # as ours: the first step untimed
+    del base
+    return out
+
+
+def run_class_images(args, device: torch.device, work: Path) -> dict:
+    """Images/s of class-image generation, one image per batch vs `--class-batch` per batch."""
+    from core.class_images import ensure_class_images
+
+    base = build_model(args.model, device).to(device, torch.float16 if device.type == "cuda" else None)
+    out = {}
+    for label, batch in (("one_at_a_time", 1), ("batched", args.class_batch)):
+        d = preset_dict("sd15-lora")
+        d.pop("description", None)
+        d["model"] = {"base": args.model}
+        d["data"].update(instance_dir=str(work / "instance"), class_prompt="a photo of a dog", resolution=args.resolution,
+                         class_dir=str(work / f"gen-{label}"), num_class_images=1, class_steps=args.class_steps,
+                         class_batch_size=batch)
+        ensure_class_images(Config.from_dict(d), base, device)  # warm-up: one image
+        d["data"]["num_class_images"] = 1 + args.class_images
+        tic = time.perf_counter()
+        ensure_class_images(Config.from_dict(d), base, device)
+        out[f"{label}_images_per_s"] = round(args.class_images / (time.perf_counter() - tic), 3)
+    out["batched_speedup"] = round(out["batched_images_per_s"] / out["one_at_a_time_images_per_s"], 3)
+    out.update(class_batch=args.class_batch, class_steps=args.class_steps)
+    return out
+
+
+def run_preview(args, device: torch.device, work: Path) -> dict:
+    """Seconds per preview (the sample images shown while training), timed around the trainer's own call."""
+    from core import trainer
+
+    cfg = case_config("ours-default", args.model, args.resolution, work, 4)
+    cfg.output.name = "preview"
+    cfg.train.sample_every = 2
+    cfg.train.sample_steps = args.class_steps
+    cfg.train.sample_prompts = ["a photo of sks dog", "a photo of a dog"]
+    times = []
+    original = trainer.Run.sample
+
+    def timed(self):
+        tic = time.perf_counter()
+        original(self)
+        times.append(time.perf_counter() - tic)
+
+    trainer.Run.sample = timed
+    try:
+        trainer.train(cfg, base=build_model(args.model, device))
+    finally:
+        trainer.Run.sample = original
+    return {"preview_s": round(statistics.median(times[1:] or times), 4), "previews": len(times),
+            "images_per_preview": len(cfg.train.sample_prompts), "sample_steps": cfg.train.sample_steps}
+
+
+# --------------------------------------------------------------------------- main
+
+def table(rows: list[dict]) -> str:
+    ref = {r["case"].split("-", 1)[1]: r for r in rows if r["case"].startswith("reference-")}
+    lines = ["case                 s/step   img/s  peak GiB  planner GiB  speed-up vs reference"]
+    for r in rows:
+        if "median_step_s" not in r:
+            continue
+        kind = {"ours-loha": "loha", "ours-lokr": "lokr"}.get(r["case"], "lora")
+        vs = ""
+        if r["case"].startswith("ours-") and kind in ref and r["case"] not in ("ours-batch2", "ours-batch8"):
+            vs = f"{ref[kind]['median_step_s'] / r['median_step_s']:.2f}x"
+        lines.append(f"{r['case']:<20} {r['median_step_s']:>7.4f} {r['images_per_s']:>7.2f} "
+                     f"{r['peak_allocated_gib']:>9.2f} {r.get('planner_gib', float('nan')):>12.2f}  {vs}")
+    for r in rows:
+        if r["case"] == "class-images":
+            lines.append(f"class images: {r['one_at_a_time_images_per_s']} img/s one at a time, "
+                         f"{r['batched_images_per_s']} img/s in batches of {r['class_batch']} ({r['batched_speedup']}x)")
+        if r["case"] == "preview":
+            lines.append(f"preview during training: {r['preview_s']} s each ({r['images_per_preview']} images, "
+                         f"{r['sample_steps']} steps)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="sd15 (random weights, SD 1.5 shape), demo or tiny (default: sd15 on a GPU, else demo)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resolution", type=int, default=0, help="pixels (default: the model's own, 512 for sd15)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    p.add_argument("--only", help=f"comma-separated cases (default: all on a GPU; on a CPU: {', '.join(CPU_DEFAULT)})")
+    p.add_argument("--class-images", type=int, default=8, help="class images generated per timing")
+    p.add_argument("--class-batch", type=int, default=8)
+    p.add_argument("--class-steps", type=int, default=20, help="sampling steps for class images and previews")
+    p.add_argument("--out", help="also append the JSON lines to this file")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    args.model = args.model or ("sd15" if device.type == "cuda" else "demo")
+    if not args.resolution:
+        args.resolution = 512 if args.model == "sd15" else native_resolution(load_base_model(args.model))
+    cases = args.only.split(",") if args.only else list(ALL if device.type == "cuda" else CPU_DEFAULT)
+    unknown = [c for c in cases if c not in ALL]
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(ALL)}")
+    if device.type == "cpu":
+        torch.set_num_threads(torch.get_num_threads())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_images(work / "instance", 4, args.resolution, 0)
+        make_images(work / "class", 4, args.resolution, 1)
+        for case in cases:
+            tic = time.perf_counter()
+            if case in OURS:
+                result = run_ours(case, args, device, work)
+            elif case in REFERENCE:
+                result = run_reference(REFERENCE[case], args, device, work)
+            elif case == "class-images":
+                result = run_class_images(args, device, work)
+            else:
+                result = run_preview(args, device, work)
+            row = {"case": case, **result, "model": args.model, "resolution": args.resolution, "device": name,
+                   "torch": torch.__version__, "wall_s": round(time.perf_counter() - tic, 1)}
+            rows.append(row)
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

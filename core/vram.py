@@ -1,0 +1,193 @@
+"""VRAM planner: the GPU memory a training run will need, estimated before it starts.
+
+The peak of a run is the frozen weights + the adapters with their gradients and optimizer state + the
+activations the forward pass keeps for the backward pass + a few transient buffers. The first two are
+parameter counts. The activations are measured, not guessed: the UNet (and text encoder, when trained)
+is built on PyTorch's "meta" device (shapes only, no memory, well under a second for SD 1.5), the
+adapters are injected as in training, and one forward pass at the run's batch and resolution is traced
+with autograd's saved-tensor hooks, which see every tensor kept for backward. Attention is traced as the
+fused kernels behave on a GPU (they keep q, k, v and the output, never the attention matrix).
+
+`bench/train_step.py` prints this estimate beside the measured peak of each case.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from . import adapters
+from .config import Config
+from .models import DEMO_MODEL_DIR, build_tiny_model, looks_like_path, read_config_folder, shipped_config_folder
+
+GIB = 2 ** 30
+CUDA_CONTEXT = 0.4 * GIB  # what the CUDA context and kernels take on a card besides PyTorch's allocations
+BYTES = {"fp16": 2, "bf16": 2, "no": 4}
+
+
+@dataclass
+class MemoryPlan:
+    weights: int  # frozen UNet + text encoder + VAE, in the run's precision
+    adapter: int  # adapter weights, their gradients and the optimizer state (float32)
+    activations: int  # what one training step keeps for its backward pass
+    transient: int  # buffers alive at the peak besides those (gradients of the largest activations)
+    assumed: str = ""  # set when the model's shape was assumed (a hub id not downloaded yet)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapter + self.activations + self.transient
+
+    def text(self) -> str:
+        parts = (f"weights {size(self.weights)}, adapters {size(self.adapter)}, "
+                 f"activations {size(self.activations + self.transient)}")
+        return f"about {size(self.total)} ({parts})" + (f"; {self.assumed}" if self.assumed else "")
+
+
+def size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 2 else f"{n / 2 ** 20:.0f} MiB"
+
+
+class _FusedAttention(torch.autograd.Function):
+    """A stand-in for scaled_dot_product_attention while tracing: keeps what the GPU's fused kernels keep."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never called: tracing runs the forward only
+        raise NotImplementedError
+
+
+def _attention(q, k, v, *args, **kwargs):
+    return _FusedAttention.apply(q, k, v)
+
+
+def model_configs(spec: str) -> tuple[dict[str, dict], str]:
+    """The diffusers configs of base model `spec` without loading weights, and a note when they are assumed."""
+    from .ldm_convert import embedded_configs
+    from .models import _read_safetensors_header, detect_family, hf_cache_dir
+
+    if spec == "demo":
+        return read_config_folder(DEMO_MODEL_DIR), ""
+    if spec == "tiny":
+        m = build_tiny_model()
+        return {"unet": dict(m.unet.config), "vae": dict(m.vae.config), "text_encoder": m.text_encoder.config.to_dict()}, ""
+    path = Path(spec).expanduser()
+    if looks_like_path(spec) and path.is_dir():
+        return read_config_folder(path), ""
+    if looks_like_path(spec) and path.is_file() and path.suffix.lower() == ".safetensors":
+        metadata, shapes = _read_safetensors_header(path)
+        configs = embedded_configs(metadata)
+        return configs or read_config_folder(shipped_config_folder(detect_family(shapes, path.name), "epsilon")), ""
+    snapshots = sorted((hf_cache_dir() / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/unet"))
+    if snapshots:
+        return read_config_folder(snapshots[-1].parent), ""
+    return read_config_folder(shipped_config_folder("sd1", "epsilon")), "model shape assumed to be SD 1.5"
+
+
+def _meta_parts(configs: dict[str, dict]):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    plain = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(plain(configs["unet"]))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**plain(configs["text_encoder"])))
+        vae = AutoencoderKL.from_config(plain(configs["vae"]))
+    return unet, text_encoder, vae
+
+
+def _traced_bytes(module: torch.nn.Module, run, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes of the activations `run()` keeps for backward, bytes of the largest one); weights excluded."""
+    weight_shapes = {tuple(p.shape) for p in module.parameters()}
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor):
+        if t.dim() and tuple(t.shape) not in weight_shapes:
+            kept[id(t)] = t  # by identity: a tensor saved by two operations is in memory once
+        return t
+
+    with mock.patch.object(F, "scaled_dot_product_attention", _attention), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    sizes = [t.numel() * t.element_size() for t in kept.values()]
+    return sum(sizes), max(sizes, default=0)
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(configs_json: str, key: str) -> tuple[int, int, int, int]:
+    configs = json.loads(configs_json)
+    k = json.loads(key)
+    dtype = torch.float16 if k["precision"] in ("fp16", "bf16") else torch.float32
+    if k["precision"] == "bf16":
+        dtype = torch.bfloat16
+    unet, text_encoder, vae = _meta_parts(configs)
+    weights = sum(p.numel() for m in (unet, text_encoder, vae) for p in m.parameters()) * BYTES[k["precision"]]
+    for m in (unet, text_encoder):
+        m.requires_grad_(False)
+        m.to(dtype)
+    specs = {part: adapters.AdapterSpec(**s) for part, s in k["specs"].items()}
+    trainable = 0
+    for part, spec in specs.items():
+        trainable += sum(p.numel() for p in adapters.inject({"unet": unet, "text_encoder": text_encoder}[part], spec))
+    state_bytes = 4 + 4 + (2 if k["optimizer"] == "adamw8bit" else 8)  # weight, gradient, AdamW moments
+    if k["checkpointing"]:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    images = k["batch"]
+    latent = k["resolution"] // (2 ** (len(configs["vae"]["block_out_channels"]) - 1))
+    tokens, width = 77, configs["text_encoder"]["hidden_size"]
+    sample = torch.empty((images, configs["unet"].get("in_channels", 4), latent, latent), device="meta", dtype=dtype)
+    cond = torch.empty((images, tokens, width), device="meta", dtype=dtype)
+    steps = torch.zeros(images, device="meta", dtype=torch.long)
+    act, largest = _traced_bytes(unet, lambda: unet(sample, steps, cond), dtype)
+    if "text_encoder" in specs:
+        text_encoder.train()
+        ids = torch.zeros((images, tokens), device="meta", dtype=torch.long)
+        te_act, te_largest = _traced_bytes(text_encoder, lambda: text_encoder(ids), dtype)
+        act, largest = act + te_act, max(largest, te_largest)
+    return weights, trainable * state_bytes, act, 2 * largest
+
+
+def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
+    """The expected peak GPU memory of training `cfg` (allocated by PyTorch, without the CUDA context)."""
+    configs, assumed = model_configs(cfg.model.base)
+    t = cfg.train
+    precision = precision or (t.mixed_precision if t.mixed_precision in BYTES else "fp16")
+    specs = adapters.specs_from_config(cfg)
+    key = json.dumps({
+        "precision": precision, "optimizer": t.optimizer, "checkpointing": t.gradient_checkpointing,
+        "batch": t.batch_size * (2 if t.prior_preservation else 1), "resolution": cfg.data.resolution,
+        "specs": {part: vars(s) for part, s in specs.items()},
+    }, sort_keys=True, default=str)
+    weights, adapter, act, transient = _plan(json.dumps(configs, sort_keys=True, default=str), key)
+    return MemoryPlan(weights, adapter, act, transient, assumed)
+
+
+def advice(cfg: Config, free_bytes: int | None) -> str:
+    """One line for the Train tab: the expected peak and whether it fits the GPU's free memory."""
+    p = plan(cfg)
+    line = f"Expected GPU memory: {p.text()}."
+    if free_bytes is None:
+        return line + " No NVIDIA GPU found: training runs on the CPU."
+    need = p.total + CUDA_CONTEXT
+    line += f" The GPU has {size(free_bytes)} free"
+    if need <= free_bytes:
+        return line + ": it fits."
+    return (line + ": **not enough**. Choose the low-VRAM preset, or lower the resolution or batch size, or turn "
+            "on gradient checkpointing.")
+
+
+def free_gpu_memory() -> int | None:
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return int(free)
