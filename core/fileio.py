@@ -5,8 +5,10 @@ A crash or a full disk therefore never leaves a half-written adapter, image, con
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -21,10 +23,54 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync(tmp)  # the bytes are on disk before the name is: a crash right after never leaves an empty file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete what a killed process left half-written in `folder`: `.<name>.*.tmp` files and `.ckpt-*` folders."""
+    folder = Path(folder)
+    stale = [*folder.glob(".*.tmp"), *folder.glob(".ckpt-*")] if folder.is_dir() else []
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def disk_error_message(e: OSError, where: str | Path) -> str | None:
+    """Plain words for a full disk or an unwritable folder; None for other OS errors."""
+    if e.errno in NO_SPACE:
+        return (f"The disk is full: could not write in {where} ({e.strerror}). Free some space (or choose another output folder, "
+                "output.dir), then resume the run.")
+    if e.errno in READ_ONLY:
+        return (f"Cannot write in {where} ({e.strerror}): choose an output folder you can write to (output.dir) "
+                "or fix its permissions.")
+    return None
+
+
+def check_writable(folder: str | Path, need_bytes: int = 0) -> None:
+    """Raise OSError (ENOSPC / EACCES ...) now, before hours of work, when `folder` cannot take a run's files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+    if need_bytes and shutil.disk_usage(folder).free < need_bytes:
+        raise OSError(errno.ENOSPC, f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free, "
+                                    f"about {need_bytes / 2**20:.0f} MiB needed")
 
 
 def write_text(path: str | Path, text: str) -> Path:

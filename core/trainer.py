@@ -35,7 +35,7 @@ from .class_images import class_dir_for, class_min_size, ensure_class_images
 from .config import Config, read_yaml, resolve_path
 from .data import ImageSet, caption_prompts, scan_folder
 from .errors import ConfigError, DataError, UserError
-from .fileio import write_text
+from .fileio import check_writable, disk_error_message, fsync, remove_stale_temps, write_text
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, Emit, Failed, Finished, Log, Paused,
                      Progress, Resumed, SampleReady, ignore)
 from .models import BaseModel, load_base_model
@@ -341,6 +341,8 @@ def save_checkpoint(run: Run, optimizer, lr_scheduler) -> Path | None:
     torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng},
                tmp / "state.pt")
     (tmp / "state.json").write_text(json.dumps({"step": run.step}))
+    for f in ("state.pt", "state.json"):  # on disk before the folder gets its final name (the adapter already is)
+        fsync(tmp / f)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -397,14 +399,23 @@ def make_optimizer(cfg: Config, params: dict[str, list]) -> torch.optim.Optimize
 def train(cfg: Config, emit: Emit = ignore, commands: queue.Queue | None = None, resume_dir: str | Path | None = None,
           base: BaseModel | None = None) -> Path:
     """Train an adapter; return the run folder. Errors a user can fix raise UserError (after a Failed event)."""
+    where: dict = {}  # filled by _train: the run folder, once it exists
     try:
-        return _train(cfg, emit, commands, resume_dir, base)
+        return _train(cfg, emit, commands, resume_dir, base, where)
     except UserError as e:
         emit(Failed(str(e)))
         raise
     except torch.cuda.OutOfMemoryError:
         msg = ("The GPU ran out of memory. Try the low-VRAM preset, a smaller resolution or batch size, "
-               "gradient checkpointing, or close other programs using the GPU.")
+               "gradient checkpointing, or close other programs using the GPU." + _kept(where))
+        emit(Failed(msg, traceback.format_exc()))
+        raise UserError(msg) from None
+    except OSError as e:
+        msg = disk_error_message(e, Path(e.filename).parent if e.filename else cfg.output.dir)
+        if msg is None:
+            emit(Failed(f"Training failed: {type(e).__name__}: {e}", traceback.format_exc()))
+            raise
+        msg += _kept(where)
         emit(Failed(msg, traceback.format_exc()))
         raise UserError(msg) from None
     except Exception as e:
@@ -412,14 +423,28 @@ def train(cfg: Config, emit: Emit = ignore, commands: queue.Queue | None = None,
         raise
 
 
-def _train(cfg, emit, commands, resume_dir, base) -> Path:
+def _kept(where: dict) -> str:
+    """What is left of a run that stopped on an error: its newest checkpoint, to resume from."""
+    run_dir = where.get("run_dir")
+    ckpt = latest_checkpoint(run_dir) if run_dir and (run_dir / "checkpoints").is_dir() else None
+    if ckpt is None:
+        return ""
+    return f" The checkpoint of step {int(ckpt.name[5:])} is kept: resume the run ({run_dir}) after the change."
+
+
+def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     acc = make_accelerator(cfg)
     main_emit = emit if acc.is_main_process else ignore
     control = Controller(commands, acc, main_emit)
     t = cfg.train
 
-    # 1. Run folder: the one we resume, or a new one (created after step 3).
+    # 1. Run folder: the one we resume, or a new one (created after step 3). Checked writable now, not hours later.
     run_dir = Path(resume_dir).expanduser() if resume_dir else run_dir_path(cfg, acc)
+    if acc.is_main_process:
+        check_writable(run_dir.parent)
+        if resume_dir:  # what a killed run left half-written (never read: the names differ) goes
+            for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
+                remove_stale_temps(folder)
 
     # 2. The frozen base model, in half precision under mixed precision (adapters stay float32).
     weight_dtype = DTYPES[acc.mixed_precision]
@@ -435,6 +460,7 @@ def _train(cfg, emit, commands, resume_dir, base) -> Path:
         raise UserError("Stopped before training started (while generating class images).")
     if not resume_dir:
         create_run_dir(cfg, acc, run_dir)
+    where["run_dir"] = run_dir
     main_emit(Log(f"Run folder: {run_dir}"))
 
     # 4. Adapters on the UNet (and text encoder): the only trainable parameters.
@@ -442,6 +468,8 @@ def _train(cfg, emit, commands, resume_dir, base) -> Path:
     params = adapters.inject_all(base, specs)
     n_params = sum(p.numel() for ps in params.values() for p in ps)
     main_emit(Log(f"{cfg.adapter.type} adapter: {n_params:,} trainable parameters on {', '.join(params)}"))
+    if acc.is_main_process:  # the adapter, the kept checkpoints (adapter + AdamW state) and one being written
+        check_writable(run_dir, n_params * 4 * (1 + 3 * (t.keep_checkpoints + 1)) + 20 * 2 ** 20)
     train_te = "text_encoder" in params
     if t.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
