@@ -194,3 +194,30 @@ def test_out_of_memory_stops_cleanly_keeps_the_checkpoint_and_the_app_goes_on(tm
     session.start(cfg2)
     assert session.wait(120) == "finished"
     assert Path(session.snapshot()["adapter_path"]).is_file()
+
+
+def test_the_apps_resume_continues_a_killed_run(tmp_path, instance_dir):
+    """A run killed with the process (the app or the command line) shows up in the Train tab's stopped runs;
+    Continue resumes it from its last checkpoint to the end."""
+    from ui_helpers import start_app, stop_app
+
+    cfg = tiny_config(tmp_path, instance_dir, output={"dir": str(tmp_path / "ws" / "runs"), "name": "crashed"},
+                      train={"max_steps": STEPS, "checkpoint_every": 3})
+    path = tmp_path / "crashed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "ws" / "runs" / "crashed"
+    kill_when(start("train", "--config", path), run_dir, 7)
+    resumed_from = assert_intact(run_dir)
+    assert 0 < resumed_from < STEPS
+    app = start_app(tmp_path / "ws")
+    try:
+        client = app.client()
+        from ui.train_tab import resumable_runs
+
+        assert resumable_runs(app.ctx) == ["crashed"]  # what the Train tab offers under "Stopped run"
+        app.call(client, "continue_run", resume_run="crashed")
+        assert app.ctx.session.wait(120) == "finished"
+    finally:
+        stop_app(app)
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    assert adapters.read_adapter(run_dir / "crashed.safetensors").metadata["steps"] == str(STEPS)

@@ -327,7 +327,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
     c["log"] = gr.Textbox("", label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="db-log")
     with gr.Accordion("Continue an earlier run", open=False):
         with gr.Row(elem_classes="db-bottom"):
-            c["resume_run"] = gr.Dropdown([], label="Stopped run (continues from its last checkpoint)", scale=3,
+            c["resume_run"] = gr.Dropdown(resumable_runs(ctx), label="Stopped run (continues from its last checkpoint)", scale=3,
                                           elem_id="tr-resume-run")
             c["continue_btn"] = gr.Button("Continue run", scale=0, min_width=160, elem_id="tr-continue")
     c["train_sent"] = gr.State(None)
