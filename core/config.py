@@ -176,6 +176,9 @@ class Config:
                 raise ConfigError(f"`adapter.{key}` must be in [0, 1), got {value}.")
         if not self.adapter.unet_targets:
             raise ConfigError("`adapter.unet_targets` is empty: name at least one UNet module type, e.g. to_q.")
+        name = self.output.name  # Fix (issue 7): "../x" from the app's run-name box put the run outside the workspace
+        if name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ConfigError(f"`output.name` must be a plain folder name (no / or \\, not . or ..), got {name!r}.")
         if self.adapter.train_text_encoder and not self.adapter.text_encoder_targets:
             raise ConfigError("`adapter.text_encoder_targets` is empty while `adapter.train_text_encoder` is on.")
         if self.version > CONFIG_VERSION:

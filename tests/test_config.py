@@ -379,7 +379,7 @@ def test_preset_loads_and_is_consistent(name):
     assert isinstance(raw.get("description"), str) and raw["description"].strip()
     assert isinstance(raw.get("model", {}).get("base"), str) and raw["model"]["base"].strip()
     cfg = load_config(preset=name)
-    assert cfg.adapter.type == name.rsplit("-", 1)[-1]
+    assert cfg.adapter.type == name.removesuffix("-lowvram").rsplit("-", 1)[-1]  # <model>-<type>[-lowvram]
     assert cfg.model.base == raw["model"]["base"]
     # every key the preset sets shows up in the config (nothing silently dropped)
     for section, values in raw.items():
@@ -422,3 +422,15 @@ def test_spec_key_values_are_sensible_defaults():
     assert cfg.train.prior_preservation is True and cfg.train.mixed_precision == "auto"
     assert cfg.adapter.rank > 0 and cfg.adapter.alpha > 0
     assert Path(cfg.output.dir).name
+
+
+@pytest.mark.parametrize("name", ["../x", "../../etc", "a/b", "/tmp/run", "..\\x", "..", "."])
+def test_run_name_must_be_a_plain_folder_name(name):
+    # issue 7: the app's run-name box fills output.name; "../x" put the run folder outside the workspace
+    with pytest.raises(ConfigError, match=r"`output\.name` must be a plain folder name"):
+        Config.from_dict({"output": {"name": name}})
+
+
+def test_plain_run_names_are_accepted():
+    for name in ("", "rex-v1", "my run 2", "a.b", "...x"):
+        assert Config.from_dict({"output": {"name": name}}).output.name == name

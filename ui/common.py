@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import html
 import logging
+import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -87,6 +89,42 @@ def bind(ctx: Ctx, event: Callable, fn: Callable, inputs: dict[str, Any] | None 
         kwargs.setdefault("api_visibility", "undocumented")
     return event(run, inputs_kwargs=dict(inputs or {}) or None, outputs=[outputs[n] for n in names],
                  api_name=api_name, **kwargs)
+
+
+def name_config_keys(components: dict[str, Any], keys: dict[str, str]) -> None:
+    """Make the checks Gradio runs before a handler (a field's minimum and maximum, text where a number goes, a
+    choice not offered) name the config key, as the config's own checks do. Only these instances change: one
+    re-created by a gr.update(...) of its properties would fall back to Gradio's wording."""
+    # Fix (issue 7): they said "Value 0 is less than minimum value 1." without naming the setting.
+    for name, comp in components.items():
+        if name in keys and isinstance(comp, gr.components.Component):
+            comp.preprocess = types.MethodType(_keyed_preprocess(type(comp).preprocess, keys[name]), comp)
+
+
+def _keyed_preprocess(preprocess: Callable, key: str) -> Callable:
+    def checked(self, payload):
+        if isinstance(self, gr.Number) and payload is not None:
+            _check_number(self, key, payload)
+        try:
+            return preprocess(self, payload)
+        except gr.Error as e:
+            raise gr.Error(f"`{key}`: {e.message}", duration=None, print_exception=False) from None
+
+    return checked
+
+
+def _check_number(comp: gr.Number, key: str, value: Any) -> None:
+    def refuse(why: str):
+        raise gr.Error(f"`{key}` {why}", duration=None, print_exception=False)
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        refuse(f"must be a number, got {value!r}.")
+    if comp.precision == 0 and value != int(value):
+        refuse(f"must be a whole number, got {value:g}.")
+    if comp.minimum is not None and value < comp.minimum:
+        refuse(f"must be at least {comp.minimum:g}, got {value:g}.")
+    if comp.maximum is not None and value > comp.maximum:
+        refuse(f"must be at most {comp.maximum:g}, got {value:g}.")
 
 
 # --------------------------------------------------------------------------- base-model picker

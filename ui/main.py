@@ -20,7 +20,7 @@ from core.playground import Playground  # noqa: E402
 from core.session import ClassImagesJob, Session  # noqa: E402
 
 from . import class_tab, dataset_tab, playground_tab, train_tab  # noqa: E402
-from .common import CSS, Ctx, bind, link_pickers  # noqa: E402
+from .common import CSS, Ctx, bind, link_pickers, name_config_keys  # noqa: E402
 from .form import FIELDS, form_values, initial_config  # noqa: E402
 
 log = logging.getLogger("ui")
@@ -62,6 +62,8 @@ def build_app(workspace: str | Path | None = None, session: Session | None = Non
         everything = {**d, **k, **t}
         form = {f.name: everything[f.name] for f in FIELDS} | {"base_choice": t["base_choice"],
                                                                "base_other": t["base_other"]}
+        # Fix (issue 7): a value Gradio refuses before a handler runs (rank 0, text for a number) names its config key.
+        name_config_keys(form, {f.name: f.key for f in FIELDS} | {"base_choice": "model.base"})
         dataset_tab.wire(ctx, d, {"class_prompt": k["class_prompt"]})
         class_tab.wire(ctx, k, d["resolution"])
         train_tab.wire(ctx, t, form, d["dataset"])

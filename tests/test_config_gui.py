@@ -1,0 +1,184 @@
+"""Bad settings are refused with the config key named (issue 7), in the app and on the command line.
+
+Wrong types, unknown keys and out-of-range values (rank 0, a negative learning rate, a resolution that is not a
+multiple of 8...) reach the config through three doors: the app's form (Start, the step maths, Save preset), the
+presets the app loads, and the command line (`--set`, `--config`). Each names the key and starts nothing.
+The config's own checks are tested in test_config.py (test_wrong_types_name_the_key, test_validate_errors_name_the_key,
+test_unknown_nested_key_names_the_dotted_key, test_load_config_rejects_unknown_preset_and_keys);
+test_cli.py::test_errors_are_plain_and_exit_2 runs `--set train.bogus=1` in a subprocess.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+from ui_helpers import sample_images, start_app, stop_app
+
+from gradio_client.exceptions import AppError  # noqa: E402
+
+BASE = dict(base_choice="tiny", resolution=32, instance_prompt="a photo of sks ball", rank=4, alpha=4,
+            learning_rate=1e-3, max_steps=2, sample_every=0, checkpoint_every=0, prior_preservation=False)
+
+# (form values that override BASE, the config key the refusal must name)
+BAD_FORMS = [
+    ({"rank": 0}, "adapter.rank"),
+    ({"rank": -4}, "adapter.rank"),
+    ({"learning_rate": -1}, "train.learning_rate"),
+    ({"learning_rate": 0}, "train.learning_rate"),
+    ({"resolution": 500}, "data.resolution"),
+    ({"resolution": 0}, "data.resolution"),
+    ({"max_steps": 0}, "train.max_steps"),
+    ({"batch_size": 0}, "train.batch_size"),
+    ({"dropout": 1.5}, "adapter.dropout"),
+    ({"lr_warmup_steps": -1}, "train.lr_warmup_steps"),
+    ({"rank": "abc"}, "adapter.rank"),  # text where a number goes
+    ({"rank": 2.5}, "adapter.rank"),  # not a whole number
+    ({"max_steps": True}, "train.max_steps"),
+    ({"max_steps": None}, "train.max_steps"),  # an emptied field
+    ({"learning_rate": "fast"}, "train.learning_rate"),
+    ({"text_encoder_learning_rate": "abc"}, "train.text_encoder_learning_rate"),
+    ({"alpha": [1]}, "adapter.alpha"),
+    ({"adapter_type": "dora"}, "adapter.type"),
+    ({"lr_scheduler": "sometimes"}, "train.lr_scheduler"),
+    ({"train_text_encoder": "yes"}, "adapter.train_text_encoder"),
+    ({"unet_targets": ""}, "adapter.unet_targets"),
+    ({"base_choice": "sd99"}, "model.base"),
+    ({"run_name": "../elsewhere"}, "output.name"),
+]
+BAD_PRESETS = {  # user presets in the workspace (hand-edited), and the key each one gets wrong
+    "typo": ("adapter:\n  rnak: 4\n", "adapter.rnak"),
+    "rank-zero": ("adapter:\n  rank: 0\n", "adapter.rank"),
+    "odd-size": ("data:\n  resolution: 500\n", "data.resolution"),
+    "lr-text": ("train:\n  learning_rate: fast\n", "train.learning_rate"),
+    "new-section": ("optimiser:\n  lr: 1\n", "optimiser"),
+}
+
+
+def names_the_key(text: str, key: str) -> bool:
+    return f"`{key}`" in text
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("workspace")
+    (ws / "presets").mkdir()
+    for name, (body, _) in BAD_PRESETS.items():  # there before the app starts, so they are in the preset list
+        (ws / "presets" / f"{name}.yaml").write_text(f"version: 1\n{body}")
+    app = start_app(ws)
+    yield app
+    stop_app(app)
+
+
+@pytest.fixture(scope="module")
+def client(ui):
+    c = ui.client()
+    ui.call(c, "create_dataset", new_name="ball", resolution=32)
+    out = ui.call(c, "add_folder", dataset="ball", folder=str(sample_images(ui.workspace.parent / "photos")),
+                  resolution=32)
+    assert out["add_msg"].startswith("Added 3 images.")
+    return c
+
+
+def listing(ui) -> dict[str, list[str]]:
+    return {sub: sorted(p.name for p in (ui.workspace / sub).iterdir()) if (ui.workspace / sub).is_dir() else []
+            for sub in ("runs", "presets")}
+
+
+def test_the_base_settings_are_accepted(ui, client):
+    """So that each refusal below is the bad value's doing."""
+    maths = ui.call(client, "step_maths", dataset="ball", **BASE)["maths"]
+    assert "3 images" in maths and "Check the settings" not in maths
+    saved = ui.call(client, "save_preset", preset_name="fine", **BASE)
+    assert saved["preset"]["value"] == "fine" and (ui.workspace / "presets" / "fine.yaml").is_file()
+
+
+@pytest.mark.parametrize("bad, key", BAD_FORMS, ids=[f"{k}={v!r}" for k, v in (next(iter(b.items())) for b, _ in BAD_FORMS)])
+def test_a_bad_form_value_is_refused_naming_the_key(ui, client, bad, key):
+    before = listing(ui)
+    values = dict(BASE, **bad)
+    with pytest.raises(AppError) as start:
+        ui.call(client, "start_training", dataset="ball", **values)
+    assert names_the_key(str(start.value), key), str(start.value)
+    with pytest.raises(AppError) as save:
+        ui.call(client, "save_preset", preset_name="bad", **values)
+    assert names_the_key(str(save.value), key), str(save.value)
+    try:  # the step maths says what to fix instead of the sums
+        maths = ui.call(client, "step_maths", dataset="ball", **values)["maths"]
+        assert maths.startswith("**Check the settings:**") and names_the_key(maths, key), maths
+    except AppError as e:  # or it is refused before the handler runs (a value Gradio itself checks)
+        assert names_the_key(str(e), key), str(e)
+    assert "Something went wrong" not in str(start.value) + str(save.value)
+    assert ui.ctx.session.snapshot()["state"] == "idle"
+    assert listing(ui) == before  # no run folder, no preset file
+
+
+@pytest.mark.parametrize("name", list(BAD_PRESETS))
+def test_a_bad_user_preset_is_refused_naming_the_key(ui, client, name):
+    key = BAD_PRESETS[name][1]
+    with pytest.raises(AppError) as info:
+        ui.call(client, "load_preset", preset=name)
+    assert names_the_key(str(info.value), key), str(info.value)
+    assert ui.call(client, "load_preset", preset="fine")["max_steps"] == BASE["max_steps"]  # a good one still loads
+
+
+# --------------------------------------------------------------------------- the command line (in-process: fast)
+
+BAD_SETS = [
+    ("adapter.rank=0", "adapter.rank"),
+    ("train.learning_rate=-1", "train.learning_rate"),
+    ("data.resolution=500", "data.resolution"),
+    ("nosuch.key=1", "nosuch"),
+    ("adapter.nosuch=1", "adapter.nosuch"),
+    ("adapter.rank=abc", "adapter.rank"),
+    ("adapter.rank=1.5", "adapter.rank"),
+    ("train.max_steps=[1, 2]", "train.max_steps"),
+    ("adapter.type=dora", "adapter.type"),
+    ("data.center_crop=maybe", "data.center_crop"),
+    ("output.name=../elsewhere", "output.name"),
+]
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    import app
+
+    code = app.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def train_args(tmp_path, instance_dir):
+    return ["train", "--preset", "demo-lora", "--set", f"data.instance_dir={instance_dir}",
+            "--set", f"output.dir={tmp_path / 'runs'}"]
+
+
+@pytest.mark.parametrize("setting, key", BAD_SETS, ids=[s for s, _ in BAD_SETS])
+def test_cli_set_refuses_a_bad_value_naming_the_key(setting, key, train_args, tmp_path, capsys):
+    code, err = run_cli([*train_args, "--set", setting], capsys)
+    assert code == 2 and names_the_key(err, key), err
+    assert err.startswith("Error: ") and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # no run folder
+
+
+@pytest.mark.parametrize("body, key", [
+    ("adapter:\n  rnak: 4\n", "adapter.rnak"),
+    ("preset: demo-lora\ntrain:\n  learnig_rate: 0.001\n", "train.learnig_rate"),
+    ("preset: demo-lora\ntrain:\n  learning_rate: fast\n", "train.learning_rate"),
+    ("data:\n  resolution: 500\n", "data.resolution"),
+    ("adapter: 4\n", "adapter"),
+    ("optimiser:\n  lr: 1\n", "optimiser"),
+], ids=["unknown-key", "typo-over-preset", "wrong-type", "out-of-range", "not-a-section", "unknown-section"])
+def test_cli_config_file_with_a_bad_key_is_refused_naming_it(body, key, tmp_path, instance_dir, capsys):
+    path = tmp_path / "mine.yaml"
+    path.write_text(body)
+    argv = ["--config", path, "--set", f"data.instance_dir={instance_dir}", "--set", f"output.dir={tmp_path / 'runs'}"]
+    for command in ("train", "class-images"):
+        code, err = run_cli([command, *argv], capsys)
+        assert code == 2 and names_the_key(err, key), (command, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "class_images").exists()
+
+
+def test_cli_unknown_preset_is_refused(tmp_path, capsys):
+    code, err = run_cli(["train", "--preset", "no-such-preset", "--set", f"output.dir={tmp_path / 'runs'}"], capsys)
+    assert code == 2 and re.search(r"No preset named 'no-such-preset'\. Presets: .*demo-lora", err), err
+    assert not (tmp_path / "runs").exists()
