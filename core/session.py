@@ -31,6 +31,7 @@ class History:
     samples: list[tuple[int, str, str]] = field(default_factory=list)  # (step, path, prompt)
     checkpoints: list[tuple[int, str]] = field(default_factory=list)
     logs: list[str] = field(default_factory=list)
+    logs_dropped: int = 0  # lines cut from the front of `logs` (LOG_LIMIT), so pollers can read "lines since N"
     it_per_s: float = 0.0
     eta_s: float = 0.0
     run_dir: str = ""
@@ -188,6 +189,7 @@ class Session:
                 if e.message.startswith("Run folder: "):
                     h.run_dir = e.message.removeprefix("Run folder: ")
                 h.logs.append(e.message)
+            h.logs_dropped += max(len(h.logs) - LOG_LIMIT, 0)  # so a poller reading "lines since N" loses none past the cap
             del h.logs[:-LOG_LIMIT]
 
     def snapshot(self) -> dict:
@@ -197,6 +199,7 @@ class Session:
             return {
                 "state": h.state, "step": h.step, "total": h.total, "losses": list(h.losses), "lrs": list(h.lrs),
                 "samples": list(h.samples), "checkpoints": list(h.checkpoints), "logs": list(h.logs),
+                "log_count": h.logs_dropped + len(h.logs),
                 "it_per_s": h.it_per_s, "eta_s": h.eta_s, "run_dir": h.run_dir, "adapter_path": h.adapter_path,
                 "error": h.error, "error_detail": h.error_detail, "elapsed_s": time.time() - h.started_at if h.started_at else 0.0,
                 "started_at": h.started_at,
