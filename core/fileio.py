@@ -63,14 +63,20 @@ def disk_error_message(e: OSError, where: str | Path) -> str | None:
 
 
 def check_writable(folder: str | Path, need_bytes: int = 0) -> None:
-    """Raise OSError (ENOSPC / EACCES ...) now, before hours of work, when `folder` cannot take a run's files."""
+    """Refuse now, before hours of work, a folder that cannot take a run's files (ConfigError in plain words)."""
+    from .errors import ConfigError
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-        pass
-    if need_bytes and shutil.disk_usage(folder).free < need_bytes:
-        raise OSError(errno.ENOSPC, f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free, "
-                                    f"about {need_bytes / 2**20:.0f} MiB needed")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        free = shutil.disk_usage(folder).free
+        if need_bytes and free < need_bytes:
+            raise OSError(errno.ENOSPC, f"{free / 2**20:.0f} MiB free, about {need_bytes / 2**20:.0f} MiB needed")
+    except OSError as e:
+        raise ConfigError(disk_error_message(e, folder) or f"Cannot use the output folder {folder} ({e.strerror or e}): "
+                          "choose another one (output.dir).") from None
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -157,6 +157,9 @@ def test_unwritable_or_full_output_folder_is_refused_before_the_run(tmp_path, in
     with pytest.raises(UserError, match="Cannot write in"):
         train(cfg, emit=events.append)
     assert not any(isinstance(e, CheckpointSaved) for e in events)
+    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, output={"dir": "/proc/no-such-folder/runs"}))
+    with pytest.raises(UserError, match="Cannot use the output folder /proc/no-such-folder/runs"):
+        train(cfg)
     # nearly no space left: refused with the numbers, before any step
     usage = type("Usage", (), {"free": 5 * 2 ** 20, "total": 2 ** 30, "used": 0})
     monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: usage)
