@@ -62,14 +62,6 @@ class Session:
         """Start training in a daemon thread; refuse while another run is going."""
         from .trainer import train  # heavy imports only when training
 
-        with self._lock:
-            if self.busy:
-                raise UserError("A training run is already in progress. Stop it first, or wait for it to finish.")
-            self._commands = queue.Queue()
-            self._h = History(state="running", total=cfg.train.max_steps, started_at=time.time())
-            self._h.logs.append("Starting...")
-            self.config = cfg
-
         def work():
             try:
                 # The session loads the base model itself (when not given) so that it can reach the run's live
@@ -93,8 +85,16 @@ class Session:
                     if self._h.state in ("running", "paused", "stopping"):
                         self._h.state = "failed" if self._h.error else "finished"
 
-        self._thread = threading.Thread(target=work, name="training", daemon=True)
-        self._thread.start()
+        # The check and the start under one lock: two Start clicks at the same moment cannot both start a run.
+        with self._lock:
+            if self.busy:
+                raise UserError("A training run is already in progress. Stop it first, or wait for it to finish.")
+            self._commands = queue.Queue()
+            self._h = History(state="running", total=cfg.train.max_steps, started_at=time.time())
+            self._h.logs.append("Starting...")
+            self.config = cfg
+            self._thread = threading.Thread(target=work, name="training", daemon=True)
+            self._thread.start()
 
     def command(self, name: str) -> bool:
         """Queue stop / pause / resume / sample / save; False when nothing is running."""

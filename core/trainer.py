@@ -249,6 +249,14 @@ class Controller:
                 return self.stop_requested
             cmds = self._agree(self._read(block=True))
 
+    def drain(self, on_sample, on_save) -> None:
+        """After the last step: carry out the sample / save commands that arrived during it (nothing to pause)."""
+        for c in self._agree(self._read(block=False)):
+            if c == SAMPLE:
+                on_sample()
+            elif c == SAVE:
+                on_save()
+
     def should_stop(self) -> bool:
         """For long set-up work (class images): look for a stop without consuming other commands."""
         if self.commands is not None and not self.stop_requested:
@@ -595,6 +603,8 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
             run.flush_losses()
 
     # 8. Finish: a resumable checkpoint when stopped early, and the adapter file either way.
+    if not stopped:
+        control.drain(run.sample, lambda: save_checkpoint(run, optimizer, lr_scheduler))
     if stopped:
         save_checkpoint(run, optimizer, lr_scheduler)
     run.flush_losses()

@@ -81,3 +81,47 @@ def test_failure_is_reported_in_plain_words(tmp_path, instance_dir):
     snap = s.snapshot()
     assert "missing" in snap["error"] and "Traceback" not in snap["error"]
     assert snap["logs"][-1].startswith("Error:")
+
+
+def test_two_starts_at_the_same_moment_start_one_run(tmp_path, instance_dir):
+    """Two Start clicks (two tabs) at once: exactly one run starts, the other is refused."""
+    import threading
+
+    for attempt in range(10):
+        s = Session()
+        cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 2},
+                                           output={"name": f"race{attempt}"}))
+        barrier, outcomes = threading.Barrier(2), []
+
+        def click():
+            barrier.wait()
+            try:
+                s.start(cfg)
+                outcomes.append("started")
+            except UserError:
+                outcomes.append("refused")
+
+        clickers = [threading.Thread(target=click) for _ in range(2)]
+        for t in clickers:
+            t.start()
+        for t in clickers:
+            t.join()
+        assert sorted(outcomes) == ["refused", "started"]
+        assert s.wait(60) == "finished"
+
+
+def test_a_sample_asked_for_during_the_last_step_is_made(tmp_path, instance_dir):
+    import queue
+
+    from core.events import SAMPLE, Progress, SampleReady
+    from core.trainer import train
+
+    commands, events = queue.Queue(), []
+
+    def emit(e):
+        events.append(e)
+        if isinstance(e, Progress) and e.step == 3:
+            commands.put(SAMPLE)  # the user clicks "Sample now" just as the last step ends
+
+    train(Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 3})), emit=emit, commands=commands)
+    assert [e.step for e in events if isinstance(e, SampleReady)] == [3]
