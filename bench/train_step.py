@@ -40,7 +40,8 @@ if str(ROOT) not in sys.path:
 
 from core import events as ev  # noqa: E402
 from core.config import Config, TEXT_ENCODER_TARGETS, UNET_TARGETS_FULL, preset_dict  # noqa: E402
-from core.models import BaseModel, clip_tokenizer, load_base_model, read_config_folder, shipped_config_folder  # noqa: E402
+from core.models import (BaseModel, clip_tokenizer, load_base_model, parts_from_configs, read_config_folder,  # noqa: E402
+                         shipped_config_folder)
 
 GIB = 2 ** 30
 OURS = {  # case -> (preset, overrides)
@@ -64,22 +65,18 @@ def build_model(name: str, device: torch.device) -> BaseModel:
     """`sd15`: SD 1.5-shaped, random weights, built on `device` directly; else core.models.load_base_model."""
     if name != "sd15":
         return load_base_model(name)
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler
 
     cfg = read_config_folder(shipped_config_folder("sd1", "epsilon"))
-    plain = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(plain(cfg["unet"]))
-        vae = AutoencoderKL.from_config(plain(cfg["vae"]))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**plain(cfg["text_encoder"])))
+        unet, text_encoder, vae = parts_from_configs(cfg)
     for m in (unet, vae, text_encoder):  # random init can overflow fp16 in deep stacks; keep activations sane
         with torch.no_grad():
             for p in m.parameters():
                 if p.dim() > 1:
                     p.mul_(0.5)
-    return BaseModel("sd15-random", clip_tokenizer(), text_encoder, vae, unet, DDPMScheduler.from_config(plain(cfg["scheduler"])))
+    return BaseModel("sd15-random", clip_tokenizer(), text_encoder, vae, unet, DDPMScheduler.from_config(cfg["scheduler"]))
 
 
 def native_resolution(base: BaseModel) -> int:

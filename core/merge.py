@@ -6,10 +6,10 @@ adapter wrappers are taken out, leaving a plain Stable Diffusion model that any 
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
+from peft.utils.other import get_pattern_key
 
 from . import adapters
 from .errors import ModelLoadError
@@ -59,11 +59,8 @@ def merge_to_model(base_spec: str, files: list[tuple[str | Path, float]], out: s
 # --- several LoRAs into one LoRA file ------------------------------------------------------------------------------
 
 def _module_alpha(spec: adapters.AdapterSpec, module: str) -> float:
-    """The alpha peft uses for `module`: its alpha_pattern entry (matched as peft does, on a name suffix), else alpha."""
-    for pattern, alpha in spec.alpha_pattern.items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
-            return float(alpha)
-    return float(spec.alpha)
+    """The alpha peft uses for `module`: its alpha_pattern entry (peft's own matching), else alpha."""
+    return float(spec.alpha_pattern.get(get_pattern_key(spec.alpha_pattern, module), spec.alpha))
 
 
 def lora_pairs(adapter: adapters.AdapterFile) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:

@@ -132,6 +132,16 @@ def build_tiny_model(seed: int = 0, prediction_type: str = "epsilon") -> BaseMod
     return BaseModel("tiny", tokenizer, text_encoder, vae, unet, scheduler)
 
 
+def parts_from_configs(configs: Mapping[str, dict]) -> tuple[UNet2DConditionModel, CLIPTextModel, AutoencoderKL]:
+    """UNet, text encoder and VAE with fresh (random) weights from diffusers-style configs, on the default device
+    (wrap the call in `with torch.device("meta"):` for shapes only, or a GPU to build there directly)."""
+    plain = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731  (drop "_class_name" ...)
+    unet = UNet2DConditionModel.from_config(plain(configs["unet"]))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**plain(configs["text_encoder"])))
+    vae = AutoencoderKL.from_config(plain(configs["vae"]))
+    return unet, text_encoder, vae
+
+
 def save_model_folder(model: BaseModel, folder: str | Path) -> Path:
     """Write `model` as a diffusers folder (model_index.json + one subfolder per part)."""
     from diffusers import StableDiffusionPipeline

@@ -418,17 +418,14 @@ def train(cfg: Config, emit: Emit = ignore, commands: queue.Queue | None = None,
                "gradient checkpointing, or close other programs using the GPU." + _kept(where))
         emit(Failed(msg, traceback.format_exc()))
         raise UserError(msg) from None
-    except OSError as e:
-        msg = disk_error_message(e, Path(e.filename).parent if e.filename else cfg.output.dir)
-        if msg is None:
+    except Exception as e:
+        disk = isinstance(e, OSError) and disk_error_message(e, Path(e.filename).parent if e.filename else cfg.output.dir)
+        if not disk:
             emit(Failed(f"Training failed: {type(e).__name__}: {e}", traceback.format_exc()))
             raise
-        msg += _kept(where)
+        msg = disk + _kept(where)  # a full disk or an unwritable folder: plain words, and what is kept
         emit(Failed(msg, traceback.format_exc()))
         raise UserError(msg) from None
-    except Exception as e:
-        emit(Failed(f"Training failed: {type(e).__name__}: {e}", traceback.format_exc()))
-        raise
 
 
 def _kept(where: dict) -> str:
@@ -603,10 +600,10 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
             run.flush_losses()
 
     # 8. Finish: a resumable checkpoint when stopped early, and the adapter file either way.
-    if not stopped:
-        control.drain(run.sample, lambda: save_checkpoint(run, optimizer, lr_scheduler))
     if stopped:
         save_checkpoint(run, optimizer, lr_scheduler)
+    else:
+        control.drain(run.sample, lambda: save_checkpoint(run, optimizer, lr_scheduler))
     run.flush_losses()
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -23,11 +23,12 @@ import torch.nn.functional as F
 
 from . import adapters
 from .config import Config
-from .models import DEMO_MODEL_DIR, build_tiny_model, looks_like_path, read_config_folder, shipped_config_folder
+from .models import (DEMO_MODEL_DIR, build_tiny_model, looks_like_path, parts_from_configs, read_config_folder,
+                     shipped_config_folder)
+from .trainer import DTYPES
 
 GIB = 2 ** 30
 CUDA_CONTEXT = 0.4 * GIB  # what the CUDA context and kernels take on a card besides PyTorch's allocations
-BYTES = {"fp16": 2, "bf16": 2, "no": 4}
 
 
 @dataclass
@@ -93,19 +94,7 @@ def model_configs(spec: str) -> tuple[dict[str, dict], str]:
     return read_config_folder(shipped_config_folder("sd1", "epsilon")), "model shape assumed to be SD 1.5"
 
 
-def _meta_parts(configs: dict[str, dict]):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    plain = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(plain(configs["unet"]))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**plain(configs["text_encoder"])))
-        vae = AutoencoderKL.from_config(plain(configs["vae"]))
-    return unet, text_encoder, vae
-
-
-def _traced_bytes(module: torch.nn.Module, run, dtype: torch.dtype) -> tuple[int, int]:
+def _traced_bytes(module: torch.nn.Module, run) -> tuple[int, int]:
     """(bytes of the activations `run()` keeps for backward, bytes of the largest one); weights excluded."""
     weight_shapes = {tuple(p.shape) for p in module.parameters()}
     kept: dict[int, torch.Tensor] = {}
@@ -126,11 +115,10 @@ def _traced_bytes(module: torch.nn.Module, run, dtype: torch.dtype) -> tuple[int
 def _plan(configs_json: str, key: str) -> tuple[int, int, int, int]:
     configs = json.loads(configs_json)
     k = json.loads(key)
-    dtype = torch.float16 if k["precision"] in ("fp16", "bf16") else torch.float32
-    if k["precision"] == "bf16":
-        dtype = torch.bfloat16
-    unet, text_encoder, vae = _meta_parts(configs)
-    weights = sum(p.numel() for m in (unet, text_encoder, vae) for p in m.parameters()) * BYTES[k["precision"]]
+    dtype = DTYPES[k["precision"]]
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        unet, text_encoder, vae = parts_from_configs(configs)
+    weights = sum(p.numel() for m in (unet, text_encoder, vae) for p in m.parameters()) * dtype.itemsize
     for m in (unet, text_encoder):
         m.requires_grad_(False)
         m.to(dtype)
@@ -148,11 +136,11 @@ def _plan(configs_json: str, key: str) -> tuple[int, int, int, int]:
     sample = torch.empty((images, configs["unet"].get("in_channels", 4), latent, latent), device="meta", dtype=dtype)
     cond = torch.empty((images, tokens, width), device="meta", dtype=dtype)
     steps = torch.zeros(images, device="meta", dtype=torch.long)
-    act, largest = _traced_bytes(unet, lambda: unet(sample, steps, cond), dtype)
+    act, largest = _traced_bytes(unet, lambda: unet(sample, steps, cond))
     if "text_encoder" in specs:
         text_encoder.train()
         ids = torch.zeros((images, tokens), device="meta", dtype=torch.long)
-        te_act, te_largest = _traced_bytes(text_encoder, lambda: text_encoder(ids), dtype)
+        te_act, te_largest = _traced_bytes(text_encoder, lambda: text_encoder(ids))
         act, largest = act + te_act, max(largest, te_largest)
     return weights, trainable * state_bytes, act, 2 * largest
 
@@ -161,7 +149,7 @@ def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
     """The expected peak GPU memory of training `cfg` (allocated by PyTorch, without the CUDA context)."""
     configs, assumed = model_configs(cfg.model.base)
     t = cfg.train
-    precision = precision or (t.mixed_precision if t.mixed_precision in BYTES else "fp16")
+    precision = precision or (t.mixed_precision if t.mixed_precision in DTYPES else "fp16")  # auto: fp16 on a GPU
     specs = adapters.specs_from_config(cfg)
     key = json.dumps({
         "precision": precision, "optimizer": t.optimizer, "checkpointing": t.gradient_checkpointing,
