@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,20 @@ class _FusedAttention(torch.autograd.Function):
         raise NotImplementedError
 
 
-def _attention(q, k, v, *args, **kwargs):
-    return _FusedAttention.apply(q, k, v)
+_trace_lock = threading.Lock()  # one trace at a time (the stand-in below is installed for its duration)
+_tracing = threading.local()  # set only in the thread that traces
+
+
+def _attention_for(original):
+    """scaled_dot_product_attention that is the stand-in in the tracing thread only: training running in another
+    thread of the app at the same moment keeps the real attention."""
+    def attention(*args, **kwargs):
+        if getattr(_tracing, "on", False):
+            q, k, v = (*args, *(kwargs[n] for n in ("query", "key", "value") if n in kwargs))[:3]
+            return _FusedAttention.apply(q, k, v)
+        return original(*args, **kwargs)
+
+    return attention
 
 
 def model_configs(spec: str) -> tuple[dict[str, dict], str]:
@@ -104,9 +116,16 @@ def _traced_bytes(module: torch.nn.Module, run) -> tuple[int, int]:
             kept[id(t)] = t  # by identity: a tensor saved by two operations is in memory once
         return t
 
-    with mock.patch.object(F, "scaled_dot_product_attention", _attention), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
+    with _trace_lock:
+        original = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _attention_for(original)
+        _tracing.on = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # hooks are per thread too
+                run()
+        finally:
+            _tracing.on = False
+            F.scaled_dot_product_attention = original
     sizes = [t.numel() * t.element_size() for t in kept.values()]
     return sum(sizes), max(sizes, default=0)
 

@@ -86,3 +86,29 @@ def test_a_hub_model_not_downloaded_is_assumed_sd15(monkeypatch, tmp_path):
 @pytest.mark.parametrize("name", ["sd15-lora", "sd15-lora-lowvram"])
 def test_presets_load(name):
     assert Config.from_dict({k: v for k, v in preset_dict(name).items() if k != "description"}).model.base
+
+
+def test_tracing_leaves_attention_alone_in_other_threads():
+    """The app traces in a handler thread while a run may train in another: that run keeps the real attention
+    (it once got the trace's stand-in, whose backward raises, and failed)."""
+    import threading
+
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    seen = {}
+
+    def other_thread():
+        seen["out"] = F.scaled_dot_product_attention(q, k, v)
+
+    def run():
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        seen["traced"] = F.scaled_dot_product_attention(q.clone().requires_grad_(), k, v)
+
+    vram._traced_bytes(torch.nn.Linear(1, 1), run)
+    torch.testing.assert_close(seen["out"], expected)
+    assert seen["traced"].grad_fn is not None and type(seen["traced"].grad_fn).__name__ == "_FusedAttentionBackward"
+    assert F.scaled_dot_product_attention(q, k, v).equal(expected)  # restored afterwards
