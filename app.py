@@ -64,9 +64,12 @@ def cmd_train(args) -> int:
         bar.write("Stopping after this step (a checkpoint is saved). Press Ctrl+C again to abort.")
         commands.put(ev.STOP)
 
-    signal.signal(signal.SIGINT, on_interrupt)
-    run_dir = train(cfg, emit=on_event, commands=commands, resume_dir=args.resume)
-    bar.close()
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        run_dir = train(cfg, emit=on_event, commands=commands, resume_dir=args.resume)
+    finally:  # main() may be called in-process (tests, scripts): leave Ctrl+C as it was
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
     if is_main_process():
         print(run_dir)
     return 0

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for everything:
 #   ./launch.sh            start the app (creates .venv and installs the pinned requirements on first run)
-#   ./launch.sh test       run the whole test suite (extra pytest arguments are passed on)
+#   ./launch.sh test       run the whole test suite (extra pytest arguments are passed on; installs Debian's
+#                          chromium for the browser test when missing, as root);
+#                          ./launch.sh test -m "not slow" is the fast tier developers run after each change
 #   ./launch.sh bench      the speed / memory benchmark (python -m bench.train_step; arguments passed on)
 #   ./launch.sh ARGS...    any app.py command, e.g. ./launch.sh train --config my.yaml
 set -euo pipefail
@@ -28,8 +30,24 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$STAMP"
 fi
 
+# The real-browser test drives Debian's chromium through Playwright (never `playwright install`: that downloads a
+# browser). Installed here when missing and we are root with apt-get; otherwise the rest of the suite runs and that
+# one test fails with the line to run.
+ensure_chromium() {
+  [ -x "${CHROMIUM:-/usr/bin/chromium}" ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing Debian's chromium for the browser test (once)..."
+    if DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; then
+      return 0
+    fi
+  fi
+  echo "Note: chromium is not installed, so the browser test will fail. Install it: sudo apt-get install -y chromium" >&2
+}
+
 if [ "${1:-}" = "test" ]; then
   shift
+  ensure_chromium
   exec "$VENV/bin/python" -m pytest "$@"
 fi
 if [ "${1:-}" = "bench" ]; then

@@ -1,4 +1,5 @@
-"""The command line, end to end in subprocesses, including a two-process `accelerate launch` run."""
+"""The command line through `app.main(argv)` in this process (what a subprocess would add is proven by the slow
+tier: the two-process `accelerate launch` run here, and the SIGKILL tests in test_faults.py run app.py itself)."""
 from __future__ import annotations
 
 import csv
@@ -7,8 +8,10 @@ import queue
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import ROOT, tiny_config
 from PIL import Image
@@ -22,7 +25,31 @@ from core.trainer import train
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
-def cli(*args, timeout=300, cmd=None):
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `app.py ARGS` in this process: exit code (argparse's SystemExit included), stdout, stderr."""
+    import app
+
+    def run(*args) -> Result:
+        capsys.readouterr()
+        try:
+            code = app.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
+
+
+def subprocess_cli(*args, timeout=300, cmd=None):
     cmd = cmd or [sys.executable, str(ROOT / "app.py")]
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
 
@@ -33,7 +60,7 @@ def write_config(tmp_path, instance_dir, **sections) -> Path:
     return path
 
 
-def test_train_then_sample(tmp_path, instance_dir):
+def test_train_then_sample(tmp_path, instance_dir, cli):
     config = write_config(tmp_path, instance_dir, train={"max_steps": 3, "sample_every": 3})
     r = cli("train", "--config", config, "--set", "adapter.type=loha", "--set", "output.name=cli-run")
     assert r.returncode == 0, r.stderr
@@ -71,7 +98,7 @@ def test_train_then_sample(tmp_path, instance_dir):
     assert r.returncode == 2 and "already in the kohya" in r.stderr and not (tmp_path / "again.safetensors").exists()
 
 
-def test_class_images_command(tmp_path, instance_dir):
+def test_class_images_command(tmp_path, instance_dir, cli):
     config = write_config(tmp_path, instance_dir, data={"num_class_images": 3})
     r = cli("class-images", "--config", config)
     assert r.returncode == 0, r.stderr
@@ -79,7 +106,7 @@ def test_class_images_command(tmp_path, instance_dir):
     assert len(list((tmp_path / "workspace" / "class_images").rglob("class_*.png"))) == 3
 
 
-def test_resume_from_cli(tmp_path, instance_dir):
+def test_resume_from_cli(tmp_path, instance_dir, cli):
     commands = queue.Queue()
 
     def emit(e):
@@ -95,7 +122,7 @@ def test_resume_from_cli(tmp_path, instance_dir):
     assert adapters.read_adapter(run_dir / "resumable.safetensors").metadata["steps"] == "5"
 
 
-def test_errors_are_plain_and_exit_2(tmp_path, instance_dir):
+def test_errors_are_plain_and_exit_2(tmp_path, instance_dir, cli):
     config = write_config(tmp_path, instance_dir)
     r = cli("train", "--config", config, "--set", "train.bogus=1")
     assert r.returncode == 2 and "Unknown setting `train.bogus`" in r.stderr and "Traceback" not in r.stderr
@@ -105,8 +132,20 @@ def test_errors_are_plain_and_exit_2(tmp_path, instance_dir):
     assert r.returncode == 2 and "not found" in r.stderr
     r = cli("train")
     assert r.returncode == 2 and "--config" in r.stderr
+    r = cli("train", "--bogus-flag")
+    assert r.returncode == 2 and "--bogus-flag" in r.stderr  # argparse's own message
+    r = cli("export", "--adapter", tmp_path / "none.safetensors", "--out", tmp_path / "e.safetensors")
+    assert r.returncode == 2 and "not found" in r.stderr and not (tmp_path / "e.safetensors").exists()
+    r = cli("export", "--adapter", config, "--out", tmp_path / "e.safetensors")
+    assert r.returncode == 2 and ".safetensors" in r.stderr and "Traceback" not in r.stderr
+    r = cli("merge", "--adapter", tmp_path / "a.safetensors", "--out", tmp_path / "m.safetensors")
+    assert r.returncode == 2 and "--base" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = cli("train", "--resume", tmp_path / "empty")
+    assert r.returncode == 2 and "not a run folder" in r.stderr
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch(tmp_path, instance_dir):
     """The same CLI under `accelerate launch --num_processes 2` (two CPU processes, gloo)."""
     config = write_config(tmp_path, instance_dir, train={"max_steps": 3, "sample_every": 3, "checkpoint_every": 2,
@@ -114,7 +153,7 @@ def test_two_process_accelerate_launch(tmp_path, instance_dir):
     launcher = [shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate", "launch",
                 "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--main_process_port", "29631", str(ROOT / "app.py")]
-    r = cli("train", "--config", config, cmd=launcher, timeout=600)
+    r = subprocess_cli("train", "--config", config, cmd=launcher, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = tmp_path / "workspace" / "runs" / "ddp"
     assert r.stdout.strip().splitlines().count(str(run_dir)) == 1  # printed by the main process only

@@ -6,6 +6,7 @@ page and find the run again. Screenshots of every step go to test-output/ui/.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -13,15 +14,23 @@ from pathlib import Path
 import pytest
 from ui_helpers import OUTPUT, launched_app, sample_images
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+INSTALL = ("The browser test needs Debian's chromium at /usr/bin/chromium: sudo apt-get install -y chromium "
+           "(./launch.sh test installs it when run as root), or CHROMIUM=/path/to/chromium.")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 TIMEOUT = 60_000  # ms; the CPU may be busy
 
 from playwright import sync_api  # noqa: E402  (requirements-dev.txt)
 
-# No skip: without a browser this test fails, saying how to get one.
-assert CHROMIUM.exists(), "Debian's chromium is needed: apt-get install -y chromium (.ci/run does it)"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium():
+    """First of all (before the app starts): no skip, without a browser this test fails saying how to get one."""
+    if not CHROMIUM.exists():
+        pytest.fail(INSTALL, pytrace=False)
 
 
 @pytest.fixture(scope="module")
