@@ -1,4 +1,4 @@
-"""The benchmark runs end to end (issue 6): on the tiny model here, on an SD 1.5-shaped model on a GPU."""
+"""The benchmark runs end to end: on the tiny model here, on an SD 1.5-shaped model on a GPU."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_benchmark_prints_a_json_line_per_case_and_a_table(tmp_path):
     out = tmp_path / "bench.jsonl"
     cases = "ours-default,ours-lowvram,ours-loha,reference-lora,reference-loha,class-images,preview"

@@ -67,12 +67,14 @@ def measured(tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
 def test_adapter_learns_the_subject(measured, kind):
     base, m = measured["base"]["fidelity"], measured[f"{kind}-prior"]["fidelity"]
     assert m - base >= FIDELITY_GAIN, (kind, base, m)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
 def test_prior_preservation_keeps_the_class_and_other_prompts(measured, kind):
     m = measured[f"{kind}-prior"]
@@ -81,6 +83,7 @@ def test_prior_preservation_keeps_the_class_and_other_prompts(measured, kind):
     assert m["unrelated_kept"] >= UNRELATED_KEPT, (kind, m["unrelated_kept"])
 
 
+@pytest.mark.slow
 def test_without_prior_preservation_the_class_drifts_further(measured):
     """Language drift: trained without class images, "a photo of a star" turns into the subject."""
     with_prior, without = measured["lora-prior"], measured["lora-noprior"]

@@ -83,6 +83,7 @@ def kill_when(proc: subprocess.Popen, run_dir: Path, at_step: int, timeout: floa
     proc.wait(30)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_steps_then_resume_reaches_the_uninterrupted_result(tmp_path, instance_dir):
     random.seed(int(os.environ.get("FAULT_SEED", "7")))
     straight = start("train", "--config", write_config(tmp_path, instance_dir, "straight"))
@@ -199,6 +200,7 @@ def test_out_of_memory_stops_cleanly_keeps_the_checkpoint_and_the_app_goes_on(tm
     assert Path(session.snapshot()["adapter_path"]).is_file()
 
 
+@pytest.mark.slow
 def test_the_apps_resume_continues_a_killed_run(tmp_path, instance_dir):
     """A run killed with the process (the app or the command line) shows up in the Train tab's stopped runs;
     Continue resumes it from its last checkpoint to the end."""

@@ -1,12 +1,15 @@
-"""Soak (issue 7): a long session with pause / resume / sample-now / save at random moments loses no event and
+"""Soak: a long session with pause / resume / sample-now / save at random moments loses no event and
 keeps memory flat. The same code as `python -m bench.soak`, at a size for the test suite (about a minute)."""
 from __future__ import annotations
+
+import pytest
 
 from bench.soak import LOG_PREFIXES, run_soak
 
 STEPS = 600
 
 
+@pytest.mark.slow
 def test_soak_loses_no_events_and_keeps_memory_flat(tmp_path):
     # Samples every 50 steps and checkpoints every 25 on top of the commands; a 20-line log cap, so the log
     # wraps around many times and the poller must still read every line once.
