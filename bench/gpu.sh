@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU benchmark in one command (issue 6): every case on the SD 1.5-shaped model at 512 px, JSON lines
+# The GPU benchmark in one command: every case on the SD 1.5-shaped model at 512 px, JSON lines
 # into ${OUT:-.}/bench-gpu.jsonl and the table on stdout. About 6 minutes on one H100/H200.
 #
 # On a machine with the project's environment: bash bench/gpu.sh   (./launch.sh bench takes the same arguments)

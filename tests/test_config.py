@@ -426,7 +426,7 @@ def test_spec_key_values_are_sensible_defaults():
 
 @pytest.mark.parametrize("name", ["../x", "../../etc", "a/b", "/tmp/run", "..\\x", "..", "."])
 def test_run_name_must_be_a_plain_folder_name(name):
-    # issue 7: the app's run-name box fills output.name; "../x" put the run folder outside the workspace
+    # the app's run-name box fills output.name; "../x" would put the run folder outside the workspace
     with pytest.raises(ConfigError, match=r"`output\.name` must be a plain folder name"):
         Config.from_dict({"output": {"name": name}})
 

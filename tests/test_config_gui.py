@@ -1,11 +1,11 @@
-"""Bad settings are refused with the config key named (issue 7), in the app and on the command line.
+"""Bad settings are refused with the config key named, in the app and on the command line.
 
 Wrong types, unknown keys and out-of-range values (rank 0, a negative learning rate, a resolution that is not a
 multiple of 8...) reach the config through three doors: the app's form (Start, the step maths, Save preset), the
 presets the app loads, and the command line (`--set`, `--config`). Each names the key and starts nothing.
 The config's own checks are tested in test_config.py (test_wrong_types_name_the_key, test_validate_errors_name_the_key,
 test_unknown_nested_key_names_the_dotted_key, test_load_config_rejects_unknown_preset_and_keys);
-test_cli.py::test_errors_are_plain_and_exit_2 runs `--set train.bogus=1` in a subprocess.
+test_cli.py::test_errors_are_plain_and_exit_2 runs `--set train.bogus=1` through app.main.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DreamBooth works, measured on the embedded demo model (issue 3).
+"""DreamBooth works, measured on the embedded demo model.
 
 The demo model draws the asked colour and shape (tools/eval_demo_model.py's automatic check); short
 LoRA, LoHa and LoKr runs with prior preservation teach it the two-colour demo star (subject fidelity

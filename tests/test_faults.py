@@ -1,4 +1,4 @@
-"""Fault injection (issue 7): a killed process, a full disk, an unwritable folder, the GPU out of memory.
+"""Fault injection: a killed process, a full disk, an unwritable folder, the GPU out of memory.
 
 Each test breaks a run the way the world does and checks the promise: the run folder is never corrupt,
 what was saved stays loadable, the message says what to do, and resuming reaches the same result.

@@ -1,4 +1,4 @@
-"""What the server guarantees (issue 7), against the app really launched by `app.main` with the command line's flags.
+"""What the server guarantees, against the app really launched by `app.main` with the command line's flags.
 
 - It listens on 127.0.0.1 unless told otherwise; listening elsewhere needs a login, and the login is enforced.
 - It serves the workspace's files (and Gradio's upload cache and its own static assets), nothing else: not
@@ -443,7 +443,7 @@ def attempt(served: Served, api: str, kwargs: dict):
 
 
 def test_a_run_name_cannot_put_the_run_outside_the_workspace(served, dataset):
-    # Fix (core/config.py): output.name "../x" made the run folder outside the workspace; now refused by name.
+    # output.name "../x" would put the run folder outside the workspace: refused by name.
     runs = served.ws / "runs"
     before = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
     for name in (f"../../escape-{TOKEN}", f"../escape-{TOKEN}", f"{served.outside}/escape-{TOKEN}", ".."):

@@ -1,4 +1,4 @@
-"""The VRAM planner (issue 6): its parts, how it reacts to the settings, and its activation tracing."""
+"""The VRAM planner: its parts, how it reacts to the settings, and its activation tracing."""
 from __future__ import annotations
 
 import pytest
