@@ -100,6 +100,7 @@ def bind(ctx: Ctx, event: Callable, fn: Callable, inputs: dict[str, Any] | None 
     names = list(outputs)
     safe = guarded(fn)
 
+    @functools.wraps(fn)
     def run(*args, **values):
         result = safe(ctx, *args, **values) or {}
         unknown = set(result) - set(outputs)
@@ -114,8 +115,6 @@ def bind(ctx: Ctx, event: Callable, fn: Callable, inputs: dict[str, Any] | None 
     # Gradio reads the handler's signature (the names it accepts, and may pass some inputs by position): fn's, less ctx.
     signature = inspect.signature(fn)
     run.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
-    run.__name__ = run.__qualname__ = fn.__name__
-    run.__doc__ = fn.__doc__
     if SETTINGS & set(inputs) and all(isinstance(c, PLAIN_INPUTS) for c in inputs.values()):
         kwargs.setdefault("preprocess", False)
     if api_name:
