@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -32,6 +32,14 @@ TEXT_ENCODER_TARGETS = ["q_proj", "v_proj"]
 TEXT_ENCODER_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
+def _setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, help: str = "",
+             unset: str = "", **limits: float) -> Any:
+    """A field with its metadata, the one source for the checks and for the app's form: the range that
+    `Config.validate` enforces and the form's widget offers (`min` / `max` inclusive, `above` exclusive; `step`
+    for the widget only), the help shown beside it, and for an optional field what leaving it unset means."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "unset": unset, **limits})
+
+
 @dataclass
 class ModelConfig:
     # "demo" (the small model shipped with the app), "tiny" (random, for tests), a hub id,
@@ -48,73 +56,83 @@ class ModelConfig:
 class DataConfig:
     instance_dir: str = ""
     # Used for images without a caption file; must contain the identifier, e.g. "a photo of sks dog".
-    instance_prompt: str = ""
+    instance_prompt: str = _setting("", help="Used for every image without its own caption.")
     caption_extension: str = ".txt"
     class_dir: str = ""
     class_prompt: str = ""
-    num_class_images: int = 100
-    resolution: int = 512
+    num_class_images: int = _setting(100, min=0, help="100-200 for real photos.")
+    resolution: int = _setting(512, min=8, step=8, help="Demo model: 64. SD 1.x: 512. SD 2.x 768-v: 768.")
     center_crop: bool = True
     random_flip: bool = False
-    repeats: int = 1
+    repeats: int = _setting(1, min=1)
     min_image_size: int = 64  # smaller images are rejected (the shorter side, in pixels)
     # Class-image generation with the base model (prior preservation).
-    class_steps: int = 30
-    class_guidance: float = 7.5
-    class_seed: int = 0
-    class_batch_size: int = 4
+    class_steps: int = _setting(30, min=1)
+    class_guidance: float = _setting(7.5, min=0, step=0.5)
+    class_seed: int = _setting(0, help="Image i uses seed + i: stopping and continuing gives the same set.")
+    class_batch_size: int = _setting(4, min=1)
     class_negative_prompt: str = ""
 
 
 @dataclass
 class AdapterConfig:
-    type: Literal["lora", "loha", "lokr"] = "lora"
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0  # LoRA dropout; for LoHa/LoKr the rank dropout
-    module_dropout: float = 0.0  # LoHa/LoKr only
-    unet_targets: list[str] = field(default_factory=lambda: list(UNET_TARGETS_FULL))
+    type: Literal["lora", "loha", "lokr"] = _setting(
+        "lora", help="LoRA: the standard. LoHa / LoKr: more expressive per parameter.")
+    rank: int = _setting(8, min=1, help="Size of the adapter; 4-32.")
+    alpha: float = _setting(8.0, min=0, help="Strength scale; usually = rank.")
+    # LoRA dropout; for LoHa/LoKr the rank dropout
+    dropout: float = _setting(0.0, min=0, max=0.99, step=0.05)
+    module_dropout: float = _setting(0.0, min=0, max=0.99, step=0.05)  # LoHa/LoKr only
+    unet_targets: list[str] = _setting(
+        factory=lambda: list(UNET_TARGETS_FULL),
+        help=f"Attention only: {', '.join(UNET_TARGETS_ATTENTION)}. Full set: {', '.join(UNET_TARGETS_FULL)}.")
     # LoKr: also factorize the small matrix; the split factor (-1 = as square as possible).
     decompose_both: bool = False
-    decompose_factor: int = -1
+    decompose_factor: int = _setting(-1, help="-1: as square as possible.")
     # LoHa/LoKr: Tucker-style decomposition of 3x3 convolutions.
     use_effective_conv2d: bool = False
-    train_text_encoder: bool = False
-    text_encoder_targets: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
-    text_encoder_rank: int | None = None  # None: same as rank
-    text_encoder_alpha: float | None = None  # None: same as alpha
+    train_text_encoder: bool = _setting(False, help="Better likeness, larger file.")
+    text_encoder_targets: list[str] = _setting(factory=lambda: list(TEXT_ENCODER_TARGETS),
+                                               help=f"Choices: {', '.join(TEXT_ENCODER_TARGETS_ALL)}.")
+    text_encoder_rank: int | None = _setting(None, unset="same as rank")  # None: same as rank
+    text_encoder_alpha: float | None = _setting(None, unset="same as alpha")  # None: same as alpha
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 800
-    learning_rate: float = 1e-4
-    text_encoder_learning_rate: float | None = None  # None: same as learning_rate
-    batch_size: int = 1  # instance images per step (plus as many class images with prior preservation)
-    gradient_accumulation_steps: int = 1
+    max_steps: int = _setting(800, min=1)
+    learning_rate: float = _setting(1e-4, above=0, step=1e-5)
+    # None: same as learning_rate
+    text_encoder_learning_rate: float | None = _setting(None, unset="same as the UNet")
+    # instance images per step (plus as many class images with prior preservation)
+    batch_size: int = _setting(1, min=1)
+    gradient_accumulation_steps: int = _setting(1, min=1)
     prior_preservation: bool = True
-    prior_loss_weight: float = 1.0
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, no on CPU
+    prior_loss_weight: float = _setting(1.0, min=0, step=0.1)
+    # auto: fp16 on CUDA, no on CPU
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _setting("auto", help="auto: fp16 on an NVIDIA GPU.")
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    lr_warmup_steps: int = _setting(0, min=0)
+    max_grad_norm: float = _setting(1.0, min=0)
     gradient_checkpointing: bool = False
-    min_snr_gamma: float | None = None  # e.g. 5.0; None turns it off
-    noise_offset: float = 0.0
+    min_snr_gamma: float | None = _setting(None, min=0, unset="off", help="5 is usual.")  # e.g. 5.0; None turns it off
+    noise_offset: float = _setting(0.0, min=0, step=0.01)
     cache_latents: bool = True
     cache_text_embeddings: bool = True  # only when the text encoder is not trained
     seed: int = 42
-    sample_every: int = 100  # 0 turns samples off (the step-0 baseline is taken whenever samples are on)
-    sample_prompts: list[str] = field(default_factory=list)  # empty: the instance prompt and the class prompt
+    # 0 turns samples off (the step-0 baseline is taken whenever samples are on)
+    sample_every: int = _setting(100, min=0, help="0: no samples.")
+    # empty: the instance prompt and the class prompt
+    sample_prompts: list[str] = _setting(factory=list, help="Empty: the instance prompt and the class prompt.")
     sample_seed: int = 1234
-    sample_steps: int = 25
-    sample_guidance: float = 7.5
-    checkpoint_every: int = 200  # 0: only at the end and on stop
+    sample_steps: int = _setting(25, min=1)
+    sample_guidance: float = _setting(7.5, min=0)
+    checkpoint_every: int = _setting(200, min=0, help="0: only at the end and on stop.")
     keep_checkpoints: int = 2
 
 
@@ -147,42 +165,29 @@ class Config:
 
     def validate(self) -> None:
         """Check values that types alone cannot; each message names the key."""
-        positive = {
-            "data.resolution": self.data.resolution, "data.repeats": self.data.repeats,
-            "adapter.rank": self.adapter.rank, "train.max_steps": self.train.max_steps,
-            "train.batch_size": self.train.batch_size,
-            "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
-            "data.class_batch_size": self.data.class_batch_size, "data.class_steps": self.data.class_steps,
-            "train.sample_steps": self.train.sample_steps,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"`{key}` must be a positive number, got {value}.")
-        non_negative = {
-            "train.sample_every": self.train.sample_every, "train.checkpoint_every": self.train.checkpoint_every,
-            "data.num_class_images": self.data.num_class_images, "train.lr_warmup_steps": self.train.lr_warmup_steps,
-            "train.noise_offset": self.train.noise_offset, "train.prior_loss_weight": self.train.prior_loss_weight,
-        }
-        for key, value in non_negative.items():
-            if value < 0:
-                raise ConfigError(f"`{key}` must not be negative, got {value}.")
+        for key, value, meta in self._fields():
+            problem = range_problem(value, meta)
+            if problem:
+                raise ConfigError(f"`{key}` {problem}, got {value}.")
         if self.data.resolution % 8:
             raise ConfigError(f"`data.resolution` must be a multiple of 8 (the VAE works on 8x8 blocks), got {self.data.resolution}.")
-        if self.train.learning_rate <= 0:
-            raise ConfigError(f"`train.learning_rate` must be positive, got {self.train.learning_rate}.")
-        for key in ("dropout", "module_dropout"):
-            value = getattr(self.adapter, key)
-            if not 0 <= value < 1:
-                raise ConfigError(f"`adapter.{key}` must be in [0, 1), got {value}.")
         if not self.adapter.unet_targets:
             raise ConfigError("`adapter.unet_targets` is empty: name at least one UNet module type, e.g. to_q.")
-        name = self.output.name  # Fix (issue 7): "../x" from the app's run-name box put the run outside the workspace
+        name = self.output.name  # a name with a path in it (from the app's run-name box) would leave the runs folder
         if name in (".", "..") or any(c in name for c in "/\\\0"):
             raise ConfigError(f"`output.name` must be a plain folder name (no / or \\, not . or ..), got {name!r}.")
         if self.adapter.train_text_encoder and not self.adapter.text_encoder_targets:
             raise ConfigError("`adapter.text_encoder_targets` is empty while `adapter.train_text_encoder` is on.")
         if self.version > CONFIG_VERSION:
             raise ConfigError(f"This config has version {self.version}, newer than this app understands ({CONFIG_VERSION}). Update the app.")
+
+    def _fields(self):
+        """(section.name, value, metadata) of every setting."""
+        for section in dataclasses.fields(self):
+            part = getattr(self, section.name)
+            if dataclasses.is_dataclass(part):
+                for f in dataclasses.fields(part):
+                    yield f"{section.name}.{f.name}", getattr(part, f.name), f.metadata
 
     # Derived values, so every caller agrees on them.
     @property
@@ -197,6 +202,21 @@ class Config:
     def text_encoder_learning_rate(self) -> float:
         lr = self.train.text_encoder_learning_rate
         return lr if lr is not None else self.train.learning_rate
+
+
+def range_problem(value: Any, meta: Mapping[str, Any]) -> str | None:
+    """What is wrong with a number outside the range in a field's metadata ("must be at least 1"); None if fine."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None  # unset, or not a number: the type check says so
+    low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
+    if (low is not None and value < low) or (high is not None and value > high):
+        if low is not None and high is not None:
+            return f"must be between {low:g} and {high:g}"
+        return "must not be negative" if low == 0 else (f"must be at least {low:g}" if low is not None
+                                                         else f"must be at most {high:g}")
+    if above is not None and value <= above:
+        return "must be positive" if above == 0 else f"must be more than {above:g}"
+    return None
 
 
 def _type_name(tp: Any) -> str:

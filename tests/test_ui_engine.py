@@ -289,6 +289,68 @@ def test_form_and_presets_round_trip(tmp_path):
     assert load_config(path).train.max_steps == 12
 
 
+def test_form_widgets_and_the_config_share_one_range_per_field():
+    """A number box offers exactly the range the config enforces: its limits come from the field's metadata."""
+    import gradio as gr
+
+    from core.errors import ConfigError
+    from ui import form
+
+    initial = form.form_values(Config().to_dict())
+    limited = 0
+    with gr.Blocks():
+        for f in form.FIELDS:
+            box = form.widget(f.name, initial)
+            _, meta = form.config_field(f.key)
+            if f.kind not in form.NUMBER_KINDS:
+                continue
+            assert isinstance(box, gr.Number) and (box.precision == 0) == f.kind.endswith("int"), f.name
+            low, high = meta.get("min", meta.get("above")), meta.get("max")
+            assert (box.minimum, box.maximum) == (low, high), f.name
+            section, name = f.key.split(".")
+            for bad in [v for v in (low if "above" in meta else None, None if low is None else low - 1,
+                                    None if high is None else high + 0.5) if v is not None]:
+                with pytest.raises(ConfigError, match=f"`{f.key}` must"):
+                    Config.from_dict({section: {name: bad}})
+            for edge in (None if "above" in meta else low, high):  # the edges themselves are allowed
+                if edge is not None:
+                    assert getattr(getattr(Config.from_dict({section: {name: edge}}), section), name) == edge
+            limited += low is not None or high is not None
+    assert limited >= 20
+
+
+def test_form_widgets_show_the_config_fields_help_and_choices():
+    import gradio as gr
+
+    from ui import form
+
+    initial = form.form_values(Config().to_dict())
+    with gr.Blocks():
+        rank, te_rank, gamma, sched = (form.widget(n, initial) for n in
+                                       ("rank", "text_encoder_rank", "min_snr_gamma", "lr_scheduler"))
+        typed = form.widget("adapter_type", initial, gr.Radio, choices=[("LoRA", "lora")], info="mine")
+    assert rank.info == "Size of the adapter; 4-32." and te_rank.info == "0: same as rank."
+    assert gamma.info == "0: off; 5 is usual."
+    assert [v for _, v in sched.choices] == ["constant", "constant_with_warmup", "linear", "cosine"]
+    assert isinstance(typed, gr.Radio) and typed.choices == [("LoRA", "lora")] and typed.info == "mine"
+
+
+def test_the_app_wires_module_level_handlers_and_leaves_gradio_unpatched(tmp_path):
+    import inspect
+
+    from ui.main import build_app
+
+    app = build_app(tmp_path / "ws")
+    handlers = [inspect.unwrap(block_fn.fn) for block_fn in app.fns.values() if block_fn.fn]
+    assert len(handlers) > 40
+    assert [h.__qualname__ for h in handlers if "<locals>" in h.__qualname__ or h.__name__ == "<lambda>"] == []
+    assert [b for b in app.blocks.values() if "preprocess" in vars(b)] == []  # no instance's preprocessing replaced
+    by_api = {block_fn.api_name: block_fn for block_fn in app.fns.values()}
+    # Settings reach their handler as sent (the form and the config name the key of a bad one); files are prepared.
+    assert not by_api["start_training"].preprocess and not by_api["class_generate"].preprocess
+    assert by_api["add_upload"].preprocess and by_api["playground_generate"].preprocess
+
+
 # --------------------------------------------------------------------------- serving flags
 
 @pytest.mark.parametrize("argv", [["--listen"], ["--share"], ["--host", "0.0.0.0"], ["--listen", "--auth", "nopass"]])

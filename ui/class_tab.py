@@ -7,9 +7,9 @@ from core.class_images import class_dir_for, class_min_size, reject_class_images
 from core.data import scan_folder
 from core.errors import DataError
 
-from .common import Ctx, bind, error_html, model_picker, progress_html
+from .common import Ctx, Handler, TabParts, bind_table, error_html, model_picker, pick, progress_html
 from .dataset_tab import names_of, on_select
-from .form import form_config
+from .form import form_config, widget
 
 CLASS_FIELDS = ("class_prompt", "num_class_images", "class_steps", "class_guidance", "class_seed", "class_batch_size",
                 "class_negative_prompt")
@@ -72,23 +72,18 @@ def build(ctx: Ctx, initial: dict) -> dict:
                 "a dog looks like. Optional: turn it off on the Train tab.", elem_classes="db-note")
     c["base_choice"], c["base_other"] = model_picker("cls", value=initial["base_choice"], other=initial["base_other"])
     with gr.Row():
-        c["class_prompt"] = gr.Textbox(initial["class_prompt"], label="Class prompt", scale=3, elem_id="cls-prompt",
-                                       placeholder="a photo of a dog",
-                                       info="The Dataset tab fills this in from the class noun.")
-        c["num_class_images"] = gr.Number(initial["num_class_images"], label="How many", precision=0, minimum=1,
-                                          scale=1, elem_id="cls-count", info="100-200 for real photos.")
+        c["class_prompt"] = widget("class_prompt", initial, label="Class prompt", scale=3, elem_id="cls-prompt",
+                                   placeholder="a photo of a dog",
+                                   info="The Dataset tab fills this in from the class noun.")
+        c["num_class_images"] = widget("num_class_images", initial, label="How many", scale=1, elem_id="cls-count")
     with gr.Accordion("Generation settings", open=False):
         with gr.Row():
-            c["class_steps"] = gr.Number(initial["class_steps"], label="Sampling steps", precision=0, minimum=1,
-                                         elem_id="cls-steps")
-            c["class_guidance"] = gr.Number(initial["class_guidance"], label="Guidance", minimum=0, step=0.5,
-                                            elem_id="cls-guidance")
-            c["class_seed"] = gr.Number(initial["class_seed"], label="First seed", precision=0, elem_id="cls-seed",
-                                        info="Image i uses seed + i: stopping and continuing gives the same set.")
-            c["class_batch_size"] = gr.Number(initial["class_batch_size"], label="Batch size", precision=0, minimum=1,
-                                              elem_id="cls-batch")
-        c["class_negative_prompt"] = gr.Textbox(initial["class_negative_prompt"], label="Negative prompt",
-                                                elem_id="cls-negative")
+            c["class_steps"] = widget("class_steps", initial, label="Sampling steps", elem_id="cls-steps")
+            c["class_guidance"] = widget("class_guidance", initial, label="Guidance", elem_id="cls-guidance")
+            c["class_seed"] = widget("class_seed", initial, label="First seed", elem_id="cls-seed")
+            c["class_batch_size"] = widget("class_batch_size", initial, label="Batch size", elem_id="cls-batch")
+        c["class_negative_prompt"] = widget("class_negative_prompt", initial, label="Negative prompt",
+                                            elem_id="cls-negative")
     c["class_info"] = gr.Markdown(elem_id="cls-info")
     with gr.Row():
         c["class_generate_btn"] = gr.Button("Generate", variant="primary", elem_id="cls-generate")
@@ -103,64 +98,74 @@ def build(ctx: Ctx, initial: dict) -> dict:
     return c
 
 
-def wire(ctx: Ctx, c: dict, resolution) -> None:
-    fields = {k: c[k] for k in CLASS_FIELDS + ("base_choice", "base_other")} | {"resolution": resolution}
-    view_out = {k: c[k] for k in ("class_info", "class_gallery")}
-    job_out = {k: c[k] for k in ("class_progress", "class_generate_btn", "class_stop_btn")}
+# --------------------------------------------------------------------------- handlers
 
-    def view(**values):
-        return class_view(ctx, values)
+def view(ctx: Ctx, **values) -> dict:
+    return class_view(ctx, values)
 
-    bind(ctx, c["class_prompt"].blur, view, fields, view_out, api_name="class_view")
-    for name in ("num_class_images", "base_choice", "base_other"):
-        bind(ctx, c[name].change, view, fields, view_out, show_progress="hidden")
-    bind(ctx, resolution.change, view, fields, view_out, show_progress="hidden")
 
-    def generate(**values):
-        if ctx.session.busy:
-            raise DataError("Training is running; generate class images when it has finished (or stop it).")
-        ctx.class_job.start(class_config(ctx, values))
-        return {**job_view(ctx), **class_view(ctx, values)}
+def generate(ctx: Ctx, **values) -> dict:
+    if ctx.session.busy:
+        raise DataError("Training is running; generate class images when it has finished (or stop it).")
+    ctx.class_job.start(class_config(ctx, values))
+    return {**job_view(ctx), **class_view(ctx, values)}
 
-    bind(ctx, c["class_generate_btn"].click, generate, fields, job_out | view_out, api_name="class_generate")
 
-    def stop():
-        ctx.class_job.stop()
-        return job_view(ctx)
+def stop(ctx: Ctx) -> dict:
+    ctx.class_job.stop()
+    return job_view(ctx)
 
-    bind(ctx, c["class_stop_btn"].click, stop, {}, job_out, api_name="class_stop")
 
+def reject(ctx: Ctx, class_selected, **values) -> dict:
+    names = names_of(class_selected)
+    if not names:
+        raise DataError("Select images first: click them in the gallery.")
+    if ctx.class_job.busy:
+        raise DataError("Wait for the generation to finish (or stop it) before rejecting images.")
+    cfg = class_config(ctx, values)
+    moved = reject_class_images(class_dir_for(cfg), names)
+    out = {"class_selected": ""}
+    if moved and not ctx.session.busy:
+        ctx.class_job.start(cfg)  # top up to the count
+    return {**out, **job_view(ctx), **class_view(ctx, values)}
+
+
+def poll(ctx: Ctx, class_last_done, **values) -> dict:
+    """While a job runs (and once after), redraw its progress and the gallery as images arrive."""
+    s = ctx.class_job.snapshot()
+    if s["state"] == "idle" or (class_last_done == -2 and not ctx.class_job.busy):
+        return {}
+    out = job_view(ctx)
+    marker = s["done"] if ctx.class_job.busy else -2
+    if marker != class_last_done:
+        out.update(class_view(ctx, values))
+    out["class_last_done"] = marker
+    return out
+
+
+# --------------------------------------------------------------------------- events
+
+FIELDS_IN = CLASS_FIELDS + ("base_choice", "base_other", "resolution")  # the resolution is on the Dataset tab
+VIEW_OUT = ("class_info", "class_gallery")
+JOB_OUT = ("class_progress", "class_generate_btn", "class_stop_btn")
+HIDDEN = {"show_progress": "hidden"}
+
+EVENTS = [  # (trigger, handler, inputs, outputs[, options])
+    ("class_prompt.blur", view, FIELDS_IN, VIEW_OUT, {"api_name": "class_view"}),
+    *[(f"{name}.change", view, FIELDS_IN, VIEW_OUT, HIDDEN)
+      for name in ("num_class_images", "base_choice", "base_other", "resolution")],
+    ("class_generate_btn.click", generate, FIELDS_IN, JOB_OUT + VIEW_OUT, {"api_name": "class_generate"}),
+    ("class_stop_btn.click", stop, (), JOB_OUT, {"api_name": "class_stop"}),
+    ("class_reject_btn.click", reject, FIELDS_IN + ("class_selected",), ("class_selected",) + JOB_OUT + VIEW_OUT,
+     {"api_name": "class_reject"}),
+]
+
+
+def wire(ctx: Ctx, c: dict) -> TabParts:
+    """Bind the tab's events; `c` also holds the Dataset tab's resolution (class images are made at that size)."""
+    bind_table(ctx, c, EVENTS)
     c["class_gallery"].select(on_select, c["class_selected"], c["class_selected"], api_visibility="undocumented",
                               show_progress="hidden")
-
-    def reject(class_selected, **values):
-        names = names_of(class_selected)
-        if not names:
-            raise DataError("Select images first: click them in the gallery.")
-        if ctx.class_job.busy:
-            raise DataError("Wait for the generation to finish (or stop it) before rejecting images.")
-        cfg = class_config(ctx, values)
-        moved = reject_class_images(class_dir_for(cfg), names)
-        out = {"class_selected": ""}
-        if moved and not ctx.session.busy:
-            ctx.class_job.start(cfg)  # top up to the count
-        return {**out, **job_view(ctx), **class_view(ctx, values)}
-
-    bind(ctx, c["class_reject_btn"].click, reject, fields | {"class_selected": c["class_selected"]},
-         {"class_selected": c["class_selected"]} | job_out | view_out, api_name="class_reject")
-
-    def poll(class_last_done, **values):
-        """While a job runs (and once after), redraw its progress and the gallery as images arrive."""
-        s = ctx.class_job.snapshot()
-        if s["state"] == "idle" or (class_last_done == -2 and not ctx.class_job.busy):
-            return {}
-        out = job_view(ctx)
-        marker = s["done"] if ctx.class_job.busy else -2
-        if marker != class_last_done:
-            out.update(class_view(ctx, values))
-        out["class_last_done"] = marker
-        return out
-
-    c["poll_inputs"] = fields | {"class_last_done": c["class_last_done"]}
-    c["poll_outputs"] = job_out | view_out | {"class_last_done": c["class_last_done"]}
-    c["poll"] = poll
+    return TabParts(c, polls=[Handler(poll, pick(c, FIELDS_IN + ("class_last_done",)),
+                                      pick(c, JOB_OUT + VIEW_OUT + ("class_last_done",)))],
+                    refreshes=[Handler(view, pick(c, FIELDS_IN), pick(c, VIEW_OUT))])

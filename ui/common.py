@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
 import logging
-import math
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +15,7 @@ from core.errors import UserError
 from core.playground import Playground
 from core.session import ClassImagesJob, Session
 
-from .form import BASE_CHOICES, OTHER
+from .form import BASE_CHOICES, OTHER, SETTINGS
 
 log = logging.getLogger("ui")
 
@@ -31,6 +30,7 @@ class Ctx:
     playground: Playground
     allow_pickle: bool = False  # the app was started with --allow-pickle: pickled .ckpt base models may load
     api_outputs: dict[str, list] = field(default_factory=dict)  # api name -> [(output name, component)], in order
+    train_view: Any = None  # the Train tab's live view (ui.train_tab.TrainView): its loss curve lives between polls
 
     @property
     def runs_dir(self) -> Path:
@@ -60,20 +60,49 @@ def guarded(fn: Callable) -> Callable:
     return wrapper
 
 
+@dataclass(frozen=True)
+class Handler:
+    """A handler `fn(ctx, **inputs) -> {output name: value}` with the components it reads and writes, by name."""
+
+    fn: Callable
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    api_name: str | None = None
+
+
+@dataclass
+class TabParts:
+    """What a tab gives the app: its components by name, and the handlers the app runs for it on its own
+    triggers: `polls` on the clock (once a second), `refreshes` when the page loads and when the tab is opened."""
+
+    components: dict[str, Any]
+    polls: list[Handler] = field(default_factory=list)
+    refreshes: list[Handler] = field(default_factory=list)
+
+
+# Inputs whose value reaches a handler the same whether Gradio preprocesses it or not (no files, no tables).
+PLAIN_INPUTS = (gr.Textbox, gr.Number, gr.Dropdown, gr.Radio, gr.Checkbox, gr.Slider, gr.State)
+
+
 def bind(ctx: Ctx, event: Callable, fn: Callable, inputs: dict[str, Any] | None = None,
          outputs: dict[str, Any] | None = None, api_name: str | None = None, **kwargs):
-    """Register `fn(**{name: value}) -> {name: value}` on a Gradio event.
+    """Register `fn(ctx, **{name: value}) -> {name: value}` on a Gradio event.
 
     Inputs arrive as keyword arguments named after their field; the returned dict is keyed by output name,
     and names left out keep their value. Errors become plain-words pop-ups (see `guarded`).
+
+    Settings fields reach the handler as sent: Gradio's own checks of a field (its minimum, its choices) would
+    refuse a value in words that do not name the setting, while the form and the config check the same limits
+    (they come from the config field's metadata) and name its key. Events that also take files keep Gradio's
+    preprocessing.
     """
-    outputs = outputs or {}
+    inputs, outputs = dict(inputs or {}), outputs or {}
     names = list(outputs)
     safe = guarded(fn)
 
-    @functools.wraps(fn)  # Gradio reads fn's signature and may pass some inputs by position
+    @functools.wraps(fn)
     def run(*args, **values):
-        result = safe(*args, **values) or {}
+        result = safe(ctx, *args, **values) or {}
         unknown = set(result) - set(outputs)
         if unknown:
             raise KeyError(f"{fn.__name__} returned values for unknown outputs {sorted(unknown)}")
@@ -83,48 +112,48 @@ def bind(ctx: Ctx, event: Callable, fn: Callable, inputs: dict[str, Any] | None 
             return gr.skip() if len(names) == 1 else [gr.skip()] * len(names)
         return {outputs[k]: v for k, v in result.items()}
 
+    # Gradio reads the handler's signature (the names it accepts, and may pass some inputs by position): fn's, less ctx.
+    signature = inspect.signature(fn)
+    run.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+    if SETTINGS & set(inputs) and all(isinstance(c, PLAIN_INPUTS) for c in inputs.values()):
+        kwargs.setdefault("preprocess", False)
     if api_name:
         ctx.api_outputs[api_name] = [(n, outputs[n]) for n in names]
     else:
         kwargs.setdefault("api_visibility", "undocumented")
-    return event(run, inputs_kwargs=dict(inputs or {}) or None, outputs=[outputs[n] for n in names],
+    return event(run, inputs_kwargs=inputs or None, outputs=[outputs[n] for n in names],
                  api_name=api_name, **kwargs)
 
 
-def name_config_keys(components: dict[str, Any], keys: dict[str, str]) -> None:
-    """Make the checks Gradio runs before a handler (a field's minimum and maximum, text where a number goes, a
-    choice not offered) name the config key, as the config's own checks do. Only these instances change: one
-    re-created by a gr.update(...) of its properties would fall back to Gradio's wording."""
-    # Fix (issue 7): they said "Value 0 is less than minimum value 1." without naming the setting.
-    for name, comp in components.items():
-        if name in keys and isinstance(comp, gr.components.Component):
-            comp.preprocess = types.MethodType(_keyed_preprocess(type(comp).preprocess, keys[name]), comp)
+def bind_handler(ctx: Ctx, event: Callable, handler: Handler, **kwargs):
+    return bind(ctx, event, handler.fn, handler.inputs, handler.outputs, handler.api_name, **kwargs)
 
 
-def _keyed_preprocess(preprocess: Callable, key: str) -> Callable:
-    def checked(self, payload):
-        if isinstance(self, gr.Number) and payload is not None:
-            _check_number(self, key, payload)
-        try:
-            return preprocess(self, payload)
-        except gr.Error as e:
-            raise gr.Error(f"`{key}`: {e.message}", duration=None, print_exception=False) from None
+def bind_table(ctx: Ctx, c: dict[str, Any], rows: list[tuple]) -> dict[str, Any]:
+    """Bind a tab's table of events; returns the events by api name (to chain on them).
 
-    return checked
+    A row is (trigger, handler, input names, output names[, bind options]); a trigger is "component.event"
+    ("create_btn.click") or a tuple of them (one event for all); names are looked up in `c`.
+    """
+    events = {}
+    for trigger, fn, inputs, outputs, *options in rows:
+        event = (_listener(c, trigger) if isinstance(trigger, str)
+                 else functools.partial(gr.on, [_listener(c, t) for t in trigger]))
+        opts = options[0] if options else {}
+        dep = bind(ctx, event, fn, pick(c, inputs), pick(c, outputs), **opts)
+        if opts.get("api_name"):
+            events[opts["api_name"]] = dep
+    return events
 
 
-def _check_number(comp: gr.Number, key: str, value: Any) -> None:
-    def refuse(why: str):
-        raise gr.Error(f"`{key}` {why}", duration=None, print_exception=False)
+def pick(c: dict[str, Any], names) -> dict[str, Any]:
+    """The components of these names, in this order (the order of a handler's API outputs)."""
+    return {n: c[n] for n in names}
 
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        refuse(f"must be a number, got {value!r}.")
-    if comp.precision == 0 and value != int(value):
-        refuse(f"must be a whole number, got {value:g}.")
-    if comp.minimum is not None and value < comp.minimum:
-        refuse(f"must be at least {comp.minimum:g}, got {value:g}.")
-    if comp.maximum is not None and value > comp.maximum:
-        refuse(f"must be at most {comp.maximum:g}, got {value:g}.")
+
+def _listener(c: dict[str, Any], trigger: str) -> Callable:
+    name, event = trigger.split(".")
+    return getattr(c[name], event)
 
 
 # --------------------------------------------------------------------------- base-model picker
@@ -137,16 +166,23 @@ def model_picker(prefix: str, label: str = "Base model", value: str = "demo", ot
                                   "SD 1.x/2.x model (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5).")
         other_box = gr.Textbox(other, label="Other base model", visible=value == OTHER, elem_id=f"{prefix}-base-other",
                                placeholder="org/name, /path/to/diffusers-folder or /path/to/model.safetensors")
-    choice.change(lambda c: gr.update(visible=c == OTHER), choice, other_box, show_progress="hidden",
-                  api_visibility="undocumented", queue=False)
+    choice.change(show_other, choice, other_box, show_progress="hidden", api_visibility="undocumented", queue=False)
     return choice, other_box
+
+
+def show_other(choice: str):
+    return gr.update(visible=choice == OTHER)
 
 
 def link_pickers(a: tuple, b: tuple) -> None:
     """Keep two pickers (on two tabs) showing the same model: a user's change to one is copied to the other."""
     for src, dst in ((a, b), (b, a)):
         for s, d in zip(src, dst):
-            s.input(lambda v: v, s, d, show_progress="hidden", api_visibility="undocumented", queue=False)
+            s.input(same, s, d, show_progress="hidden", api_visibility="undocumented", queue=False)
+
+
+def same(value):
+    return value
 
 
 # --------------------------------------------------------------------------- view helpers

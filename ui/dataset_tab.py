@@ -9,7 +9,8 @@ from core.config import DataConfig
 from core.data import ImageSet, scan_folder
 from core.errors import DataError
 
-from .common import Ctx, bind
+from .common import Ctx, Handler, TabParts, bind_table
+from .form import BY_NAME, to_number, widget
 
 MIN_SIZE = DataConfig().min_image_size
 DEMO_DATASET = "demo-star"
@@ -25,7 +26,7 @@ def dataset_view(ctx: Ctx, dataset: str, resolution) -> dict:
                 "report": "Create a dataset, or pick one from the list."}
     folder = ds.dataset_dir(ctx.workspace, dataset)
     scan = scan_folder(folder, min_size=MIN_SIZE)
-    res = int(resolution or 0)
+    res = to_number(BY_NAME["resolution"], resolution)
     if res <= 0 or res % 8:
         raise DataError(f"The training resolution must be a positive multiple of 8, got {resolution}.")
     n = len(scan.images)
@@ -131,9 +132,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
                 c["selected"] = gr.Textbox("", label="Selected (click images above)", scale=4, elem_id="ds-selected")
                 c["remove_btn"] = gr.Button("Remove selected", scale=0, min_width=200, elem_id="ds-remove")
         with gr.Column(scale=2):
-            c["resolution"] = gr.Number(initial["resolution"], label="Training resolution (px)", precision=0,
-                                        step=8, elem_id="ds-resolution",
-                                        info="Demo model: 64. SD 1.x: 512. SD 2.x 768-v: 768.")
+            c["resolution"] = widget("resolution", initial, label="Training resolution (px)", elem_id="ds-resolution")
             c["crops"] = gr.Gallery(label="What training sees (the crop at the training resolution)", columns=5,
                                     height=260,
                                     allow_preview=True, elem_id="ds-crops")
@@ -143,9 +142,8 @@ def build(ctx: Ctx, initial: dict) -> dict:
         c["identifier"] = gr.Textbox(ds.KNOWN_IDENTIFIERS[0], label="Identifier (a rare word)", scale=1, elem_id="ds-identifier")
         c["class_noun"] = gr.Textbox("", label="Class noun", placeholder="dog", scale=1, elem_id="ds-class-noun",
                                      info="What the subject is: dog, woman, mug...")
-        c["instance_prompt"] = gr.Textbox(initial["instance_prompt"], label="Instance prompt", scale=2,
-                                          elem_id="ds-instance-prompt",
-                                          info="Used for every image without its own caption.")
+        c["instance_prompt"] = widget("instance_prompt", initial, label="Instance prompt", scale=2,
+                                      elem_id="ds-instance-prompt")
     with gr.Row():
         c["token_info"] = gr.Markdown(token_info(ds.KNOWN_IDENTIFIERS[0]), elem_id="ds-token-info")
         c["suggest_btn"] = gr.Button("Suggest rare words", size="sm", scale=0, min_width=180, elem_id="ds-suggest")
@@ -162,131 +160,124 @@ def build(ctx: Ctx, initial: dict) -> dict:
     return c
 
 
-def wire(ctx: Ctx, c: dict, other: dict) -> None:
-    """Events; `other` holds the components of other tabs this one updates (the class prompt)."""
-    view_in = {"dataset": c["dataset"], "resolution": c["resolution"]}
-    view_out = {k: c[k] for k in ("gallery", "report", "crops", "captions")}
+# --------------------------------------------------------------------------- handlers
 
-    def view(dataset, resolution):
-        return dataset_view(ctx, dataset, resolution)
+def dataset_list(ctx: Ctx) -> dict:
+    return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace))}
 
-    def settings_of(dataset):
-        return dataset_settings(ctx, dataset)
 
-    settings_out = {k: c[k] for k in ("identifier", "class_noun", "instance_prompt", "token_info", "selected",
-                                      "add_msg")} | {"class_prompt": other["class_prompt"]}
+def pick(ctx: Ctx, dataset, resolution) -> dict:
+    return {**dataset_view(ctx, dataset, resolution), **dataset_settings(ctx, dataset)}
 
-    def pick(dataset, resolution):
-        return {**view(dataset, resolution), **settings_of(dataset)}
 
-    bind(ctx, c["dataset"].input, pick, view_in, view_out | settings_out, api_name="dataset_view")
-    bind(ctx, c["resolution"].change, view, view_in, view_out)
+def create(ctx: Ctx, new_name, resolution) -> dict:
+    folder = ds.create_dataset(ctx.workspace, new_name)
+    # a new subject: the previous dataset's identifier, class noun and prompt must not carry over
+    identifier = ds.KNOWN_IDENTIFIERS[0]
+    return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace), value=folder.name), "new_name": "",
+            "add_msg": f"Created dataset **{folder.name}**. Now add photos.", "class_noun": "",
+            "instance_prompt": "", "identifier": identifier, "token_info": token_info(identifier),
+            **dataset_view(ctx, folder.name, resolution)}
 
-    def create(new_name, resolution):
-        folder = ds.create_dataset(ctx.workspace, new_name)
-        # a new subject: the previous dataset's identifier, class noun and prompt must not carry over
-        identifier = ds.KNOWN_IDENTIFIERS[0]
-        return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace), value=folder.name), "new_name": "",
-                "add_msg": f"Created dataset **{folder.name}**. Now add photos.", "class_noun": "",
-                "instance_prompt": "", "identifier": identifier, "token_info": token_info(identifier),
-                **view(folder.name, resolution)}
 
-    create_out = {"dataset": c["dataset"], "new_name": c["new_name"], "add_msg": c["add_msg"],
-                  "class_noun": c["class_noun"], "instance_prompt": c["instance_prompt"],
-                  "identifier": c["identifier"], "token_info": c["token_info"]} | view_out
-    bind(ctx, c["create_btn"].click, create, {"new_name": c["new_name"], "resolution": c["resolution"]}, create_out,
-         api_name="create_dataset")
-    bind(ctx, c["new_name"].submit, create, {"new_name": c["new_name"], "resolution": c["resolution"]}, create_out)
+def add_upload(ctx: Ctx, dataset, upload, resolution) -> dict:
+    if not upload:
+        return {}
+    folder = ds.dataset_dir(ctx.workspace, dataset)
+    report = ds.add_images(folder, [str(f) for f in upload], MIN_SIZE, uploaded=True)
+    return {"add_msg": report.summary(), "upload": None, **dataset_view(ctx, dataset, resolution)}
 
-    def use_demo(resolution):
-        return demo_dataset(ctx, resolution)
 
-    bind(ctx, c["demo_btn"].click, use_demo, {"resolution": c["resolution"]},
-         {"dataset": c["dataset"]} | view_out | settings_out, api_name="demo_dataset")
+def add_folder(ctx: Ctx, dataset, folder, resolution) -> dict:
+    report = ds.add_folder(ds.dataset_dir(ctx.workspace, dataset), folder, MIN_SIZE)
+    return {"add_msg": report.summary(), **dataset_view(ctx, dataset, resolution)}
 
-    def add_upload(dataset, upload, resolution):
-        if not upload:
-            return {}
-        folder = ds.dataset_dir(ctx.workspace, dataset)
-        report = ds.add_images(folder, [str(f) for f in upload], MIN_SIZE, uploaded=True)
-        return {"add_msg": report.summary(), "upload": None, **view(dataset, resolution)}
 
-    bind(ctx, c["upload"].upload, add_upload,
-         {"dataset": c["dataset"], "upload": c["upload"], "resolution": c["resolution"]},
-         {"add_msg": c["add_msg"], "upload": c["upload"]} | view_out, api_name="add_upload")
+def remove(ctx: Ctx, dataset, selected, resolution) -> dict:
+    names = names_of(selected)
+    if not names:
+        raise DataError("Select images first: click them in the gallery.")
+    moved = ds.remove_images(ds.dataset_dir(ctx.workspace, dataset), names)
+    return {"add_msg": f"Removed {len(moved)} image(s) (kept in the dataset's .removed folder).", "selected": "",
+            **dataset_view(ctx, dataset, resolution)}
 
-    def add_folder(dataset, folder, resolution):
-        report = ds.add_folder(ds.dataset_dir(ctx.workspace, dataset), folder, MIN_SIZE)
-        return {"add_msg": report.summary(), **view(dataset, resolution)}
 
-    bind(ctx, c["add_folder_btn"].click, add_folder,
-         {"dataset": c["dataset"], "folder": c["folder"], "resolution": c["resolution"]},
-         {"add_msg": c["add_msg"]} | view_out, api_name="add_folder")
+def prompt(ctx: Ctx, dataset, identifier, class_noun) -> dict:
+    out = {"instance_prompt": ds.instance_prompt(identifier, class_noun), "token_info": token_info(identifier)}
+    if class_noun.strip():
+        out["class_prompt"] = ds.class_prompt(class_noun)
+    if dataset and out["instance_prompt"]:
+        ds.update_manifest(ds.dataset_dir(ctx.workspace, dataset), identifier=identifier.strip(),
+                           class_noun=class_noun.strip(), instance_prompt=out["instance_prompt"])
+    return out
 
+
+def save_prompt(ctx: Ctx, dataset, instance_prompt) -> dict:
+    if dataset and instance_prompt.strip():
+        ds.update_manifest(ds.dataset_dir(ctx.workspace, dataset), instance_prompt=instance_prompt.strip())
+    return {}
+
+
+def suggest(ctx: Ctx, suggest_seed) -> dict:
+    words = ds.suggest_identifiers(6, seed=suggest_seed)
+    return {"suggestions": gr.update(choices=words, value=None, visible=True), "suggest_seed": suggest_seed + 1}
+
+
+def use_suggestion(ctx: Ctx, dataset, suggestions, class_noun) -> dict:
+    if not suggestions:
+        return {}
+    return {"identifier": suggestions, **prompt(ctx, dataset, suggestions, class_noun)}
+
+
+def save_captions(ctx: Ctx, dataset, captions) -> dict:
+    folder = ds.dataset_dir(ctx.workspace, dataset)
+    rows = captions.to_dict("records") if hasattr(captions, "to_dict") else captions
+    captions = {str(r["file"]): str(r.get("caption") or "") for r in rows if r.get("file")}
+    changed = ds.write_captions(folder, captions)
+    return {"caption_msg": f"Saved: {changed} caption file{'s' if changed != 1 else ''} changed."}
+
+
+# --------------------------------------------------------------------------- events
+
+VIEW_IN = ("dataset", "resolution")
+VIEW_OUT = ("gallery", "report", "crops", "captions")
+# What picking a dataset sets from what it remembers (the class prompt is on the Class images tab).
+SETTINGS_OUT = ("identifier", "class_noun", "instance_prompt", "token_info", "selected", "add_msg", "class_prompt")
+CREATE_IN = ("new_name", "resolution")
+CREATE_OUT = ("dataset", "new_name", "add_msg", "class_noun", "instance_prompt", "identifier", "token_info") + VIEW_OUT
+PROMPT_IN = ("dataset", "identifier", "class_noun")
+PROMPT_OUT = ("instance_prompt", "token_info", "class_prompt")
+TYPING = {"trigger_mode": "always_last", "show_progress": "hidden"}
+
+EVENTS = [  # (trigger, handler, inputs, outputs[, options])
+    ("dataset.input", pick, VIEW_IN, VIEW_OUT + SETTINGS_OUT, {"api_name": "dataset_view"}),
+    ("resolution.change", dataset_view, VIEW_IN, VIEW_OUT),
+    ("create_btn.click", create, CREATE_IN, CREATE_OUT, {"api_name": "create_dataset"}),
+    ("new_name.submit", create, CREATE_IN, CREATE_OUT),
+    ("demo_btn.click", demo_dataset, ("resolution",), ("dataset",) + VIEW_OUT + SETTINGS_OUT,
+     {"api_name": "demo_dataset"}),
+    ("upload.upload", add_upload, ("dataset", "upload", "resolution"), ("add_msg", "upload") + VIEW_OUT,
+     {"api_name": "add_upload"}),
+    ("add_folder_btn.click", add_folder, ("dataset", "folder", "resolution"), ("add_msg",) + VIEW_OUT,
+     {"api_name": "add_folder"}),
+    ("remove_btn.click", remove, ("dataset", "selected", "resolution"), ("add_msg", "selected") + VIEW_OUT,
+     {"api_name": "remove_images"}),
+    ("identifier.input", prompt, PROMPT_IN, PROMPT_OUT, {"api_name": "build_prompt", **TYPING}),
+    ("class_noun.input", prompt, PROMPT_IN, PROMPT_OUT, TYPING),
+    ("instance_prompt.blur", save_prompt, ("dataset", "instance_prompt"), ()),
+    ("suggest_btn.click", suggest, ("suggest_seed",), ("suggestions", "suggest_seed"),
+     {"api_name": "suggest_identifiers"}),
+    ("suggestions.input", use_suggestion, ("dataset", "suggestions", "class_noun"), ("identifier",) + PROMPT_OUT),
+    ("save_captions_btn.click", save_captions, ("dataset", "captions"), ("caption_msg",), {"api_name": "save_captions"}),
+]
+
+
+def wire(ctx: Ctx, c: dict) -> TabParts:
+    """Bind the tab's events; `c` also holds the class prompt of the Class images tab (this tab fills it in)."""
+    bind_table(ctx, c, EVENTS)
     c["gallery"].select(on_select, c["selected"], c["selected"], api_visibility="undocumented",
                         show_progress="hidden")
-
-    def remove(dataset, selected, resolution):
-        names = names_of(selected)
-        if not names:
-            raise DataError("Select images first: click them in the gallery.")
-        moved = ds.remove_images(ds.dataset_dir(ctx.workspace, dataset), names)
-        return {"add_msg": f"Removed {len(moved)} image(s) (kept in the dataset's .removed folder).", "selected": "",
-                **view(dataset, resolution)}
-
-    bind(ctx, c["remove_btn"].click, remove,
-         {"dataset": c["dataset"], "selected": c["selected"], "resolution": c["resolution"]},
-         {"add_msg": c["add_msg"], "selected": c["selected"]} | view_out, api_name="remove_images")
-
-    def prompt(dataset, identifier, class_noun):
-        out = {"instance_prompt": ds.instance_prompt(identifier, class_noun), "token_info": token_info(identifier)}
-        if class_noun.strip():
-            out["class_prompt"] = ds.class_prompt(class_noun)
-        if dataset and out["instance_prompt"]:
-            ds.update_manifest(ds.dataset_dir(ctx.workspace, dataset), identifier=identifier.strip(),
-                               class_noun=class_noun.strip(), instance_prompt=out["instance_prompt"])
-        return out
-
-    prompt_in = {"dataset": c["dataset"], "identifier": c["identifier"], "class_noun": c["class_noun"]}
-    prompt_out = {"instance_prompt": c["instance_prompt"], "token_info": c["token_info"],
-                  "class_prompt": other["class_prompt"]}
-    bind(ctx, c["identifier"].input, prompt, prompt_in, prompt_out, api_name="build_prompt", trigger_mode="always_last",
-         show_progress="hidden")
-    bind(ctx, c["class_noun"].input, prompt, prompt_in, prompt_out, trigger_mode="always_last", show_progress="hidden")
-
-    def save_prompt(dataset, instance_prompt):
-        if dataset and instance_prompt.strip():
-            ds.update_manifest(ds.dataset_dir(ctx.workspace, dataset), instance_prompt=instance_prompt.strip())
-        return {}
-
-    bind(ctx, c["instance_prompt"].blur, save_prompt,
-         {"dataset": c["dataset"], "instance_prompt": c["instance_prompt"]})
-
-    def suggest(suggest_seed):
-        words = ds.suggest_identifiers(6, seed=suggest_seed)
-        return {"suggestions": gr.update(choices=words, value=None, visible=True), "suggest_seed": suggest_seed + 1}
-
-    bind(ctx, c["suggest_btn"].click, suggest, {"suggest_seed": c["suggest_seed"]},
-         {"suggestions": c["suggestions"], "suggest_seed": c["suggest_seed"]}, api_name="suggest_identifiers")
-
-    def use_suggestion(dataset, suggestions, class_noun):
-        if not suggestions:
-            return {}
-        return {"identifier": suggestions, **prompt(dataset, suggestions, class_noun)}
-
-    bind(ctx, c["suggestions"].input, use_suggestion,
-         {"dataset": c["dataset"], "suggestions": c["suggestions"], "class_noun": c["class_noun"]},
-         {"identifier": c["identifier"]} | prompt_out)
-
-    def save_captions(dataset, captions):
-        folder = ds.dataset_dir(ctx.workspace, dataset)
-        rows = captions.to_dict("records") if hasattr(captions, "to_dict") else captions
-        captions = {str(r["file"]): str(r.get("caption") or "") for r in rows if r.get("file")}
-        changed = ds.write_captions(folder, captions)
-        return {"caption_msg": f"Saved: {changed} caption file{'s' if changed != 1 else ''} changed."}
-
-    bind(ctx, c["save_captions_btn"].click, save_captions, {"dataset": c["dataset"], "captions": c["captions"]},
-         {"caption_msg": c["caption_msg"]}, api_name="save_captions")
+    return TabParts(c, refreshes=[Handler(dataset_list, {}, {"dataset": c["dataset"]})])
 
 
 def on_select(selected: str, evt: gr.SelectData) -> str:

@@ -2,13 +2,19 @@
 
 Every settings field of every tab is named here once. Handlers receive the fields as keyword arguments
 (`inputs_kwargs`), so the same names are the API parameter names (`client.predict(max_steps=4, ...)`).
+The widgets take their limits, choices and help from the config fields (`widget`), and the values they send
+are checked here and by the config, whose messages name the key.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Mapping
 
+import gradio as gr
 import yaml
 
 from core.config import CONFIG_VERSION, Config, list_presets, preset_dict, read_yaml
@@ -66,6 +72,10 @@ FIELDS = [Field(*f) for f in [
     ("use_effective_conv2d", "adapter.use_effective_conv2d"), ("cache_latents", "train.cache_latents"),
 ]]
 BY_NAME = {f.name: f for f in FIELDS}
+# Every name whose value ends up in a config: the fields and the base-model picker.
+SETTINGS = set(BY_NAME) | {"base_choice", "base_other"}
+NUMBER_KINDS = ("int", "float", "opt_int", "opt_float", "off_float")
+UNSET_KINDS = ("opt_int", "opt_float", "off_float")  # 0 (or empty) in the form: None in the config
 # Settings that belong to one dataset, not to a way of training: presets neither set nor save them.
 DATASET_KEYS = {"data.instance_dir", "data.instance_prompt", "data.class_prompt", "data.class_dir", "output.name",
                 "output.dir"}
@@ -76,24 +86,31 @@ def _label(f: Field) -> str:
 
 
 def to_config_value(f: Field, value: Any) -> Any:
-    """A form value as the config wants it; a plain-words error for a missing number."""
-    if f.kind in ("int", "float") and (value is None or value == ""):
-        raise ConfigError(f"{_label(f)} is empty: enter a number.")
-    if f.kind == "int" or (f.kind == "opt_int" and value not in (None, "", 0)):
-        if float(value) != int(float(value)):
-            raise ConfigError(f"{_label(f)} must be a whole number, got {value}.")
-        return int(float(value))
-    if f.kind == "opt_int":
-        return None
-    if f.kind == "float":
-        return float(value)
-    if f.kind in ("opt_float", "off_float"):  # 0 or empty: unset (same as the main value / off)
-        return None if value in (None, "") or float(value) == 0 else float(value)
+    """A form value as the config wants it; a plain-words error naming the key for a value that is no number."""
+    if f.kind in NUMBER_KINDS:
+        return to_number(f, value)
     if f.kind == "lines":
         return [line.strip() for line in (value or "").splitlines() if line.strip()]
     if f.kind == "list":
         return [v.strip() for v in (value or "").replace("\n", ",").split(",") if v.strip()]
     return "" if value is None else value
+
+
+def to_number(f: Field, value: Any) -> int | float | None:
+    """A number field's value: checked for what a number box can hold (the config checks the range)."""
+    if value is None or value == "":
+        if f.kind in UNSET_KINDS:
+            return None
+        raise ConfigError(f"{_label(f)} is empty: enter a number.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{_label(f)} must be a number, got {value!r}.")
+    if f.kind in UNSET_KINDS and value == 0:
+        return None
+    if f.kind.endswith("int"):
+        if value != int(value):
+            raise ConfigError(f"{_label(f)} must be a whole number, got {value:g}.")
+        return int(value)
+    return float(value)
 
 
 def to_form_value(f: Field, value: Any) -> Any:
@@ -121,6 +138,9 @@ def set_key(d: dict, key: str, value: Any) -> None:
 
 def base_spec(choice: str, other: str) -> str:
     if choice != OTHER:
+        offered = [value for _, value in BASE_CHOICES]
+        if choice and choice not in offered:
+            raise ConfigError(f"`model.base` must be one of {', '.join(offered)}; got {choice!r}.")
         return choice or "demo"
     spec = (other or "").strip()
     if not spec:
@@ -161,6 +181,43 @@ def form_values(cfg: dict, names=None, skip_dataset_keys: bool = False) -> dict[
             out[f.name] = to_form_value(f, get_key(cfg, f.key))
     out["base_choice"], out["base_other"] = picker_values(cfg["model"]["base"])
     return out
+
+
+# --------------------------------------------------------------------------- widgets
+
+def config_field(key: str) -> tuple[Any, Mapping[str, Any]]:
+    """The type and the metadata (range, help) of the config field `section.name`."""
+    section, name = key.split(".")
+    cls = typing.get_type_hints(Config)[section]
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+    return typing.get_type_hints(cls)[name], meta
+
+
+def help_text(f: Field, meta: Mapping[str, Any]) -> str | None:
+    help, unset = meta.get("help", ""), meta.get("unset", "")
+    if unset and f.kind in UNSET_KINDS:  # the form writes 0 for "unset"
+        return f"0: {unset}; {help}" if help else f"0: {unset}."
+    return help or None
+
+
+def widget(name: str, initial: dict[str, Any], component: type | None = None, **kwargs) -> gr.components.Component:
+    """The field `name` as a Gradio widget holding `initial[name]`, with the range, choices and help of its config
+    field; `kwargs` (label, layout, a choice's display names) are added and win."""
+    f = BY_NAME[name]
+    tp, meta = config_field(f.key)
+    options: dict[str, Any] = {"info": help_text(f, meta)}
+    if f.kind in NUMBER_KINDS:
+        component = component or gr.Number
+        options |= {"minimum": meta.get("min", meta.get("above")), "maximum": meta.get("max"),
+                    "step": meta.get("step", 1), "precision": 0 if f.kind.endswith("int") else None}
+    elif tp is bool:
+        component = component or gr.Checkbox
+    elif typing.get_origin(tp) is Literal:
+        component = component or gr.Dropdown
+        options["choices"] = list(typing.get_args(tp))
+    else:
+        component = component or gr.Textbox
+    return component(value=initial[name], **(options | kwargs))
 
 
 # --------------------------------------------------------------------------- presets

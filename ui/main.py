@@ -20,8 +20,8 @@ from core.playground import Playground  # noqa: E402
 from core.session import ClassImagesJob, Session  # noqa: E402
 
 from . import class_tab, dataset_tab, playground_tab, train_tab  # noqa: E402
-from .common import CSS, Ctx, bind, link_pickers, name_config_keys  # noqa: E402
-from .form import FIELDS, form_values, initial_config  # noqa: E402
+from .common import CSS, Ctx, bind, bind_handler, link_pickers, pick  # noqa: E402
+from .form import form_values, initial_config  # noqa: E402
 
 log = logging.getLogger("ui")
 DEFAULT_WORKSPACE = "workspace"
@@ -36,8 +36,9 @@ def build_app(workspace: str | Path | None = None, session: Session | None = Non
     """The app; `workspace` holds datasets/, class_images/, runs/, adapters/, presets/ and playground/."""
     workspace = Path(workspace or DEFAULT_WORKSPACE).expanduser().resolve()
     workspace.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(workspace, session or Session(), ClassImagesJob(), Playground(allow_pickle=allow_pickle),
-              allow_pickle=allow_pickle)
+    session = session or Session()
+    ctx = Ctx(workspace, session, ClassImagesJob(), Playground(allow_pickle=allow_pickle), allow_pickle=allow_pickle,
+              train_view=train_tab.TrainView(session))
     start = initial_config()
     initial = form_values(start, skip_dataset_keys=True)
     initial["pg_prompt"] = start.get("data", {}).get("instance_prompt", "")  # the playground starts on the demo subject's prompt
@@ -58,72 +59,53 @@ def build_app(workspace: str | Path | None = None, session: Session | None = Non
             with gr.Tab("4. Playground", id="playground", elem_id="tab-playground") as t_play:
                 p = playground_tab.build(ctx, initial)
 
-        # Every settings field, wherever it sits: the Train tab's Start and presets read them all.
-        everything = {**d, **k, **t}
-        form = {f.name: everything[f.name] for f in FIELDS} | {"base_choice": t["base_choice"],
-                                                               "base_other": t["base_other"]}
-        # Fix (issue 7): a value Gradio refuses before a handler runs (rank 0, text for a number) names its config key.
-        name_config_keys(form, {f.name: f.key for f in FIELDS} | {"base_choice": "model.base"})
-        dataset_tab.wire(ctx, d, {"class_prompt": k["class_prompt"]})
-        class_tab.wire(ctx, k, d["resolution"])
-        train_tab.wire(ctx, t, form, d["dataset"])
-        playground_tab.wire(ctx, p)
+        # Each tab's events may read or write a few components of the tabs before it.
+        tabs = [(t_data, dataset_tab.wire(ctx, d | {"class_prompt": k["class_prompt"]})),
+                (t_class, class_tab.wire(ctx, k | {"resolution": d["resolution"]})),
+                (t_train, train_tab.wire(ctx, d | k | t)),
+                (t_play, playground_tab.wire(ctx, p))]
         link_pickers((k["base_choice"], k["base_other"]), (t["base_choice"], t["base_other"]))
 
         # One clock: the live views poll the process-wide state once a second.
         timer = gr.Timer(1.0)
-        bind(ctx, timer.tick, t["poll"], t["poll_inputs"], t["poll_outputs"], api_name="train_poll")
-        bind(ctx, timer.tick, k["poll"], k["poll_inputs"], k["poll_outputs"])
-        bind(ctx, timer.tick, p["poll"], p["poll_inputs"], p["poll_outputs"])
-
-        # Lists that change on disk are read again when a tab is opened (and when the page loads).
-        def lists():
-            return {"dataset": gr.update(choices=list_datasets(ctx.workspace)), **train_tab.refresh(ctx),
-                    **p["refresh"]()}
-
-        lists_out = {"dataset": d["dataset"], "resume_run": t["resume_run"], "preset": t["preset"],
-                     **p["refresh_outputs"]}
-        bind(ctx, app.load, lists, {}, lists_out)
-        bind(ctx, app.load, t["maths_fn"], t["maths_in"], {"maths": t["maths"]})
-        bind(ctx, app.load, class_tab_view(ctx), k["poll_inputs"], {"class_info": k["class_info"],
-                                                                    "class_gallery": k["class_gallery"]})
-
-        # A reloaded page shows the settings of the run this process is running (or ran last).
-        def restore():
-            cfg = ctx.session.config
-            if cfg is None:
-                # First start (an empty workspace): the demo subject is set up and selected, so Start works at once.
-                if not list_datasets(ctx.workspace) and dataset_tab.DEMO_SUBJECT.is_dir():
-                    return dataset_tab.demo_dataset(ctx, initial["resolution"])
-                return {}
-            values = form_values(cfg.to_dict())
-            folder = Path(cfg.data.instance_dir)
-            if folder.parent == datasets_root(ctx.workspace) and folder.is_dir():
-                values["dataset"] = gr.update(choices=list_datasets(ctx.workspace), value=folder.name)
-                values.update(dataset_tab.dataset_view(ctx, folder.name, cfg.data.resolution))
-                values.update(dataset_tab.dataset_settings(ctx, folder.name))
-                values["instance_prompt"] = cfg.data.instance_prompt
-                values["class_prompt"] = cfg.data.class_prompt
-            return values
-
-        view_names = ("gallery", "report", "crops", "captions", "identifier", "class_noun", "token_info", "selected",
-                      "add_msg")
-        bind(ctx, app.load, restore, {}, form | {"dataset": d["dataset"]} | {n: d[n] for n in view_names})
-        for tab in (t_data, t_train, t_play):
-            bind(ctx, tab.select, lists, {}, lists_out, show_progress="hidden")
-        bind(ctx, t_class.select, class_tab_view(ctx), k["poll_inputs"],
-             {"class_info": k["class_info"], "class_gallery": k["class_gallery"]}, show_progress="hidden")
-        bind(ctx, t_train.select, t["maths_fn"], t["maths_in"], {"maths": t["maths"]}, show_progress="hidden")
+        for _, parts in tabs:
+            for handler in parts.polls:
+                bind_handler(ctx, timer.tick, handler)
+        # What may have changed on disk (lists, counts) is read again when the page loads and when a tab is opened.
+        for tab, parts in tabs:
+            for handler in parts.refreshes:
+                bind_handler(ctx, app.load, handler)
+                bind_handler(ctx, tab.select, handler, show_progress="hidden")
+        form = pick(d | k | t, train_tab.FORM)
+        bind(ctx, app.load, restore, {}, form | pick(d, ("dataset",) + RESTORED_VIEW))
 
     app.ctx = ctx
     app.api_outputs = ctx.api_outputs
     return app
 
 
-def class_tab_view(ctx: Ctx):
-    def view(class_last_done=None, **values):
-        return class_tab.class_view(ctx, values)
-    return view
+# What a reloaded page shows of the dataset the restored run trained on.
+RESTORED_VIEW = ("gallery", "report", "crops", "captions", "identifier", "class_noun", "token_info", "selected",
+                 "add_msg")
+
+
+def restore(ctx: Ctx) -> dict:
+    """A reloaded page shows the settings of the run this process is running (or ran last)."""
+    cfg = ctx.session.config
+    if cfg is None:
+        # First start (an empty workspace): the demo subject is set up and selected, so Start works at once.
+        if not list_datasets(ctx.workspace) and dataset_tab.DEMO_SUBJECT.is_dir():
+            return dataset_tab.demo_dataset(ctx, initial_config()["data"]["resolution"])
+        return {}
+    values = form_values(cfg.to_dict())
+    folder = Path(cfg.data.instance_dir)
+    if folder.parent == datasets_root(ctx.workspace) and folder.is_dir():
+        values["dataset"] = gr.update(choices=list_datasets(ctx.workspace), value=folder.name)
+        values.update(dataset_tab.dataset_view(ctx, folder.name, cfg.data.resolution))
+        values.update(dataset_tab.dataset_settings(ctx, folder.name))
+        values["instance_prompt"] = cfg.data.instance_prompt
+        values["class_prompt"] = cfg.data.class_prompt
+    return values
 
 
 def launch_kwargs(app: gr.Blocks) -> dict:

@@ -13,7 +13,7 @@ from core.merge import merge_loras, merge_to_model
 from core.playground import STRENGTHS, Wanted, from_file
 from core.runs import IMPORTED_DIR, import_adapter, list_adapters
 
-from .common import Ctx, bind, model_picker
+from .common import Ctx, Handler, TabParts, bind, bind_table, model_picker, pick
 from .form import base_spec
 
 SLOTS = 4
@@ -130,121 +130,125 @@ def build(ctx: Ctx, initial: dict) -> dict:
             c["pg_info"] = gr.Markdown(elem_id="pg-info")
     c["pg_grid"] = gr.Gallery(label="Compare (same seed): adapters off, then every weight × strength", columns=6,
                               height=260, object_fit="contain", elem_id="pg-grid")
+    c["live_state"] = gr.State(None)
     return c
 
 
-def wire(ctx: Ctx, c: dict) -> None:
-    fields = {k: c[k] for k in ("pg_base_choice", "pg_base_other", "pg_prompt", "pg_negative", "pg_seed", "pg_steps",
-                                "pg_guidance", "pg_size")}
-    fields |= {f"adapter_{i}": c[f"adapter_{i}"] for i in range(1, SLOTS + 1)}
-    fields |= {f"weight_{i}": c[f"weight_{i}"] for i in range(1, SLOTS + 1)}
+# --------------------------------------------------------------------------- handlers
 
-    def generate(**values):
-        images, spec, labels, weights = run_generation(ctx, values, (1.0,))
-        info = settings_text(values, labels, weights)
-        path = ctx.playground.save(images[0], ctx.playground_dir,
-                                   {"prompt": values["pg_prompt"], "negative_prompt": values["pg_negative"],
-                                    "base": spec, "settings": info, "seed": int(values["pg_seed"])})
-        return {"pg_image": str(path), "pg_info": f"{info} · saved as `{path}`"}
+def generate(ctx: Ctx, **values) -> dict:
+    images, spec, labels, weights = run_generation(ctx, values, (1.0,))
+    info = settings_text(values, labels, weights)
+    path = ctx.playground.save(images[0], ctx.playground_dir,
+                               {"prompt": values["pg_prompt"], "negative_prompt": values["pg_negative"],
+                                "base": spec, "settings": info, "seed": int(values["pg_seed"])})
+    return {"pg_image": str(path), "pg_info": f"{info} · saved as `{path}`"}
 
-    bind(ctx, c["generate_btn"].click, generate, fields, {"pg_image": c["pg_image"], "pg_info": c["pg_info"]},
-         api_name="playground_generate")
 
-    def compare(**values):
-        images, _, labels, weights = run_generation(ctx, values, STRENGTHS)
-        if not labels:
-            raise UserError("Choose at least one adapter to compare with the base model.")
-        captions = ["adapters off" if s == 0 else f"strength ×{s:g}" + (" (as set)" if s == 1 else "")
-                    for s in STRENGTHS]
-        return {"pg_grid": list(zip(images, captions)), "pg_info": settings_text(values, labels, weights)}
+def compare(ctx: Ctx, **values) -> dict:
+    images, _, labels, weights = run_generation(ctx, values, STRENGTHS)
+    if not labels:
+        raise UserError("Choose at least one adapter to compare with the base model.")
+    captions = ["adapters off" if s == 0 else f"strength ×{s:g}" + (" (as set)" if s == 1 else "")
+                for s in STRENGTHS]
+    return {"pg_grid": list(zip(images, captions)), "pg_info": settings_text(values, labels, weights)}
 
-    bind(ctx, c["compare_btn"].click, compare, fields, {"pg_grid": c["pg_grid"], "pg_info": c["pg_info"]},
-         api_name="playground_compare")
 
-    slots_out = {f"adapter_{i}": c[f"adapter_{i}"] for i in range(1, SLOTS + 1)}
+def adapter_lists(ctx: Ctx) -> dict:
+    choices = adapter_choices(ctx)
+    return {name: gr.update(choices=choices) for name in SLOT_NAMES}
 
-    def refresh():
-        choices = adapter_choices(ctx)
-        return {name: gr.update(choices=choices) for name in slots_out}
 
-    bind(ctx, c["refresh_btn"].click, refresh, {}, slots_out, api_name="playground_adapters")
-    c["refresh"], c["refresh_outputs"] = refresh, slots_out
+def do_import(ctx: Ctx, import_file) -> dict:
+    if not import_file:
+        return {}
+    path = import_adapter(ctx.workspace, import_file)
+    return {**adapter_lists(ctx), "import_msg": f"Imported `{path.name}`: choose it in a slot."}
 
-    def do_import(import_file):
-        if not import_file:
-            return {}
-        path = import_adapter(ctx.workspace, import_file)
-        return {**refresh(), "import_msg": f"Imported `{path.name}`: choose it in a slot."}
 
-    bind(ctx, c["import_file"].upload, do_import, {"import_file": c["import_file"]},
-         slots_out | {"import_msg": c["import_msg"]}, api_name="import_adapter")
+def info(ctx: Ctx, **chosen) -> dict:
+    lines = []
+    for value in chosen.values():
+        if value and value != LIVE:
+            try:
+                lines.append("- " + describe(read_adapter(value)))
+            except ModelLoadError as e:
+                lines.append(f"- {e}")
+    return {"adapter_info": "\n".join(lines)}
 
-    def info(**chosen):
-        lines = []
-        for value in chosen.values():
-            if value and value != LIVE:
-                try:
-                    lines.append("- " + describe(read_adapter(value)))
-                except ModelLoadError as e:
-                    lines.append(f"- {e}")
-        return {"adapter_info": "\n".join(lines)}
 
-    for i in range(1, SLOTS + 1):
-        bind(ctx, c[f"adapter_{i}"].change, info, slots_out, {"adapter_info": c["adapter_info"]},
-             api_name="adapter_info" if i == 1 else None, show_progress="hidden")
+def export(ctx: Ctx, adapter_1) -> dict:
+    if not adapter_1 or adapter_1 == LIVE:
+        raise UserError("Choose a saved adapter in slot 1 first (a finished or stopped run, or an imported file).")
+    source = Path(adapter_1)
+    out = export_adapter(source, ctx.workspace / "exports" / f"{source.stem}-kohya.safetensors")
+    return {"export_file": gr.update(value=str(out), visible=True),
+            "import_msg": f"Exported `{out.name}` to `{out.parent}`: put it in A1111/Forge's `models/Lora` "
+                          "or ComfyUI's `models/loras` folder."}
 
-    def export(adapter_1):
-        if not adapter_1 or adapter_1 == LIVE:
-            raise UserError("Choose a saved adapter in slot 1 first (a finished or stopped run, or an imported file).")
-        source = Path(adapter_1)
-        out = export_adapter(source, ctx.workspace / "exports" / f"{source.stem}-kohya.safetensors")
-        return {"export_file": gr.update(value=str(out), visible=True),
-                "import_msg": f"Exported `{out.name}` to `{out.parent}`: put it in A1111/Forge's `models/Lora` "
-                              "or ComfyUI's `models/loras` folder."}
 
-    bind(ctx, c["export_btn"].click, export, {"adapter_1": c["adapter_1"]},
-         {"export_file": c["export_file"], "import_msg": c["import_msg"]}, api_name="export_adapter")
+def merge(ctx: Ctx, merge_into, merge_name, merge_rank, **values) -> dict:
+    name = check_name(merge_name or "", "merged file")
+    chosen = [(values[f"adapter_{i}"], float(values[f"weight_{i}"] or 0.0)) for i in range(1, SLOTS + 1)
+              if values.get(f"adapter_{i}")]
+    if not chosen or any(path == LIVE for path, _ in chosen):
+        raise UserError("Choose saved adapters in the slots to merge (a live run cannot be merged: stop it first).")
+    spec = base_spec(values["pg_base_choice"], values["pg_base_other"])
+    folder = ctx.workspace / (IMPORTED_DIR if merge_into == "lora" else "models")
+    target = folder / (name if merge_into == "folder" else f"{name}.safetensors")
+    if target.exists():
+        raise UserError(f"{target} already exists: choose another name.")
+    if merge_into == "lora":
+        out = merge_loras(chosen, target, base_spec=spec, rank=int(merge_rank or 0) or None,
+                          allow_pickle=ctx.allow_pickle)
+        return {"merge_msg": f"Saved `{out}`: choose it in a slot like any adapter."}
+    out = merge_to_model(spec, chosen, target, allow_pickle=ctx.allow_pickle)
+    return {"merge_msg": f"Saved the merged model as `{out}`. To use it, choose *Other* as the base model "
+                         "and give this path."}
 
-    def merge(merge_into, merge_name, merge_rank, **values):
-        name = check_name(merge_name or "", "merged file")
-        chosen = [(values[f"adapter_{i}"], float(values[f"weight_{i}"] or 0.0)) for i in range(1, SLOTS + 1)
-                  if values.get(f"adapter_{i}")]
-        if not chosen or any(path == LIVE for path, _ in chosen):
-            raise UserError("Choose saved adapters in the slots to merge (a live run cannot be merged: stop it first).")
-        spec = base_spec(values["pg_base_choice"], values["pg_base_other"])
-        folder = ctx.workspace / (IMPORTED_DIR if merge_into == "lora" else "models")
-        target = folder / (name if merge_into == "folder" else f"{name}.safetensors")
-        if target.exists():
-            raise UserError(f"{target} already exists: choose another name.")
-        if merge_into == "lora":
-            out = merge_loras(chosen, target, base_spec=spec, rank=int(merge_rank or 0) or None,
-                              allow_pickle=ctx.allow_pickle)
-            return {"merge_msg": f"Saved `{out}`: choose it in a slot like any adapter."}
-        out = merge_to_model(spec, chosen, target, allow_pickle=ctx.allow_pickle)
-        return {"merge_msg": f"Saved the merged model as `{out}`. To use it, choose *Other* as the base model "
-                             "and give this path."}
 
-    merge_inputs = {k: v for k, v in fields.items() if k.startswith(("adapter_", "weight_", "pg_base"))}
-    merged = bind(ctx, c["merge_btn"].click, merge, {"merge_into": c["merge_into"], "merge_name": c["merge_name"],
-                                                     "merge_rank": c["merge_rank"], **merge_inputs},
-                  {"merge_msg": c["merge_msg"]}, api_name="merge_adapters")
-    bind(ctx, merged.success, refresh, {}, slots_out)  # a new LoRA file joins the lists
+def note(ctx: Ctx, live_state=None) -> dict:
+    """The line saying whether a paused run's live adapter can be tried here (sent only when it changes)."""
+    snap = ctx.session.snapshot()
+    state = snap["state"]
+    signature = (state, snap["step"] if state == "paused" else 0)
+    if signature == live_state:
+        return {}
+    if state == "paused":
+        text = (f"**Training is paused at step {snap['step']}.** Choose *{LIVE_LABEL}* in a slot to test its "
+                "adapter as it is now, then press **Resume** on the Train tab.")
+    elif state in ("running", "stopping"):
+        text = "Training is running: pause it on the Train tab to test its adapter here."
+    else:
+        text = ""
+    return {"live_note": text, "live_state": signature}
 
-    def note(live_state=None):
-        snap = ctx.session.snapshot()
-        state = snap["state"]
-        signature = (state, snap["step"] if state == "paused" else 0)
-        if signature == live_state:
-            return {}
-        if state == "paused":
-            text = (f"**Training is paused at step {snap['step']}.** Choose *{LIVE_LABEL}* in a slot to test its "
-                    "adapter as it is now, then press **Resume** on the Train tab.")
-        elif state in ("running", "stopping"):
-            text = "Training is running: pause it on the Train tab to test its adapter here."
-        else:
-            text = ""
-        return {"live_note": text, "live_state": signature}
 
-    c["live_state"] = gr.State(None)
-    c["poll"], c["poll_inputs"] = note, {"live_state": c["live_state"]}
-    c["poll_outputs"] = {"live_note": c["live_note"], "live_state": c["live_state"]}
+# --------------------------------------------------------------------------- events
+
+SLOT_NAMES = tuple(f"adapter_{i}" for i in range(1, SLOTS + 1))
+WEIGHT_NAMES = tuple(f"weight_{i}" for i in range(1, SLOTS + 1))
+BASE_IN = ("pg_base_choice", "pg_base_other")
+FIELDS_IN = BASE_IN + ("pg_prompt", "pg_negative", "pg_seed", "pg_steps", "pg_guidance", "pg_size") + SLOT_NAMES \
+    + WEIGHT_NAMES
+MERGE_IN = ("merge_into", "merge_name", "merge_rank") + BASE_IN + SLOT_NAMES + WEIGHT_NAMES
+
+EVENTS = [  # (trigger, handler, inputs, outputs[, options])
+    ("generate_btn.click", generate, FIELDS_IN, ("pg_image", "pg_info"), {"api_name": "playground_generate"}),
+    ("compare_btn.click", compare, FIELDS_IN, ("pg_grid", "pg_info"), {"api_name": "playground_compare"}),
+    ("refresh_btn.click", adapter_lists, (), SLOT_NAMES, {"api_name": "playground_adapters"}),
+    ("import_file.upload", do_import, ("import_file",), SLOT_NAMES + ("import_msg",), {"api_name": "import_adapter"}),
+    *[(f"{slot}.change", info, SLOT_NAMES, ("adapter_info",),
+       {"show_progress": "hidden"} | ({"api_name": "adapter_info"} if slot == "adapter_1" else {}))
+      for slot in SLOT_NAMES],
+    ("export_btn.click", export, ("adapter_1",), ("export_file", "import_msg"), {"api_name": "export_adapter"}),
+    ("merge_btn.click", merge, MERGE_IN, ("merge_msg",), {"api_name": "merge_adapters"}),
+]
+
+
+def wire(ctx: Ctx, c: dict) -> TabParts:
+    events = bind_table(ctx, c, EVENTS)
+    slots = pick(c, SLOT_NAMES)
+    bind(ctx, events["merge_adapters"].success, adapter_lists, {}, slots)  # a new LoRA file joins the lists
+    return TabParts(c, polls=[Handler(note, pick(c, ("live_state",)), pick(c, ("live_note", "live_state")))],
+                    refreshes=[Handler(adapter_lists, {}, slots)])

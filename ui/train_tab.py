@@ -1,7 +1,6 @@
 """Train tab: the settings form, presets, the step maths, the controls and the live view of the run."""
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from pathlib import Path
@@ -11,16 +10,17 @@ import numpy as np
 import pandas as pd
 
 from core import vram
-from core.config import TEXT_ENCODER_TARGETS_ALL, UNET_TARGETS_ATTENTION, UNET_TARGETS_FULL
 from core.data import caption_prompts, scan_folder
 from core.datasets import dataset_dir
 from core.errors import UserError
 from core.runs import measured_seconds_per_step
 from core.trainer import latest_checkpoint, load_run_config
 
-from .common import STATE_WORDS, Ctx, bind, error_html, fmt_duration, model_picker, progress_html
+from .common import (STATE_WORDS, Ctx, Handler, TabParts, bind_table, error_html, fmt_duration, model_picker, pick,
+                     progress_html)
 from .dataset_tab import MIN_SIZE
-from .form import (DEFAULT_PRESET, form_config, form_values, preset_config, preset_names, save_preset)
+from .form import (DEFAULT_PRESET, FIELDS, form_config, form_values, preset_config, preset_names, save_preset,
+                   widget)
 
 MAX_POINTS = 500  # the loss plot shows at most this many points per curve (bucket means beyond that)
 EMA_ALPHA = 0.05  # smoothing of the "smoothed" curve (about a 40-step window)
@@ -230,81 +230,61 @@ def build(ctx: Ctx, initial: dict) -> dict:
     c["preset_msg"] = gr.Markdown(elem_id="tr-preset-msg")
     c["base_choice"], c["base_other"] = model_picker("tr", value=initial["base_choice"], other=initial["base_other"])
     with gr.Row():
-        c["adapter_type"] = gr.Radio(ADAPTER_TYPES, value=initial["adapter_type"], label="Adapter", elem_id="tr-type",
-                                     info="LoRA: the standard. LoHa / LoKr: more expressive per parameter.")
-        c["rank"] = gr.Number(initial["rank"], label="Rank", precision=0, minimum=1, elem_id="tr-rank",
-                              info="Size of the adapter; 4-32.")
-        c["alpha"] = gr.Number(initial["alpha"], label="Alpha", minimum=0, elem_id="tr-alpha",
-                               info="Strength scale; usually = rank.")
-        c["train_text_encoder"] = gr.Checkbox(initial["train_text_encoder"], label="Train the text encoder too",
-                                              elem_id="tr-te", info="Better likeness, larger file.")
+        c["adapter_type"] = widget("adapter_type", initial, gr.Radio, choices=ADAPTER_TYPES, label="Adapter",
+                                   elem_id="tr-type")
+        c["rank"] = widget("rank", initial, label="Rank", elem_id="tr-rank")
+        c["alpha"] = widget("alpha", initial, label="Alpha", elem_id="tr-alpha")
+        c["train_text_encoder"] = widget("train_text_encoder", initial, label="Train the text encoder too",
+                                         elem_id="tr-te")
     with gr.Row():
-        c["max_steps"] = gr.Number(initial["max_steps"], label="Steps", precision=0, minimum=1, elem_id="tr-steps")
-        c["learning_rate"] = gr.Number(initial["learning_rate"], label="Learning rate", minimum=0, step=1e-5,
-                                       elem_id="tr-lr")
-        c["batch_size"] = gr.Number(initial["batch_size"], label="Batch size", precision=0, minimum=1,
-                                    elem_id="tr-batch")
-        c["prior_preservation"] = gr.Checkbox(initial["prior_preservation"], label="Prior preservation",
-                                              elem_id="tr-prior", info="Uses the class images (Class images tab).")
-        c["prior_loss_weight"] = gr.Number(initial["prior_loss_weight"], label="Prior weight", minimum=0, step=0.1,
-                                           elem_id="tr-prior-weight")
-    c["run_name"] = gr.Textbox("", label="Run name (optional)", placeholder="e.g. rex-v1; empty: type and date",
-                               elem_id="tr-run-name")
+        c["max_steps"] = widget("max_steps", initial, label="Steps", elem_id="tr-steps")
+        c["learning_rate"] = widget("learning_rate", initial, label="Learning rate", elem_id="tr-lr")
+        c["batch_size"] = widget("batch_size", initial, label="Batch size", elem_id="tr-batch")
+        c["prior_preservation"] = widget("prior_preservation", initial, label="Prior preservation",
+                                         elem_id="tr-prior", info="Uses the class images (Class images tab).")
+        c["prior_loss_weight"] = widget("prior_loss_weight", initial, label="Prior weight", elem_id="tr-prior-weight")
+    c["run_name"] = widget("run_name", initial, label="Run name (optional)",
+                           placeholder="e.g. rex-v1; empty: type and date", elem_id="tr-run-name")
     with gr.Accordion("Advanced options", open=False, elem_id="tr-advanced"):
         with gr.Row():
-            c["repeats"] = gr.Number(initial["repeats"], label="Repeats per epoch", precision=0, minimum=1)
-            c["lr_scheduler"] = gr.Dropdown(["constant", "constant_with_warmup", "linear", "cosine"],
-                                            value=initial["lr_scheduler"], label="Learning-rate schedule")
-            c["lr_warmup_steps"] = gr.Number(initial["lr_warmup_steps"], label="Warm-up steps", precision=0, minimum=0)
-            c["seed"] = gr.Number(initial["seed"], label="Seed", precision=0)
+            c["repeats"] = widget("repeats", initial, label="Repeats per epoch")
+            c["lr_scheduler"] = widget("lr_scheduler", initial, label="Learning-rate schedule")
+            c["lr_warmup_steps"] = widget("lr_warmup_steps", initial, label="Warm-up steps")
+            c["seed"] = widget("seed", initial, label="Seed")
         with gr.Row():
-            c["text_encoder_learning_rate"] = gr.Number(initial["text_encoder_learning_rate"],
-                                                        label="Text encoder learning rate", info="0: same as the UNet.")
-            c["text_encoder_rank"] = gr.Number(initial["text_encoder_rank"], label="Text encoder rank", precision=0,
-                                               info="0: same as rank.")
-            c["text_encoder_alpha"] = gr.Number(initial["text_encoder_alpha"], label="Text encoder alpha",
-                                                info="0: same as alpha.")
-            c["dropout"] = gr.Number(initial["dropout"], label="Dropout", minimum=0, maximum=0.99, step=0.05)
-            c["module_dropout"] = gr.Number(initial["module_dropout"], label="Module dropout (LoHa/LoKr)",
-                                            minimum=0, maximum=0.99, step=0.05)
+            c["text_encoder_learning_rate"] = widget("text_encoder_learning_rate", initial,
+                                                     label="Text encoder learning rate")
+            c["text_encoder_rank"] = widget("text_encoder_rank", initial, label="Text encoder rank")
+            c["text_encoder_alpha"] = widget("text_encoder_alpha", initial, label="Text encoder alpha")
+            c["dropout"] = widget("dropout", initial, label="Dropout")
+            c["module_dropout"] = widget("module_dropout", initial, label="Module dropout (LoHa/LoKr)")
         with gr.Row():
-            c["mixed_precision"] = gr.Dropdown(["auto", "no", "fp16", "bf16"], value=initial["mixed_precision"],
-                                               label="Mixed precision", info="auto: fp16 on an NVIDIA GPU.")
-            c["optimizer"] = gr.Dropdown(["adamw", "adamw8bit"], value=initial["optimizer"], label="Optimizer")
-            c["gradient_accumulation_steps"] = gr.Number(initial["gradient_accumulation_steps"], precision=0,
-                                                         minimum=1, label="Gradient accumulation")
-            c["max_grad_norm"] = gr.Number(initial["max_grad_norm"], label="Gradient clipping", minimum=0)
-            c["min_snr_gamma"] = gr.Number(initial["min_snr_gamma"], label="Min-SNR gamma", minimum=0,
-                                           info="0: off; 5 is usual.")
-            c["noise_offset"] = gr.Number(initial["noise_offset"], label="Noise offset", minimum=0, step=0.01)
+            c["mixed_precision"] = widget("mixed_precision", initial, label="Mixed precision")
+            c["optimizer"] = widget("optimizer", initial, label="Optimizer")
+            c["gradient_accumulation_steps"] = widget("gradient_accumulation_steps", initial,
+                                                      label="Gradient accumulation")
+            c["max_grad_norm"] = widget("max_grad_norm", initial, label="Gradient clipping")
+            c["min_snr_gamma"] = widget("min_snr_gamma", initial, label="Min-SNR gamma")
+            c["noise_offset"] = widget("noise_offset", initial, label="Noise offset")
         with gr.Row():
-            c["gradient_checkpointing"] = gr.Checkbox(initial["gradient_checkpointing"],
-                                                      label="Gradient checkpointing (less memory, slower)")
-            c["cache_latents"] = gr.Checkbox(initial["cache_latents"], label="Cache latents")
-            c["center_crop"] = gr.Checkbox(initial["center_crop"], label="Centre crop (off: random crops)")
-            c["random_flip"] = gr.Checkbox(initial["random_flip"], label="Random flips")
+            c["gradient_checkpointing"] = widget("gradient_checkpointing", initial,
+                                                 label="Gradient checkpointing (less memory, slower)")
+            c["cache_latents"] = widget("cache_latents", initial, label="Cache latents")
+            c["center_crop"] = widget("center_crop", initial, label="Centre crop (off: random crops)")
+            c["random_flip"] = widget("random_flip", initial, label="Random flips")
         with gr.Row():
-            c["sample_every"] = gr.Number(initial["sample_every"], label="Sample every (steps)", precision=0,
-                                          minimum=0, info="0: no samples.", elem_id="tr-sample-every")
-            c["sample_steps"] = gr.Number(initial["sample_steps"], label="Sample steps", precision=0, minimum=1,
-                                          elem_id="tr-sample-steps")
-            c["sample_guidance"] = gr.Number(initial["sample_guidance"], label="Sample guidance", minimum=0)
-            c["checkpoint_every"] = gr.Number(initial["checkpoint_every"], label="Checkpoint every (steps)",
-                                              precision=0, minimum=0, info="0: only at the end and on stop.")
-        c["sample_prompts"] = gr.Textbox(initial["sample_prompts"], label="Sample prompts (one per line)", lines=3,
-                                         info="Empty: the instance prompt and the class prompt.")
+            c["sample_every"] = widget("sample_every", initial, label="Sample every (steps)", elem_id="tr-sample-every")
+            c["sample_steps"] = widget("sample_steps", initial, label="Sample steps", elem_id="tr-sample-steps")
+            c["sample_guidance"] = widget("sample_guidance", initial, label="Sample guidance")
+            c["checkpoint_every"] = widget("checkpoint_every", initial, label="Checkpoint every (steps)")
+        c["sample_prompts"] = widget("sample_prompts", initial, label="Sample prompts (one per line)", lines=3)
         with gr.Row():
-            c["unet_targets"] = gr.Textbox(initial["unet_targets"], label="UNet target modules", scale=3,
-                                           info=f"Attention only: {', '.join(UNET_TARGETS_ATTENTION)}. "
-                                                f"Full set: {', '.join(UNET_TARGETS_FULL)}.")
-            c["text_encoder_targets"] = gr.Textbox(initial["text_encoder_targets"], label="Text encoder targets",
-                                                   scale=2, info=f"Choices: {', '.join(TEXT_ENCODER_TARGETS_ALL)}.")
+            c["unet_targets"] = widget("unet_targets", initial, label="UNet target modules", scale=3)
+            c["text_encoder_targets"] = widget("text_encoder_targets", initial, label="Text encoder targets", scale=2)
         with gr.Row():
-            c["decompose_both"] = gr.Checkbox(initial["decompose_both"], label="LoKr: decompose both factors")
-            c["decompose_factor"] = gr.Number(initial["decompose_factor"], label="LoKr: factor", precision=0,
-                                              info="-1: as square as possible.")
-            c["use_effective_conv2d"] = gr.Checkbox(initial["use_effective_conv2d"],
-                                                    label="LoHa/LoKr: effective conv2d")
+            c["decompose_both"] = widget("decompose_both", initial, label="LoKr: decompose both factors")
+            c["decompose_factor"] = widget("decompose_factor", initial, label="LoKr: factor")
+            c["use_effective_conv2d"] = widget("use_effective_conv2d", initial, label="LoHa/LoKr: effective conv2d")
     c["maths"] = gr.Markdown(elem_id="tr-maths")
     with gr.Row():
         c["start_btn"] = gr.Button("Start training", variant="primary", elem_id="tr-start")
@@ -339,101 +319,117 @@ def resumable_runs(ctx: Ctx) -> list[str]:
     return sorted((p.name for p in runs if latest_checkpoint(p) is not None), key=str.lower)
 
 
-def wire(ctx: Ctx, c: dict, form: dict, dataset) -> None:
-    """`form`: every settings field of every tab by name (see ui/form.py); `dataset`: the Dataset tab's dropdown."""
-    view = TrainView(ctx.session)
-    live_out = {k: c[k] for k in ("train_status", "loss_plot", "samples", "log", "train_error", "error_detail",
-                                  *BUTTONS)}
+# --------------------------------------------------------------------------- handlers
 
-    def live(train_sent=None):
-        out, sent = view.poll(train_sent)
-        return {**out, "train_sent": sent}
-
-    poll_out = live_out | {"train_sent": c["train_sent"]}
-    c["poll"], c["poll_inputs"], c["poll_outputs"] = live, {"train_sent": c["train_sent"]}, poll_out
-
-    # Step maths: redrawn when anything it depends on changes.
-    maths_names = ("max_steps", "batch_size", "repeats", "gradient_accumulation_steps", "prior_preservation",
-                   "num_class_images", "class_prompt", "resolution", "base_choice", "base_other", "sample_every",
-                   "adapter_type", "rank", "train_text_encoder", "text_encoder_rank", "mixed_precision", "optimizer",
-                   "gradient_checkpointing", "unet_targets", "text_encoder_targets")
-
-    def maths(dataset, **values):
-        return {"maths": step_maths(ctx, dataset, values)}
-
-    maths_in = {"dataset": dataset} | form
-    triggers = [form[n].change for n in maths_names] + [dataset.change]
-    bind(ctx, functools.partial(gr.on, triggers), maths, maths_in, {"maths": c["maths"]}, api_name="step_maths",
-         show_progress="hidden", trigger_mode="always_last")
-    c["maths_fn"], c["maths_in"] = maths, maths_in
-
-    def start(dataset, **values):
-        if ctx.class_job.busy:
-            raise UserError("Class images are being generated (Class images tab). Wait for them, or stop that first.")
-        cfg = form_config(values, ctx.workspace, dataset or "", ctx.allow_pickle)  # "": a plain "No dataset chosen" error
-        scan = scan_folder(cfg.data.instance_dir, min_size=cfg.data.min_image_size)
-        if not scan.images:
-            raise UserError(f"The dataset {dataset!r} has no usable images: add photos on the Dataset tab.")
-        caption_prompts(scan.images, cfg.data.instance_prompt)  # plain-words error when prompts are missing
-        if cfg.train.prior_preservation and not cfg.data.class_prompt.strip():
-            raise UserError("Prior preservation needs a class prompt (Class images tab), e.g. 'a photo of a dog'; "
-                            "or turn prior preservation off.")
-        if cfg.output.name and (Path(cfg.output.dir) / cfg.output.name).exists():
-            raise UserError(f"A run called {cfg.output.name!r} already exists: choose another run name (or continue "
-                            "it under 'Continue an earlier run').")
-        ctx.session.start(cfg)
-        return live()
-
-    bind(ctx, c["start_btn"].click, start, {"dataset": dataset} | form, poll_out, api_name="start_training")
-
-    def command(name):
-        def run():
-            if not getattr(ctx.session, name)():
-                raise UserError("No training run is going.")
-            return live()
-        run.__name__ = name
-        return run
-
-    for btn, name in (("pause_btn", "pause"), ("resume_btn", "resume"), ("stop_btn", "stop"),
-                      ("sample_btn", "sample_now"), ("save_btn", "save_now")):
-        bind(ctx, c[btn].click, command(name), {}, poll_out, api_name=name)
-
-    def continue_run(resume_run):
-        if not resume_run:
-            raise UserError("Choose a stopped run to continue.")
-        run_dir = ctx.runs_dir / resume_run
-        ctx.session.start(load_run_config(run_dir), resume_dir=run_dir)
-        return live()
-
-    bind(ctx, c["continue_btn"].click, continue_run, {"resume_run": c["resume_run"]}, poll_out,
-         api_name="continue_run")
-
-    # Presets
-    preset_fields = {k: v for k, v in form.items()}
-
-    def load(preset):
-        cfg = preset_config(ctx.workspace, preset)
-        values = form_values(cfg, names=set(preset_fields), skip_dataset_keys=True)
-        return {**values, "preset_msg": f"Loaded preset **{preset}**. Dataset, prompts and run name are unchanged "
-                                        "(they come from the Dataset and Class images tabs)."}
-
-    load_out = {k: v for k, v in preset_fields.items() if k not in ("instance_prompt", "class_prompt", "run_name")}
-    bind(ctx, c["load_preset_btn"].click, load, {"preset": c["preset"]}, load_out | {"preset_msg": c["preset_msg"]},
-         api_name="load_preset")
-
-    def save(preset_name, **values):
-        cfg = form_config(values, ctx.workspace, allow_pickle=ctx.allow_pickle)
-        path = save_preset(ctx.workspace, preset_name, cfg)
-        return {"preset": gr.update(choices=_preset_names(ctx), value=path.stem), "preset_name": "",
-                "preset_msg": f"Saved preset **{path.stem}** to `{path}`."}
-
-    bind(ctx, c["save_preset_btn"].click, save, {"preset_name": c["preset_name"]} | form,
-         {k: c[k] for k in ("preset", "preset_name", "preset_msg")}, api_name="save_preset")
+def live(ctx: Ctx, train_sent=None) -> dict:
+    out, sent = ctx.train_view.poll(train_sent)
+    return {**out, "train_sent": sent}
 
 
-def _preset_names(ctx: Ctx) -> list[str]:
-    return preset_names(ctx.workspace)
+def maths(ctx: Ctx, dataset, **values) -> dict:
+    return {"maths": step_maths(ctx, dataset, values)}
 
 
-def refresh(ctx: Ctx) -> dict:
-    return {"resume_run": gr.update(choices=resumable_runs(ctx)), "preset": gr.update(choices=_preset_names(ctx))}
+def start(ctx: Ctx, dataset, **values) -> dict:
+    if ctx.class_job.busy:
+        raise UserError("Class images are being generated (Class images tab). Wait for them, or stop that first.")
+    cfg = form_config(values, ctx.workspace, dataset or "", ctx.allow_pickle)  # "": a plain "No dataset chosen" error
+    scan = scan_folder(cfg.data.instance_dir, min_size=cfg.data.min_image_size)
+    if not scan.images:
+        raise UserError(f"The dataset {dataset!r} has no usable images: add photos on the Dataset tab.")
+    caption_prompts(scan.images, cfg.data.instance_prompt)  # plain-words error when prompts are missing
+    if cfg.train.prior_preservation and not cfg.data.class_prompt.strip():
+        raise UserError("Prior preservation needs a class prompt (Class images tab), e.g. 'a photo of a dog'; "
+                        "or turn prior preservation off.")
+    if cfg.output.name and (Path(cfg.output.dir) / cfg.output.name).exists():
+        raise UserError(f"A run called {cfg.output.name!r} already exists: choose another run name (or continue "
+                        "it under 'Continue an earlier run').")
+    ctx.session.start(cfg)
+    return live(ctx)
+
+
+def command(ctx: Ctx, name: str) -> dict:
+    """A control of the running session (pause, resume, stop, sample now, save now)."""
+    if not getattr(ctx.session, name)():
+        raise UserError("No training run is going.")
+    return live(ctx)
+
+
+def pause(ctx: Ctx) -> dict:
+    return command(ctx, "pause")
+
+
+def resume(ctx: Ctx) -> dict:
+    return command(ctx, "resume")
+
+
+def stop(ctx: Ctx) -> dict:
+    return command(ctx, "stop")
+
+
+def sample_now(ctx: Ctx) -> dict:
+    return command(ctx, "sample_now")
+
+
+def save_now(ctx: Ctx) -> dict:
+    return command(ctx, "save_now")
+
+
+def continue_run(ctx: Ctx, resume_run) -> dict:
+    if not resume_run:
+        raise UserError("Choose a stopped run to continue.")
+    run_dir = ctx.runs_dir / resume_run
+    ctx.session.start(load_run_config(run_dir), resume_dir=run_dir)
+    return live(ctx)
+
+
+def load_preset(ctx: Ctx, preset) -> dict:
+    values = form_values(preset_config(ctx.workspace, preset), skip_dataset_keys=True)
+    return {**values, "preset_msg": f"Loaded preset **{preset}**. Dataset, prompts and run name are unchanged "
+                                    "(they come from the Dataset and Class images tabs)."}
+
+
+def save(ctx: Ctx, preset_name, **values) -> dict:
+    cfg = form_config(values, ctx.workspace, allow_pickle=ctx.allow_pickle)
+    path = save_preset(ctx.workspace, preset_name, cfg)
+    return {"preset": gr.update(choices=preset_names(ctx.workspace), value=path.stem), "preset_name": "",
+            "preset_msg": f"Saved preset **{path.stem}** to `{path}`."}
+
+
+def lists(ctx: Ctx) -> dict:
+    return {"resume_run": gr.update(choices=resumable_runs(ctx)), "preset": gr.update(choices=preset_names(ctx.workspace))}
+
+
+# --------------------------------------------------------------------------- events
+
+# Every settings field of every tab (see ui/form.py): Start, the step maths and presets read them all.
+FORM = tuple(f.name for f in FIELDS) + ("base_choice", "base_other")
+LIVE_OUT = ("train_status", "loss_plot", "samples", "log", "train_error", "error_detail", *BUTTONS, "train_sent")
+# The step maths is redrawn when anything it depends on changes.
+MATHS_NAMES = ("max_steps", "batch_size", "repeats", "gradient_accumulation_steps", "prior_preservation",
+               "num_class_images", "class_prompt", "resolution", "base_choice", "base_other", "sample_every",
+               "adapter_type", "rank", "train_text_encoder", "text_encoder_rank", "mixed_precision", "optimizer",
+               "gradient_checkpointing", "unet_targets", "text_encoder_targets", "dataset")
+# A preset sets everything except what belongs to a dataset.
+PRESET_OUT = tuple(n for n in FORM if n not in ("instance_prompt", "class_prompt", "run_name")) + ("preset_msg",)
+
+EVENTS = [  # (trigger, handler, inputs, outputs[, options])
+    (tuple(f"{n}.change" for n in MATHS_NAMES), maths, ("dataset",) + FORM, ("maths",),
+     {"api_name": "step_maths", "show_progress": "hidden", "trigger_mode": "always_last"}),
+    ("start_btn.click", start, ("dataset",) + FORM, LIVE_OUT, {"api_name": "start_training"}),
+    *[(f"{name}_btn.click", fn, (), LIVE_OUT, {"api_name": fn.__name__})
+      for name, fn in (("pause", pause), ("resume", resume), ("stop", stop), ("sample", sample_now),
+                       ("save", save_now))],
+    ("continue_btn.click", continue_run, ("resume_run",), LIVE_OUT, {"api_name": "continue_run"}),
+    ("load_preset_btn.click", load_preset, ("preset",), PRESET_OUT, {"api_name": "load_preset"}),
+    ("save_preset_btn.click", save, ("preset_name",) + FORM, ("preset", "preset_name", "preset_msg"),
+     {"api_name": "save_preset"}),
+]
+
+
+def wire(ctx: Ctx, c: dict) -> TabParts:
+    """Bind the tab's events; `c` also holds every settings field of the other tabs and the Dataset tab's dataset."""
+    bind_table(ctx, c, EVENTS)
+    return TabParts(c, polls=[Handler(live, pick(c, ("train_sent",)), pick(c, LIVE_OUT), api_name="train_poll")],
+                    refreshes=[Handler(lists, {}, pick(c, ("resume_run", "preset"))),
+                               Handler(maths, pick(c, ("dataset",) + FORM), pick(c, ("maths",)))])
