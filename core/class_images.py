@@ -33,9 +33,9 @@ def slug(text: str, limit: int = 60) -> str:
 def cache_name(text: str) -> str:
     """A readable folder name that is unique per exact text.
 
-    Fix (tests/test_class_images.py): the slug alone is lossy (cut at 60 characters, punctuation and case
-    dropped), so two models in one deep folder, or two long prompts sharing their first 60 characters, shared
-    one cache folder and silently reused each other's class images. A short hash of the exact text keeps them apart.
+    The slug alone is lossy (cut at 60 characters, punctuation and case dropped): two models in one deep folder,
+    or two long prompts sharing their first 60 characters, would share one cache folder and silently reuse each
+    other's class images. A short hash of the exact text keeps them apart.
     """
     return f"{slug(text)}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
 
@@ -64,8 +64,8 @@ def read_manifest(folder: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return {"images": {}}  # a damaged manifest only loses provenance, never images
-    # Fix (tests/test_class_images.py): valid JSON of another shape (e.g. another tool's manifest.json in the
-    # user's class folder) crashed generation with a KeyError/AttributeError. Keep its other keys.
+    # Valid JSON of another shape (e.g. another tool's manifest.json in the user's class folder) must not
+    # crash generation. Keep its other keys.
     if not isinstance(data, dict):
         return {"images": {}}
     if not isinstance(data.get("images"), dict):
@@ -102,11 +102,16 @@ def reject_class_images(folder: Path, names: list[str]) -> list[str]:
     return moved
 
 
+def check_class_prompt(cfg: Config) -> None:
+    """Class images are made from the class prompt: without one there is nothing to generate or train on."""
+    if not cfg.data.class_prompt.strip():
+        raise DataError("Prior preservation needs a class prompt, e.g. `a photo of a dog` (data.class_prompt).")
+
+
 def ensure_class_images(cfg: Config, base: BaseModel, device: torch.device | str = "cpu", emit: Emit = ignore,
                         should_stop: Callable[[], bool] = lambda: False) -> list[ImageItem]:
     """Top the class folder up to `data.num_class_images` usable images; return them (sorted by name)."""
-    if not cfg.data.class_prompt.strip():
-        raise DataError("Prior preservation needs a class prompt, e.g. `a photo of a dog` (data.class_prompt).")
+    check_class_prompt(cfg)
     folder = class_dir_for(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     want = cfg.data.num_class_images

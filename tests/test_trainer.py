@@ -15,7 +15,8 @@ from core.config import Config
 from core.errors import ConfigError, DataError, ModelLoadError, UserError
 from core.events import STOP, CheckpointSaved, Failed, Finished, Progress, SampleReady
 from core.models import build_tiny_model
-from core.trainer import load_run_config, min_snr_weights, prior_preservation_loss, train
+from core.rundir import load_run_config
+from core.trainer import min_snr_weights, prior_preservation_loss, train
 
 
 def run(cfg_dict, base=None, commands=None, resume_dir=None):
