@@ -113,11 +113,12 @@ def preflight(cfg: Config, resume_dir: str | Path | None = None) -> ScanReport:
     """
     resolve_precision(cfg)
     optimizer_class(cfg)
-    if resume_dir is None:
-        named = RunDir(Path(cfg.output.dir) / cfg.output.name) if cfg.output.name else None
-        if named is not None and named.in_use():
-            raise ConfigError(f"A run called {cfg.output.name!r} already exists in {named.path.parent}: choose another "
-                              "run name (output.name), or continue that run (--resume, or 'Continue an earlier run').")
+    if resume_dir is not None and RunDir(resume_dir).latest_checkpoint() is None:
+        raise ConfigError(f"{resume_dir} has no checkpoint to resume from.")
+    named = RunDir(Path(cfg.output.dir) / cfg.output.name) if cfg.output.name and resume_dir is None else None
+    if named is not None and named.in_use():
+        raise ConfigError(f"A run called {cfg.output.name!r} already exists in {named.path.parent}: choose another "
+                          "run name (output.name), or continue that run (--resume, or 'Continue an earlier run').")
     check_writable(RunDir(resume_dir).path.parent if resume_dir else Path(cfg.output.dir).expanduser())
     report = scan_instance_images(cfg)
     caption_prompts(report.images, cfg.data.instance_prompt)  # every image needs a caption or the instance prompt
@@ -538,7 +539,7 @@ def load_checkpoint(run: Run, ckpt: Checkpoint) -> None:
 
 
 def optimizer_class(cfg: Config) -> type[torch.optim.Optimizer]:
-    """AdamW, or bitsandbytes' 8-bit AdamW (a quarter of the optimizer memory) where it can run."""
+    """AdamW, or bitsandbytes' 8-bit AdamW (its two moments in 8 bits instead of 32) where it can run."""
     if cfg.train.optimizer != "adamw8bit":
         return torch.optim.AdamW
     try:
@@ -664,9 +665,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
 
     run = Run(cfg, acc, base, specs, run_dir, weight_dtype, main_emit, optimizer, lr_scheduler)
     if resume_dir:
-        ckpt = run_dir.latest_checkpoint()
-        if ckpt is None:
-            raise ConfigError(f"{run_dir} has no checkpoint to resume from.")
+        ckpt = run_dir.latest_checkpoint()  # there is one: `preflight` made sure
         load_checkpoint(run, ckpt)
         main_emit(Log(f"Resumed from {ckpt.path.name} (step {run.step})"))
     elif t.sample_every:

@@ -451,7 +451,13 @@ def test_preflight_refuses_in_plain_words(tmp_path, instance_dir, change, error,
     (taken / "config.yaml").write_text("{}")
     with pytest.raises(error, match=words):
         preflight(Config.from_dict(tiny_config(tmp_path, instance_dir, **change)))
-    preflight(Config.from_dict(tiny_config(tmp_path, instance_dir, output={"name": "taken"})), resume_dir=taken)
+    if words == "already exists":  # the taken run can be resumed, once it has a checkpoint
+        resume = Config.from_dict(tiny_config(tmp_path, instance_dir, **change))
+        with pytest.raises(ConfigError, match="no checkpoint"):
+            preflight(resume, resume_dir=taken)
+        (taken / "checkpoints" / "step_000002").mkdir(parents=True)
+        (taken / "checkpoints" / "step_000002" / "state.json").write_text('{"step": 2}')
+        assert preflight(resume, resume_dir=taken).images
 
 
 def test_preflight_refuses_an_unwritable_output_folder(tmp_path, instance_dir):
