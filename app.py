@@ -39,7 +39,8 @@ def cmd_train(args) -> int:
     from tqdm import tqdm
 
     from core import events as ev
-    from core.trainer import load_run_config, train
+    from core.rundir import load_run_config
+    from core.trainer import train
 
     cfg = load_run_config(args.resume) if args.resume else config_from_args(args)
     commands: queue.Queue = queue.Queue()

@@ -102,11 +102,16 @@ def reject_class_images(folder: Path, names: list[str]) -> list[str]:
     return moved
 
 
+def check_class_prompt(cfg: Config) -> None:
+    """Class images are made from the class prompt: without one there is nothing to generate or train on."""
+    if not cfg.data.class_prompt.strip():
+        raise DataError("Prior preservation needs a class prompt, e.g. `a photo of a dog` (data.class_prompt).")
+
+
 def ensure_class_images(cfg: Config, base: BaseModel, device: torch.device | str = "cpu", emit: Emit = ignore,
                         should_stop: Callable[[], bool] = lambda: False) -> list[ImageItem]:
     """Top the class folder up to `data.num_class_images` usable images; return them (sorted by name)."""
-    if not cfg.data.class_prompt.strip():
-        raise DataError("Prior preservation needs a class prompt, e.g. `a photo of a dog` (data.class_prompt).")
+    check_class_prompt(cfg)
     folder = class_dir_for(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     want = cfg.data.num_class_images

@@ -46,7 +46,8 @@ class ModelConfig:
     # a local diffusers folder or a single-file .safetensors checkpoint.
     base: str = "demo"
     # "auto" reads it from the model's scheduler; set it for single-file SD 2.x 768 checkpoints ("v_prediction").
-    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    # "sample": the model predicts the clean image (x0), as some fine-tunes do.
+    prediction_type: Literal["auto", "epsilon", "v_prediction", "sample"] = "auto"
     revision: str | None = None
     # Refuse pickled .ckpt files unless the user says so; even then they load with weights_only=True.
     allow_pickle: bool = False

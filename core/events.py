@@ -15,6 +15,13 @@ class Log:
 
 
 @dataclass
+class RunStarted:
+    """The run folder exists (new or resumed): listeners learn where the run writes before its first step."""
+
+    run_dir: str
+
+
+@dataclass
 class Progress:
     step: int  # optimizer steps done
     total: int
@@ -70,7 +77,7 @@ class ClassImagesProgress:
     paths: list[str] = field(default_factory=list)
 
 
-Event = Union[Log, Progress, SampleReady, CheckpointSaved, Paused, Resumed, Finished, Failed, ClassImagesProgress]
+Event = Union[Log, RunStarted, Progress, SampleReady, CheckpointSaved, Paused, Resumed, Finished, Failed, ClassImagesProgress]
 Emit = Callable[[Event], None]
 
 # Commands, put on the trainer's command queue as plain strings.

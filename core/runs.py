@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import read_yaml
 from .errors import ConfigError, ModelLoadError
 from .fileio import atomic_path
+from .rundir import list_runs
 
 IMPORTED_DIR = "adapters"  # adapter files the user imported into the workspace
 
@@ -44,9 +45,9 @@ def _entry(path: Path, origin: str) -> AdapterEntry | None:
 
 
 def list_adapters(workspace: str | Path) -> list[AdapterEntry]:
-    """The final adapter of every run (`runs/<name>/<name>.safetensors`) and the imported files, newest first."""
+    """The final adapter of every run and the imported files, newest first."""
     workspace = Path(workspace)
-    found = [(p, "run: ") for p in (workspace / "runs").glob("*/*.safetensors")]
+    found = [(run.adapter, "run: ") for run in list_runs(workspace / "runs") if run.adapter.is_file()]
     found += [(p, "imported: ") for p in (workspace / IMPORTED_DIR).glob("*.safetensors")]
     found.sort(key=lambda item: item[0].stat().st_mtime, reverse=True)
     return [e for e in (_entry(p, origin) for p, origin in found) if e is not None]
@@ -68,10 +69,12 @@ def import_adapter(workspace: str | Path, file: str | Path) -> Path:
 
 def measured_seconds_per_step(runs_dir: str | Path, base: str, resolution: int, batch_size: int) -> float | None:
     """Seconds per step of the newest earlier run with the same base model, resolution and batch size."""
-    runs = sorted(Path(runs_dir).glob("*/loss.csv"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for loss_csv in runs[:50]:
+    runs = sorted((run for run in list_runs(runs_dir) if run.losses.is_file()),
+                  key=lambda run: run.losses.stat().st_mtime, reverse=True)
+    for run in runs[:50]:
+        loss_csv = run.losses
         try:
-            cfg = read_yaml(loss_csv.parent / "config.yaml")
+            cfg = read_yaml(run.config)
             same = (cfg["model"]["base"] == base and cfg["data"]["resolution"] == resolution
                     and cfg["train"]["batch_size"] == batch_size)
             if not same:

@@ -13,6 +13,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 from . import events as ev
 from .config import Config
@@ -41,12 +42,52 @@ class History:
     started_at: float = 0.0
 
 
-class Session:
-    """At most one training run at a time; thread-safe."""
+class Job:
+    """One piece of work at a time in a daemon thread: `busy`, `wait`, `state`, and a start that cannot race.
+
+    Subclasses keep their own record of the work under `self._lock` and say what `state` it is in.
+    """
+
+    busy_message = "This job is already running."
+    thread_name = "job"
 
     def __init__(self):
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def state(self) -> str:
+        raise NotImplementedError
+
+    def _start(self, reset: Callable[[], None], work: Callable[[], None]) -> None:
+        """`reset` the record and start `work`, both under the lock: two clicks at the same moment (two tabs)
+        cannot both start, and no poll sees the new thread with the old record."""
+        with self._lock:
+            if self.busy:
+                raise UserError(self.busy_message)
+            reset()
+            self._thread = threading.Thread(target=work, name=self.thread_name, daemon=True)
+            self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Wait for the work to end (or `timeout` seconds); return the state it is in then."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.state
+
+
+class Session(Job):
+    """At most one training run at a time; thread-safe."""
+
+    busy_message = "A training run is already in progress. Stop it first, or wait for it to finish."
+    thread_name = "training"
+
+    def __init__(self):
+        super().__init__()
         self._commands: queue.Queue = queue.Queue()
         self._h = History()
         self.config: Config | None = None  # the settings of the current (or last) run
@@ -55,8 +96,9 @@ class Session:
 
     # -- control --------------------------------------------------------------------------------
     @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def state(self) -> str:
+        with self._lock:
+            return self._h.state
 
     def start(self, cfg: Config, resume_dir: str | Path | None = None, base=None) -> None:
         """Start training in a daemon thread; refuse while another run is going."""
@@ -85,16 +127,13 @@ class Session:
                     if self._h.state in ("running", "paused", "stopping"):
                         self._h.state = "failed" if self._h.error else "finished"
 
-        # The check and the start under one lock: two Start clicks at the same moment cannot both start a run.
-        with self._lock:
-            if self.busy:
-                raise UserError("A training run is already in progress. Stop it first, or wait for it to finish.")
+        def reset():
             self._commands = queue.Queue()
             self._h = History(state="running", total=cfg.train.max_steps, started_at=time.time())
             self._h.logs.append("Starting...")
             self.config = cfg
-            self._thread = threading.Thread(target=work, name="training", daemon=True)
-            self._thread.start()
+
+        self._start(reset, work)
 
     def command(self, name: str) -> bool:
         """Queue stop / pause / resume / sample / save; False when nothing is running."""
@@ -127,11 +166,6 @@ class Session:
 
     def save_now(self) -> bool:
         return self.command(ev.SAVE)
-
-    def wait(self, timeout: float | None = None) -> str:
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self._h.state
 
     def live_adapter(self):
         """A copy of the paused run's adapter as it is now (an in-memory `AdapterFile`), for the playground.
@@ -185,9 +219,9 @@ class Session:
                 h.logs.append(f"Error: {e.message}")
             elif isinstance(e, ev.ClassImagesProgress):
                 h.logs.append(f"Class images: {e.done}/{e.total}")
+            elif isinstance(e, ev.RunStarted):
+                h.run_dir = e.run_dir
             elif isinstance(e, ev.Log):
-                if e.message.startswith("Run folder: "):
-                    h.run_dir = e.message.removeprefix("Run folder: ")
                 h.logs.append(e.message)
             h.logs_dropped += max(len(h.logs) - LOG_LIMIT, 0)  # so a poller reading "lines since N" loses none past the cap
             del h.logs[:-LOG_LIMIT]
@@ -206,28 +240,28 @@ class Session:
             }
 
 
-class ClassImagesJob:
+class ClassImagesJob(Job):
     """Class-image generation in a background thread (the GUI's Class images tab); stop and continue later.
 
     Image i always comes from seed `class_seed + i`, so a stopped job continues where it left off.
     """
 
+    busy_message = "Class images are already being generated. Stop that first, or wait for it."
+    thread_name = "class-images"
+
     def __init__(self):
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._stop = threading.Event()
         self._state = {"state": "idle", "done": 0, "total": 0, "folder": "", "message": "", "error": ""}
 
     @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def state(self) -> str:
+        return self.snapshot()["state"]
 
     def start(self, cfg: Config, base=None) -> None:
         from .class_images import class_dir_for
 
-        with self._lock:
-            if self.busy:
-                raise UserError("Class images are already being generated. Stop that first, or wait for it.")
+        def reset():
             self._stop.clear()
             self._state = {"state": "running", "done": 0, "total": 0, "folder": str(class_dir_for(cfg)),
                            "message": f"Loading base model {cfg.model.base}...", "error": ""}
@@ -245,8 +279,7 @@ class ClassImagesJob:
                     self._state["error"] = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
                     self._state["detail"] = traceback.format_exc()
 
-        self._thread = threading.Thread(target=work, name="class-images", daemon=True)
-        self._thread.start()
+        self._start(reset, work)
 
     def _generate(self, cfg: Config, base) -> None:
         import torch
@@ -279,11 +312,6 @@ class ClassImagesJob:
         with self._lock:
             self._state["message"] = "Stopping after this batch..."
         return True
-
-    def wait(self, timeout: float | None = None) -> str:
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.snapshot()["state"]
 
     def snapshot(self) -> dict:
         with self._lock:

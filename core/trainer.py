@@ -1,8 +1,13 @@
 """The DreamBooth training loop with PEFT adapters and prior preservation.
 
-`train(cfg)` is read top to bottom: set up the run folder, load the frozen base model, make sure
-class images exist, inject the adapters, cache what can be cached, then loop over optimizer
-steps, obeying commands (stop, pause, resume, sample now, save now) between steps.
+`train(cfg)` is read top to bottom: check what can be checked before anything loads (`preflight`),
+set up the run folder, load the frozen base model, make sure class images exist, inject the
+adapters, cache what can be cached, then loop over optimizer steps, obeying commands (stop, pause,
+resume, sample now, save now) between steps.
+
+A step is three functions that can be tested alone: `draw_batch` (which images, as latents and
+prompts), `predict` (noise, timesteps, the model's prediction and its target: the model-specific
+maths) and `batch_loss` (per-image MSE, weights, the prior-preservation split).
 
 Everything random in a step (which images, crops, flips, noise, timesteps) comes from a generator
 seeded by (seed, step, micro-step, process), so a resumed run sees exactly the batches an
@@ -22,6 +27,7 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +37,15 @@ from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 
 from . import adapters
-from .class_images import class_dir_for, class_min_size, ensure_class_images
-from .config import Config, read_yaml, resolve_path
-from .data import ImageSet, caption_prompts, scan_folder
+from .class_images import check_class_prompt, class_dir_for, class_min_size, ensure_class_images
+from .config import Config, TrainConfig, resolve_path
+from .data import ImageSet, ScanReport, caption_prompts, scan_folder
 from .errors import ConfigError, DataError, UserError
 from .fileio import check_writable, disk_error_message, fsync, remove_stale_temps, write_text
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, Emit, Failed, Finished, Log, Paused,
-                     Progress, Resumed, SampleReady, ignore)
+                     Progress, Resumed, RunStarted, SampleReady, ignore)
 from .models import BaseModel, load_base_model
+from .rundir import Checkpoint, RunDir
 from .sampling import generate, make_pipeline, save_png
 
 LOSS_COLUMNS = ["step", "loss", "instance_loss", "prior_loss", "lr", "seconds"]
@@ -77,55 +84,80 @@ def unused_run_name(folder: Path, name: str) -> str:
     return candidate
 
 
-def run_dir_path(cfg: Config, acc: Accelerator) -> Path:
-    """The new run's folder (all processes agree on the name); refuse one that already holds a run."""
+def run_dir_path(cfg: Config, acc: Accelerator) -> RunDir:
+    """The new run's folder (all processes agree on the name; `preflight` refused a name already in use)."""
     name = [cfg.output.name or unused_run_name(Path(cfg.output.dir).expanduser(),
                                                 f"{cfg.adapter.type}-{datetime.now():%Y%m%d-%H%M%S}")]
     if acc.num_processes > 1:
         broadcast_object_list(name)
-    run_dir = Path(cfg.output.dir).expanduser() / name[0]
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"The run folder {run_dir} already exists. Pick another output.name, or resume it.")
-    return run_dir
+    return RunDir(Path(cfg.output.dir) / name[0])
 
 
-def create_run_dir(cfg: Config, acc: Accelerator, run_dir: Path) -> None:
+def create_run_dir(cfg: Config, acc: Accelerator, run_dir: RunDir) -> None:
     """Made only once the model and images have loaded, so a failed start leaves no empty run behind."""
     if acc.is_main_process:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-        write_text(run_dir / "config.yaml", cfg.to_yaml())
+        run_dir.create(cfg)
     acc.wait_for_everyone()
 
 
-def load_run_config(run_dir: str | Path) -> Config:
-    """The resolved config a run was started with, for `--resume`."""
-    path = Path(run_dir).expanduser() / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (it has no config.yaml).")
-    return Config.from_dict(read_yaml(path))
+# ----------------------------------------------------------------------------------------------
+# Before anything loads
+# ----------------------------------------------------------------------------------------------
+
+def preflight(cfg: Config, resume_dir: str | Path | None = None) -> ScanReport:
+    """Refuse, in plain words, a run that cannot start, before minutes go into loading a model.
+
+    One list of checks for every way in: `train` makes them first (so the CLI gets them), the Train
+    tab makes them when Start is pressed. Raises a UserError at the first problem; returns the scan
+    of the instance images (the trainer trains on what it found).
+    """
+    resolve_precision(cfg)
+    optimizer_class(cfg)
+    if resume_dir is not None and RunDir(resume_dir).latest_checkpoint() is None:
+        raise ConfigError(f"{resume_dir} has no checkpoint to resume from.")
+    named = RunDir(Path(cfg.output.dir) / cfg.output.name) if cfg.output.name and resume_dir is None else None
+    if named is not None and named.in_use():
+        raise ConfigError(f"A run called {cfg.output.name!r} already exists in {named.path.parent}: choose another "
+                          "run name (output.name), or continue that run (--resume, or 'Continue an earlier run').")
+    check_writable(RunDir(resume_dir).path.parent if resume_dir else Path(cfg.output.dir).expanduser())
+    report = scan_instance_images(cfg)
+    caption_prompts(report.images, cfg.data.instance_prompt)  # every image needs a caption or the instance prompt
+    if cfg.train.prior_preservation:
+        check_class_prompt(cfg)
+    return report
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
-    ckpts = [c for c in ckpts if (c / "state.json").is_file()]
-    return ckpts[-1] if ckpts else None
-
-
-@dataclass
-class TrainData:
-    instance: ImageSet
-    klass: ImageSet | None  # None without prior preservation
-
-
-def load_data(cfg: Config, base: BaseModel, acc: Accelerator, emit: Emit, stop) -> TrainData:
+def scan_instance_images(cfg: Config) -> ScanReport:
     d = cfg.data
     if not d.instance_dir:
         raise DataError("No instance images folder set (data.instance_dir): point it at the 3-20 photos of your subject.")
     report = scan_folder(resolve_path(d.instance_dir), min_size=d.min_image_size, caption_extension=d.caption_extension)
-    emit(Log(f"Instance images: {report.summary()}"))
     if not report.images:
         raise DataError(f"No usable images in {d.instance_dir}. {report.summary()}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Images and their latents
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainData:
+    """The image sets a run draws from."""
+
+    instance: ImageSet
+    klass: ImageSet | None  # None without prior preservation
+    repeats: int = 1  # each instance image is drawn this many times per epoch
+
+    @property
+    def sets(self) -> dict[str, ImageSet]:
+        return {"instance": self.instance} | ({"class": self.klass} if self.klass is not None else {})
+
+
+def load_data(cfg: Config, report: ScanReport, base: BaseModel, acc: Accelerator, emit: Emit, stop) -> TrainData:
+    """The instance images `preflight` found, and the class images (generated now if prior preservation needs more)."""
+    d = cfg.data
+    emit(Log(f"Instance images: {report.summary()}"))
     prompts = caption_prompts(report.images, d.instance_prompt)
     instance = ImageSet(report.images, prompts, d.resolution, d.center_crop, d.random_flip)
     klass = None
@@ -138,13 +170,24 @@ def load_data(cfg: Config, base: BaseModel, acc: Accelerator, emit: Emit, stop) 
         if not items:
             raise DataError("Prior preservation is on but there are no class images (class generation was stopped?).")
         klass = ImageSet(items, [d.class_prompt] * len(items), d.resolution, d.center_crop, d.random_flip)
-    return TrainData(instance, klass)
+    return TrainData(instance, klass, d.repeats)
+
+
+class LatentSource(Protocol):
+    def draw(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, str]:
+        """A VAE latent (unscaled) of image `index` and its prompt; all randomness from `generator`."""
+
+
+def posterior_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A latent drawn from the VAE's posterior (as `latent_dist.sample()`), from our generator."""
+    return mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
 
 
 class LatentCache:
     """VAE posteriors (mean, std) of every cached image variant; a latent is drawn from them each step."""
 
     def __init__(self, vae, images: ImageSet, device, dtype, batch: int = 8):
+        self.prompts = images.prompts
         self.entries: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         for i in range(len(images)):
             variants = torch.stack(images.cached_variants(i)).to(device, dtype)
@@ -152,11 +195,28 @@ class LatentCache:
                 dist = vae.encode(variants).latent_dist
             self.entries.append([(m.float(), s.float()) for m, s in zip(dist.mean, dist.std)])
 
-    def sample(self, index: int, generator: torch.Generator) -> torch.Tensor:
+    def draw(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, str]:
         variants = self.entries[index]
         pick = int(torch.randint(len(variants), (1,), generator=generator)) if len(variants) > 1 else 0
-        mean, std = variants[pick]
-        return mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+        return posterior_sample(*variants[pick], generator), self.prompts[index]
+
+
+class LatentEncoder:
+    """Encodes each drawn image through the VAE: with random crops no two draws of an image are alike."""
+
+    def __init__(self, vae, images: ImageSet, device, dtype):
+        self.vae, self.images, self.device, self.dtype = vae, images, device, dtype
+
+    def draw(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, str]:
+        pixels, prompt = self.images.get(index, generator)  # the crop and flip come from the generator too
+        with torch.no_grad():
+            dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
+        return posterior_sample(dist.mean[0].float(), dist.std[0].float(), generator), prompt
+
+
+def latent_sources(data: TrainData, vae, device, dtype, cache: bool) -> dict[str, LatentSource]:
+    kind = LatentCache if cache else LatentEncoder
+    return {key: kind(vae, images, device, dtype) for key, images in data.sets.items()}
 
 
 def encode_prompts(base: BaseModel, prompts: list[str], device) -> torch.Tensor:
@@ -164,6 +224,20 @@ def encode_prompts(base: BaseModel, prompts: list[str], device) -> torch.Tensor:
                          truncation=True, return_tensors="pt").input_ids.to(device)
     return base.text_encoder(ids)[0]
 
+
+def prompt_encoder(base: BaseModel, device, fixed: list[str] | None = None) -> Callable[[list[str]], torch.Tensor]:
+    """prompts -> text embeddings. A frozen text encoder gives a prompt the same embedding every step, so the
+    `fixed` prompts are encoded once here and looked up; without them every batch goes through the encoder."""
+    if not fixed:
+        return lambda prompts: encode_prompts(base, prompts, device)
+    with torch.no_grad():
+        table = {p: e for p, e in zip(fixed, encode_prompts(base, fixed, device))}
+    return lambda prompts: torch.stack([table[p] for p in prompts])
+
+
+# ----------------------------------------------------------------------------------------------
+# One step: which images, what the model predicts, the loss
+# ----------------------------------------------------------------------------------------------
 
 def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, step, micro, process)) & 0x7FFF_FFFF_FFFF_FFFF)
@@ -176,12 +250,96 @@ def epoch_index(seed: int, k: int, n: int, salt: int) -> int:
     return int(perm[pos])
 
 
+def batch_indices(data: TrainData, t: TrainConfig, step: int, micro: int, process: int = 0,
+                  num_processes: int = 1) -> dict[str, list[int]]:
+    """Which images a micro-batch trains on: {"instance": [...], "class": [...]}, a pure function of the seed and
+    the position (step, micro-step, process), so a resumed run sees exactly the batches an uninterrupted one would.
+
+    Draws are numbered across the whole run, micro-batch after micro-batch and process after process, so no two
+    micro-batches share a draw. Each set is drawn in its own endless shuffled epochs (instance images `repeats`
+    times per epoch); the class image of draw k is paired with the instance image of draw k.
+    """
+    first = ((step * t.gradient_accumulation_steps + micro) * num_processes + process) * t.batch_size
+    draws = range(first, first + t.batch_size)
+    n = len(data.instance)
+    picks = {"instance": [epoch_index(t.seed, k, n * data.repeats, 0) % n for k in draws]}
+    if data.klass is not None:
+        picks["class"] = [epoch_index(t.seed, k, len(data.klass), 1) for k in draws]
+    return picks
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # VAE latents (unscaled) of the drawn images: instance images first, then class images
+    prompts: list[str]
+
+
+def draw_batch(sources: Mapping[str, LatentSource], picks: Mapping[str, list[int]], generator: torch.Generator) -> Batch:
+    """The latents and prompts of the picked images, laid out [instance..., class...] as `picks` lists them
+    (prior preservation splits the loss on that layout; diffusers' DreamBooth example does the same)."""
+    drawn = [sources[key].draw(i, generator) for key, indices in picks.items() for i in indices]
+    return Batch(torch.stack([latent for latent, _ in drawn]), [prompt for _, prompt in drawn])
+
+
+@dataclass
+class Prediction:
+    """What one forward pass gives the loss."""
+
+    pred: torch.Tensor  # the model's output
+    target: torch.Tensor  # what it should have been
+    weights: torch.Tensor | None = None  # per-image loss weights (min-SNR); None: all images count the same
+
+
+def predict(base: BaseModel, batch: Batch, generator: torch.Generator, encode_text: Callable[[list[str]], torch.Tensor],
+            weight_dtype: torch.dtype, t: TrainConfig) -> Prediction:
+    """The model-specific maths of a step (SD 1.x / 2.x): noise the latents at random timesteps, let the UNet
+    predict, and say what it should have predicted. The order of the random draws is part of the run's identity:
+    noise, offset noise, timesteps, all from `generator`."""
+    sched = base.scheduler
+    x0 = batch.latents * base.vae.config.scaling_factor
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    if t.noise_offset:  # a per-channel shift: lets the model learn overall brightness (very dark / light images)
+        noise = noise + t.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=generator).to(x0.device)
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+    noisy = sched.add_noise(x0, noise, timesteps)
+    cond = encode_text(batch.prompts)  # through the text encoder when it trains
+    target = training_target(sched, x0, noise, timesteps)
+    pred = base.unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
+    weights = min_snr_weights(sched, timesteps, t.min_snr_gamma) if t.min_snr_gamma else None
+    return Prediction(pred, target, weights)
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output, by the scheduler's prediction type: the noise, the velocity, or the clean latents."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    if kind == "sample":
+        return x0
+    raise ConfigError(f"Cannot train a model with prediction type {kind!r}: use epsilon, v_prediction or sample "
+                      "(model.prediction_type).")
+
+
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023); for v-prediction divide by snr + 1."""
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(snr, gamma) on the x0 error, which is
+    min(snr, gamma) / snr on the noise error and min(snr, gamma) / (snr + 1) on the velocity error."""
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas / (1 - alphas)
     w = torch.clamp(snr, max=gamma)
-    return w / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else w / snr
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return w
+    return w / (snr + 1) if kind == "v_prediction" else w / snr
+
+
+def batch_loss(p: Prediction, has_class: bool, prior_loss_weight: float):
+    """(total, instance, prior): the per-image MSE, weighted, split into the batch's instance and class halves."""
+    per_image = F.mse_loss(p.pred.float(), p.target.float(), reduction="none").mean(dim=tuple(range(1, p.pred.ndim)))
+    if p.weights is not None:
+        per_image = per_image * p.weights
+    return prior_preservation_loss(per_image, has_class, prior_loss_weight)
 
 
 def prior_preservation_loss(per_image: torch.Tensor, has_class: bool, weight: float):
@@ -277,21 +435,19 @@ class Controller:
 
 @dataclass
 class Run:
-    """What the loop's helpers share: the parts, the paths, and where we are."""
+    """What the loop's helpers share: the parts, the paths, the optimizer and its schedule, and where we are."""
 
     cfg: Config
     acc: Accelerator
     base: BaseModel
     specs: dict
-    run_dir: Path
+    run_dir: RunDir
     weight_dtype: torch.dtype
     emit: Emit
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped by us, once per optimizer step
     step: int = 0
     loss_rows: list = field(default_factory=list)
-
-    @property
-    def adapter_path(self) -> Path:
-        return self.run_dir / f"{self.run_dir.name}.safetensors"
 
     def unwrapped(self, part: str):
         return self.acc.unwrap_model(getattr(self.base, part))
@@ -312,7 +468,7 @@ class Run:
                              text_encoder=self.unwrapped("text_encoder"))
         images = generate(pipe, prompts, [cfg.train.sample_seed + i for i in range(len(prompts))],
                           steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance, size=cfg.data.resolution)
-        paths = [str(save_png(img, self.run_dir / "samples" / f"step_{self.step:06d}_{i}.png",
+        paths = [str(save_png(img, self.run_dir.sample(self.step, i),
                               {"prompt": p, "step": self.step, "seed": cfg.train.sample_seed + i}))
                  for i, (img, p) in enumerate(zip(images, prompts))]
         self.emit(SampleReady(self.step, paths, prompts))
@@ -321,7 +477,7 @@ class Run:
         """Add the buffered loss rows to loss.csv: the whole file is rewritten atomically (it stays small)."""
         if not self.acc.is_main_process or not self.loss_rows:
             return
-        path = self.run_dir / "loss.csv"
+        path = self.run_dir.losses
         old = path.read_text(encoding="utf-8") if path.exists() else ",".join(LOSS_COLUMNS) + "\n"
         write_text(path, old + "".join(",".join(map(str, row)) + "\n" for row in self.loss_rows))
         self.loss_rows.clear()
@@ -335,52 +491,64 @@ class _Parts:
     text_encoder: torch.nn.Module
 
 
-def save_checkpoint(run: Run, optimizer, lr_scheduler) -> Path | None:
+def save_checkpoint(run: Run) -> Path | None:
     """Adapter (safetensors) + optimizer / scheduler / RNG state (torch, loaded back with weights_only)."""
     run.flush_losses()
     if not run.acc.is_main_process:
         return None
-    final = run.run_dir / "checkpoints" / f"step_{run.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=final.parent))
-    run.save_adapter(tmp / "adapter.safetensors")
+    final = run.run_dir.checkpoint(run.step)
+    tmp = Checkpoint(Path(tempfile.mkdtemp(prefix=".ckpt-", dir=run.run_dir.checkpoints)))
+    run.save_adapter(tmp.adapter)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng},
-               tmp / "state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": run.step}))
-    for f in ("state.pt", "state.json"):  # on disk before the folder gets its final name (the adapter already is)
-        fsync(tmp / f)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    torch.save({"optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(), "rng": rng},
+               tmp.state)
+    tmp.info.write_text(json.dumps({"step": run.step}))
+    for f in (tmp.state, tmp.info):  # on disk before the folder gets its final name (the adapter already is)
+        fsync(f)
+    if final.path.exists():
+        shutil.rmtree(final.path)
+    os.replace(tmp.path, final.path)
     # Keep only the newest few checkpoints.
-    old = sorted(p for p in final.parent.glob("step_*") if p.is_dir())[: -max(run.cfg.train.keep_checkpoints, 1)]
-    for p in old:
-        shutil.rmtree(p, ignore_errors=True)
-    run.emit(CheckpointSaved(run.step, str(final)))
-    return final
+    for old in run.run_dir.all_checkpoints()[: -max(run.cfg.train.keep_checkpoints, 1)]:
+        shutil.rmtree(old.path, ignore_errors=True)
+    run.emit(CheckpointSaved(run.step, str(final.path)))
+    return final.path
 
 
-def load_checkpoint(run: Run, ckpt: Path, optimizer, lr_scheduler) -> None:
-    adapter = adapters.read_adapter(ckpt / "adapter.safetensors")
+def load_checkpoint(run: Run, ckpt: Checkpoint) -> None:
+    adapter = adapters.read_adapter(ckpt.adapter)
     from peft.utils import set_peft_model_state_dict
 
     for part in run.specs:
         set_peft_model_state_dict(run.unwrapped(part), adapter.part_state(part), adapter_name="default")
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    state = torch.load(ckpt.state, map_location="cpu", weights_only=True)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    run.step = json.loads((ckpt / "state.json").read_text())["step"]
+    run.step = ckpt.read_step()
     # Drop loss rows logged after the checkpoint: they will be logged again.
-    path = run.run_dir / "loss.csv"
+    path = run.run_dir.losses
     if run.acc.is_main_process and path.exists():
         rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
         keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= run.step]
         write_text(path, "".join(",".join(r) + "\n" for r in keep))
+
+
+def optimizer_class(cfg: Config) -> type[torch.optim.Optimizer]:
+    """AdamW, or bitsandbytes' 8-bit AdamW (its two moments in 8 bits instead of 32) where it can run."""
+    if cfg.train.optimizer != "adamw8bit":
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError("8-bit AdamW needs the bitsandbytes package (pip install bitsandbytes) and an NVIDIA GPU.") from None
+    if not torch.cuda.is_available():
+        raise ConfigError("8-bit AdamW needs an NVIDIA GPU; on the CPU use train.optimizer: adamw.")
+    return bnb.optim.AdamW8bit
 
 
 def make_optimizer(cfg: Config, params: dict[str, list]) -> torch.optim.Optimizer:
@@ -389,15 +557,7 @@ def make_optimizer(cfg: Config, params: dict[str, list]) -> torch.optim.Optimize
         groups.append({"params": params["text_encoder"], "lr": cfg.text_encoder_learning_rate})
     t = cfg.train
     kw = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-    if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("8-bit AdamW needs the bitsandbytes package (pip install bitsandbytes) and an NVIDIA GPU.") from None
-        if not torch.cuda.is_available():
-            raise ConfigError("8-bit AdamW needs an NVIDIA GPU; on the CPU use train.optimizer: adamw.")
-        return bnb.optim.AdamW8bit(groups, **kw)
-    return torch.optim.AdamW(groups, **kw)
+    return optimizer_class(cfg)(groups, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,25 +591,25 @@ def train(cfg: Config, emit: Emit = ignore, commands: queue.Queue | None = None,
 def _kept(where: dict) -> str:
     """What is left of a run that stopped on an error: its newest checkpoint, to resume from."""
     run_dir = where.get("run_dir")
-    ckpt = latest_checkpoint(run_dir) if run_dir and (run_dir / "checkpoints").is_dir() else None
+    ckpt = run_dir.latest_checkpoint() if run_dir else None
     if ckpt is None:
         return ""
-    return f" The checkpoint of step {int(ckpt.name[5:])} is kept: resume the run ({run_dir}) after the change."
+    return f" The checkpoint of step {ckpt.step} is kept: resume the run ({run_dir}) after the change."
 
 
 def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
+    # 0. What can be refused without loading anything (bad settings, no images, an unwritable folder), now.
+    report = preflight(cfg, resume_dir)
     acc = make_accelerator(cfg)
     main_emit = emit if acc.is_main_process else ignore
     control = Controller(commands, acc, main_emit)
     t = cfg.train
 
-    # 1. Run folder: the one we resume, or a new one (created after step 3). Checked writable now, not hours later.
-    run_dir = Path(resume_dir).expanduser() if resume_dir else run_dir_path(cfg, acc)
-    if acc.is_main_process:
-        check_writable(run_dir.parent)
-        if resume_dir:  # what a killed run left half-written (never read: the names differ) goes
-            for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
-                remove_stale_temps(folder)
+    # 1. Run folder: the one we resume, or a new one (created after step 3).
+    run_dir = RunDir(resume_dir) if resume_dir else run_dir_path(cfg, acc)
+    if acc.is_main_process and resume_dir:  # what a killed run left half-written (never read: the names differ) goes
+        for folder in (run_dir.path, run_dir.checkpoints, run_dir.samples):
+            remove_stale_temps(folder)
 
     # 2. The frozen base model, in half precision under mixed precision (adapters stay float32).
     weight_dtype = DTYPES[acc.mixed_precision]
@@ -460,13 +620,14 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     base.freeze().to(acc.device, None if weight_dtype == torch.float32 else weight_dtype)
 
     # 3. Images; class images are generated now if prior preservation needs more.
-    data = load_data(cfg, base, acc, main_emit, control.should_stop)
+    data = load_data(cfg, report, base, acc, main_emit, control.should_stop)
     if control.stop_requested:
         raise UserError("Stopped before training started (while generating class images).")
     if not resume_dir:
         create_run_dir(cfg, acc, run_dir)
     where["run_dir"] = run_dir
     main_emit(Log(f"Run folder: {run_dir}"))
+    main_emit(RunStarted(str(run_dir)))
 
     # 4. Adapters on the UNet (and text encoder): the only trainable parameters.
     specs = adapters.specs_from_config(cfg)
@@ -474,7 +635,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     n_params = sum(p.numel() for ps in params.values() for p in ps)
     main_emit(Log(f"{cfg.adapter.type} adapter: {n_params:,} trainable parameters on {', '.join(params)}"))
     if acc.is_main_process:  # the adapter, the kept checkpoints (adapter + AdamW state) and one being written
-        check_writable(run_dir, n_params * 4 * (1 + 3 * (t.keep_checkpoints + 1)) + 20 * 2 ** 20)
+        check_writable(run_dir.path, n_params * 4 * (1 + 3 * (t.keep_checkpoints + 1)) + 20 * 2 ** 20)
     train_te = "text_encoder" in params
     if t.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
@@ -483,19 +644,14 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
             (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
 
     # 5. Caches: VAE latents of the (fixed) training crops; text embeddings when the text encoder is frozen.
-    sets = {"instance": data.instance, "class": data.klass}
-    latents = {}
-    if t.cache_latents and cfg.data.center_crop:
-        latents = {k: LatentCache(base.vae, s, acc.device, weight_dtype) for k, s in sets.items() if s is not None}
-    elif t.cache_latents:
+    cache_latents = t.cache_latents and cfg.data.center_crop
+    if t.cache_latents and not cfg.data.center_crop:
         main_emit(Log("Random crops differ every step, so latents are not cached (data.center_crop is off)."))
-    text_cache = {}
-    if not train_te and t.cache_text_embeddings:
-        prompts = sorted({p for s in sets.values() if s is not None for p in s.prompts})
-        with torch.no_grad():
-            text_cache = {p: e for p, e in zip(prompts, encode_prompts(base, prompts, acc.device))}
+    sources = latent_sources(data, base.vae, acc.device, weight_dtype, cache_latents)
+    fixed_prompts = sorted({p for s in data.sets.values() for p in s.prompts})
+    encode_text = prompt_encoder(base, acc.device, fixed_prompts if not train_te and t.cache_text_embeddings else None)
 
-    # 6. Optimizer and learning-rate schedule (stepped by us, once per optimizer step).
+    # 6. Optimizer and learning-rate schedule, kept on the run (checkpoints save and restore them).
     optimizer = make_optimizer(cfg, params)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.max_steps)
@@ -507,67 +663,32 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
         base.unet, optimizer = acc.prepare(base.unet, optimizer)
     trainable = [p for ps in params.values() for p in ps]
 
-    run = Run(cfg, acc, base, specs, run_dir, weight_dtype, main_emit)
+    run = Run(cfg, acc, base, specs, run_dir, weight_dtype, main_emit, optimizer, lr_scheduler)
     if resume_dir:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise ConfigError(f"{run_dir} has no checkpoint to resume from.")
-        load_checkpoint(run, ckpt, optimizer, lr_scheduler)
-        main_emit(Log(f"Resumed from {ckpt.name} (step {run.step})"))
+        ckpt = run_dir.latest_checkpoint()  # there is one: `preflight` made sure
+        load_checkpoint(run, ckpt)
+        main_emit(Log(f"Resumed from {ckpt.path.name} (step {run.step})"))
     elif t.sample_every:
         run.sample()  # the step-0 baseline: what the base model makes of the sample prompts
 
-    def one_micro_step(micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Forward + loss for one micro-batch: instance images first, then as many class images."""
-        g = step_generator(t.seed, run.step, micro, acc.process_index)
-        k0 = ((run.step * t.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * t.batch_size
-        n_inst = len(data.instance) * cfg.data.repeats
-        idx = {"instance": [epoch_index(t.seed, k, n_inst, 0) % len(data.instance) for k in range(k0, k0 + t.batch_size)]}
-        if data.klass is not None:
-            idx["class"] = [epoch_index(t.seed, k, len(data.klass), 1) for k in range(k0, k0 + t.batch_size)]
-        lat, prompts = [], []
-        for key, indices in idx.items():
-            for i in indices:
-                if key in latents:
-                    lat.append(latents[key].sample(i, g))
-                    prompts.append(sets[key].prompts[i])
-                else:
-                    pixels, prompt = sets[key].get(i, g)
-                    with torch.no_grad():
-                        dist = base.vae.encode(pixels[None].to(acc.device, weight_dtype)).latent_dist
-                    lat.append(dist.mean[0].float() + dist.std[0].float() * torch.randn(dist.mean[0].shape, generator=g).to(acc.device))
-                    prompts.append(prompt)
-        x0 = torch.stack(lat) * base.vae.config.scaling_factor
-        noise = torch.randn(x0.shape, generator=g).to(acc.device)
-        if t.noise_offset:
-            noise = noise + t.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=g).to(acc.device)
-        sched = base.scheduler
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(acc.device)
-        noisy = sched.add_noise(x0, noise, timesteps)
-        if text_cache:
-            cond = torch.stack([text_cache[p] for p in prompts])
-        else:
-            cond = encode_prompts(base, prompts, acc.device)  # through the (trained) text encoder
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, timesteps)
-        pred = base.unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
-        # Per-image MSE, optionally min-SNR weighted; the batch is [instance..., class...].
-        mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if t.min_snr_gamma:
-            mse = mse * min_snr_weights(sched, timesteps, t.min_snr_gamma)
-        return prior_preservation_loss(mse, data.klass is not None, t.prior_loss_weight)
-
-    # 7. The loop: one iteration per optimizer step.
+    # 7. The loop: one iteration per optimizer step, of `gradient_accumulation_steps` micro-batches.
     start_step, train_seconds = run.step, 0.0
     stopped = False
     while run.step < t.max_steps:
-        if control.poll(run.step, run.sample, lambda: save_checkpoint(run, optimizer, lr_scheduler)):
+        if control.poll(run.step, run.sample, lambda: save_checkpoint(run)):
             stopped = True
             break
         tic = time.perf_counter()
         sums = [0.0, 0.0, 0.0]
         for micro in range(t.gradient_accumulation_steps):
             with acc.accumulate(base.unet):
-                loss, inst, prior = one_micro_step(micro)
+                # Everything random in the micro-batch (images, crops, noise, timesteps) comes from one generator
+                # seeded by its position, so a resumed run repeats an uninterrupted one exactly.
+                g = step_generator(t.seed, run.step, micro, acc.process_index)
+                picks = batch_indices(data, t, run.step, micro, acc.process_index, acc.num_processes)
+                batch = draw_batch(sources, picks, g)  # instance images, then as many class images
+                loss, inst, prior = batch_loss(predict(base, batch, g, encode_text, weight_dtype, t),
+                                               data.klass is not None, t.prior_loss_weight)
                 acc.backward(loss)
                 if acc.sync_gradients and t.max_grad_norm > 0:
                     acc.clip_grad_norm_(trainable, t.max_grad_norm)
@@ -595,20 +716,20 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
         if t.sample_every and run.step % t.sample_every == 0:
             run.sample()
         if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < t.max_steps:
-            save_checkpoint(run, optimizer, lr_scheduler)
+            save_checkpoint(run)
         if len(run.loss_rows) >= 50:
             run.flush_losses()
 
     # 8. Finish: a resumable checkpoint when stopped early, and the adapter file either way.
     if stopped:
-        save_checkpoint(run, optimizer, lr_scheduler)
+        save_checkpoint(run)
     else:
-        control.drain(run.sample, lambda: save_checkpoint(run, optimizer, lr_scheduler))
+        control.drain(run.sample, lambda: save_checkpoint(run))
     run.flush_losses()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        run.save_adapter(run.adapter_path)
+        run.save_adapter(run_dir.adapter)
     acc.wait_for_everyone()
-    main_emit(Log(f"Saved adapter {run.adapter_path}"))
-    main_emit(Finished(str(run_dir), str(run.adapter_path), run.step, stopped))
-    return run_dir
+    main_emit(Log(f"Saved adapter {run_dir.adapter}"))
+    main_emit(Finished(str(run_dir), str(run_dir.adapter), run.step, stopped))
+    return run_dir.path

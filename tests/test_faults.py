@@ -29,7 +29,8 @@ from core.errors import UserError
 from core.events import CheckpointSaved, Failed
 from core.models import build_tiny_model
 from core.session import Session
-from core.trainer import latest_checkpoint, load_run_config, train
+from core.rundir import RunDir, load_run_config
+from core.trainer import train
 
 STEPS = 40  # long enough that every kill below lands before the end
 
@@ -67,8 +68,8 @@ def assert_intact(run_dir: Path) -> int:
     final = run_dir / f"{run_dir.name}.safetensors"
     if final.exists():
         adapters.read_adapter(final)
-    newest = latest_checkpoint(run_dir)
-    return int(newest.name[5:]) if newest else 0
+    newest = RunDir(run_dir).latest_checkpoint()
+    return newest.step if newest else 0
 
 
 def kill_when(proc: subprocess.Popen, run_dir: Path, at_step: int, timeout: float = 120) -> None:

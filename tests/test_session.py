@@ -125,3 +125,58 @@ def test_a_sample_asked_for_during_the_last_step_is_made(tmp_path, instance_dir)
 
     train(Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 3})), emit=emit, commands=commands)
     assert [e.step for e in events if isinstance(e, SampleReady)] == [3]
+
+
+def test_the_run_folder_comes_from_the_run_started_event():
+    from core.events import Log, RunStarted
+
+    s = Session()
+    s._on_event(Log("Run folder: /not/this/one"))  # a log line is only a log line
+    assert s.snapshot()["run_dir"] == "" and s.snapshot()["logs"] == ["Run folder: /not/this/one"]
+    s._on_event(RunStarted("/runs/rex"))
+    assert s.snapshot()["run_dir"] == "/runs/rex"
+
+
+def test_session_knows_its_run_folder_while_running(tmp_path, instance_dir):
+    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 100000, "sample_every": 0},
+                                       output={"name": "live"}))
+    s = Session()
+    s.start(cfg)
+    snap = wait_for(lambda h: h["step"] >= 1, s)
+    assert snap["run_dir"] == str(tmp_path / "workspace" / "runs" / "live")
+    assert s.stop() and s.wait(60) == "stopped"
+
+
+def test_job_base_one_at_a_time():
+    """The shared job base: busy while the work runs, a second start refused in the job's words, wait -> state."""
+    import threading
+
+    from core.session import Job
+
+    class Demo(Job):
+        busy_message = "Demo is busy."
+
+        def __init__(self):
+            super().__init__()
+            self.record = "idle"
+
+        @property
+        def state(self):
+            return self.record
+
+        def start(self, gate):
+            def work():
+                gate.wait(10)
+                self.record = "finished"
+
+            self._start(lambda: setattr(self, "record", "running"), work)
+
+    job, gate = Demo(), threading.Event()
+    assert not job.busy and job.wait() == "idle"
+    job.start(gate)
+    assert job.busy and job.state == "running"
+    with pytest.raises(UserError, match="Demo is busy"):
+        job.start(gate)
+    assert job.wait(0.05) == "running"
+    gate.set()
+    assert job.wait(10) == "finished" and not job.busy

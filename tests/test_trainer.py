@@ -15,7 +15,8 @@ from core.config import Config
 from core.errors import ConfigError, DataError, ModelLoadError, UserError
 from core.events import STOP, CheckpointSaved, Failed, Finished, Progress, SampleReady
 from core.models import build_tiny_model
-from core.trainer import load_run_config, min_snr_weights, prior_preservation_loss, train
+from core.rundir import load_run_config
+from core.trainer import min_snr_weights, prior_preservation_loss, train
 
 
 def run(cfg_dict, base=None, commands=None, resume_dir=None):
@@ -289,3 +290,192 @@ def test_failed_start_leaves_no_run_folder(tmp_path, instance_dir):
         run(cfg)
     runs = tmp_path / "workspace" / "runs"
     assert not runs.exists() or not any(runs.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- one step, alone
+
+def tiny_data(n_instance=3, n_class=None, repeats=1):
+    from core.trainer import TrainData
+
+    class Sized:  # batch_indices only needs the sizes of the sets
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    return TrainData(Sized(n_instance), Sized(n_class) if n_class else None, repeats)
+
+
+def test_batch_indices_are_a_pure_function_of_seed_and_position():
+    from core.trainer import batch_indices
+
+    t = Config.from_dict({"train": {"batch_size": 2, "gradient_accumulation_steps": 2, "seed": 7}}).train
+    data = tiny_data(n_instance=3, n_class=5, repeats=2)
+    first = batch_indices(data, t, step=4, micro=1)
+    assert batch_indices(data, t, step=4, micro=1) == first  # same position, same images
+    assert list(first) == ["instance", "class"] and all(len(v) == 2 for v in first.values())
+    assert all(0 <= i < 3 for i in first["instance"]) and all(0 <= i < 5 for i in first["class"])
+    # One epoch over the instance images shows each exactly `repeats` times, whatever the seed.
+    epoch = [i for step in range(3) for micro in range(2) for i in batch_indices(data, t, step, micro)["instance"]][:6]
+    assert sorted(epoch) == [0, 0, 1, 1, 2, 2]
+    # Another seed draws another order; processes draw disjoint slices of the same stream.
+    other = Config.from_dict({"train": {"batch_size": 2, "gradient_accumulation_steps": 2, "seed": 8}}).train
+    assert [batch_indices(data, other, s, 0)["class"] for s in range(4)] != [batch_indices(data, t, s, 0)["class"]
+                                                                           for s in range(4)]
+    single = Config.from_dict({"train": {"batch_size": 4, "seed": 7}}).train
+    two = Config.from_dict({"train": {"batch_size": 2, "seed": 7}}).train
+    halves = [batch_indices(data, two, 0, 0, process=p, num_processes=2)["class"] for p in (0, 1)]
+    assert halves[0] + halves[1] == batch_indices(data, single, 0, 0)["class"]
+    assert "class" not in batch_indices(tiny_data(), t, 0, 0)  # no class images without prior preservation
+
+
+def test_draw_batch_lays_out_instance_then_class_images():
+    from core.trainer import draw_batch
+
+    class Source:  # latent i of set k is filled with k * 100 + i and draws one number from the generator
+        def __init__(self, k):
+            self.k = k
+
+        def draw(self, index, generator):
+            noise = torch.rand((), generator=generator)
+            return torch.full((4, 2, 2), self.k * 100.0 + index) + 0 * noise, f"set{self.k} image{index}"
+
+    picks = {"instance": [2, 0], "class": [1, 1]}
+    batch = draw_batch({"instance": Source(0), "class": Source(1)}, picks, torch.Generator().manual_seed(0))
+    assert batch.latents.shape == (4, 4, 2, 2)
+    assert batch.latents[:, 0, 0, 0].tolist() == [2.0, 0.0, 101.0, 101.0]
+    assert batch.prompts == ["set0 image2", "set0 image0", "set1 image1", "set1 image1"]
+
+
+def test_batch_loss_weights_and_splits_the_halves():
+    from core.trainer import Prediction, batch_loss
+
+    target = torch.zeros(4, 1, 1, 2)
+    pred = torch.tensor([1.0, 2.0, 3.0, 4.0]).sqrt().view(4, 1, 1, 1).expand(4, 1, 1, 2)  # per-image MSE 1, 2, 3, 4
+    total, inst, prior = batch_loss(Prediction(pred, target), True, 0.5)
+    assert inst.item() == pytest.approx(1.5) and prior.item() == pytest.approx(3.5)
+    assert total.item() == pytest.approx(1.5 + 0.5 * 3.5)
+    total, inst, prior = batch_loss(Prediction(pred, target, torch.tensor([2.0, 0.0, 1.0, 0.0])), True, 1.0)
+    assert (inst.item(), prior.item(), total.item()) == pytest.approx((1.0, 1.5, 2.5))
+    total, inst, prior = batch_loss(Prediction(pred, target), False, 0.5)
+    assert prior is None and total.item() == inst.item() == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_predict_targets_follow_the_prediction_type(kind):
+    """The target is the noise, the velocity or (prediction type "sample") the clean latents x0."""
+    from core.trainer import Batch, predict
+
+    base = build_tiny_model(prediction_type=kind)
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    batch = Batch(latents, ["a photo of sks ball", "a photo of a ball"])
+    t = Config.from_dict({"train": {"min_snr_gamma": 5.0}}).train
+    encode = lambda prompts: torch.zeros(len(prompts), 77, 32)  # noqa: E731 - the text does not matter here
+    p = predict(base, batch, torch.Generator().manual_seed(3), encode, torch.float32, t)
+    # The same generator again gives the noise and timesteps predict drew (in the same order).
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(0, 1000, (2,), generator=g)
+    x0 = latents * base.vae.config.scaling_factor
+    expected = {"epsilon": noise, "v_prediction": base.scheduler.get_velocity(x0, noise, timesteps), "sample": x0}[kind]
+    assert torch.equal(p.target, expected)
+    assert p.pred.shape == x0.shape
+    assert torch.equal(p.weights, min_snr_weights(base.scheduler, timesteps, 5.0))
+
+
+def test_min_snr_weight_for_x0_prediction():
+    """Hang et al.: min(snr, gamma) on the x0 error (no division, unlike epsilon and v)."""
+    t = torch.tensor([0, 500, 999])
+    sched = build_tiny_model(prediction_type="sample").scheduler
+    a = sched.alphas_cumprod[t]
+    assert torch.allclose(min_snr_weights(sched, t, 5.0), torch.clamp(a / (1 - a), max=5.0))
+
+
+def test_sample_prediction_trains(tmp_path, instance_dir, monkeypatch):
+    """model.prediction_type: sample is accepted by the config and trained towards x0."""
+    import core.trainer
+
+    kinds = []
+    target = core.trainer.training_target
+
+    def spy(scheduler, *args):
+        kinds.append(scheduler.config.prediction_type)
+        return target(scheduler, *args)
+
+    monkeypatch.setattr(core.trainer, "training_target", spy)
+    cfg = tiny_config(tmp_path, instance_dir, model={"prediction_type": "sample"}, train={"min_snr_gamma": 5.0})
+    run_dir, events = run(cfg)
+    loss = losses(events)
+    assert len(loss) == 4 and all(math.isfinite(v) for v in loss)
+    assert kinds == ["sample"] * 4
+    assert load_run_config(run_dir).model.prediction_type == "sample"
+
+
+def test_run_started_event_names_the_run_folder_before_the_first_step(tmp_path, instance_dir):
+    from core.events import Log, RunStarted
+
+    run_dir, events = run(tiny_config(tmp_path, instance_dir, output={"name": "named"}))
+    started = [i for i, e in enumerate(events) if isinstance(e, RunStarted)]
+    first_step = next(i for i, e in enumerate(events) if isinstance(e, Progress))
+    assert len(started) == 1 and started[0] < first_step
+    assert events[started[0]].run_dir == str(run_dir) and run_dir.name == "named"
+    assert any(isinstance(e, Log) and e.message == f"Run folder: {run_dir}" for e in events)  # still in the log
+
+
+# ---------------------------------------------------------------------------------------------- preflight
+
+def test_preflight_returns_the_instance_scan(tmp_path, instance_dir):
+    from core.trainer import preflight
+
+    report = preflight(Config.from_dict(tiny_config(tmp_path, instance_dir)))
+    assert [item.path.name for item in report.images] == ["photo0.png", "photo1.png", "photo2.png"]
+
+
+@pytest.mark.parametrize("change, error, words", [
+    ({"data": {"instance_dir": ""}}, DataError, "No instance images folder"),
+    ({"data": {"instance_dir": "/no/such/folder"}}, DataError, "/no/such/folder"),
+    ({"data": {"instance_prompt": ""}}, DataError, "instance prompt"),
+    ({"data": {"class_prompt": " "}, "train": {"prior_preservation": True}}, DataError, "needs a class prompt"),
+    ({"train": {"mixed_precision": "fp16"}}, ConfigError, "NVIDIA GPU"),
+    ({"train": {"optimizer": "adamw8bit"}}, ConfigError, "8-bit"),
+    ({"output": {"name": "taken"}}, ConfigError, "already exists"),
+], ids=["no-folder-set", "missing-folder", "no-prompt", "no-class-prompt", "fp16-cpu", "adam8bit-cpu", "name-taken"])
+def test_preflight_refuses_in_plain_words(tmp_path, instance_dir, change, error, words):
+    from core.trainer import preflight
+
+    if torch.cuda.is_available() and words in ("NVIDIA GPU", "8-bit"):
+        pytest.fail("this test expects a machine without CUDA")
+    taken = tmp_path / "workspace" / "runs" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "config.yaml").write_text("{}")
+    with pytest.raises(error, match=words):
+        preflight(Config.from_dict(tiny_config(tmp_path, instance_dir, **change)))
+    if words == "already exists":  # the taken run can be resumed, once it has a checkpoint
+        resume = Config.from_dict(tiny_config(tmp_path, instance_dir, **change))
+        with pytest.raises(ConfigError, match="no checkpoint"):
+            preflight(resume, resume_dir=taken)
+        (taken / "checkpoints" / "step_000002").mkdir(parents=True)
+        (taken / "checkpoints" / "step_000002" / "state.json").write_text('{"step": 2}')
+        assert preflight(resume, resume_dir=taken).images
+
+
+def test_preflight_refuses_an_unwritable_output_folder(tmp_path, instance_dir):
+    from core.trainer import preflight
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="output"):
+        preflight(Config.from_dict(tiny_config(tmp_path, instance_dir, output={"dir": str(blocker / "runs")})))
+
+
+def test_train_checks_before_loading_the_model(tmp_path, instance_dir, monkeypatch):
+    """A run with no images fails at once, without minutes spent loading the base model first."""
+    import core.trainer
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the checks")
+
+    monkeypatch.setattr(core.trainer, "load_base_model", no_load)
+    with pytest.raises(DataError, match="/no/such/folder"):
+        run(tiny_config(tmp_path, instance_dir, data={"instance_dir": "/no/such/folder"}))

@@ -181,6 +181,12 @@ def test_training_errors_show_in_plain_words(ui, client, photos):
     assert "Base model file or folder not found: /no/such/model.safetensors" in poll["train_error"]
     with pytest.raises(AppError, match="Prior preservation needs a class prompt"):
         ui.call(client, "start_training", dataset="train-set", **dict(TRAIN, prior_preservation=True, class_prompt=""))
+    import torch
+
+    if not torch.cuda.is_available():  # the trainer's precision check, made at Start (preflight)
+        with pytest.raises(AppError, match="fp16 needs an NVIDIA GPU"):
+            ui.call(client, "start_training", dataset="train-set", **dict(TRAIN, mixed_precision="fp16"))
+        assert s.snapshot()["state"] == "failed"  # no run was started: the last one's record stays
 
 
 def test_presets(ui, client):

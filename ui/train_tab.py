@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pandas as pd
 
 from core import vram
-from core.data import caption_prompts, scan_folder
+from core.data import scan_folder
 from core.datasets import dataset_dir
 from core.errors import UserError
 from core.runs import measured_seconds_per_step
-from core.trainer import latest_checkpoint, load_run_config
+from core.rundir import RunDir, list_runs
+from core.trainer import preflight
 
 from .common import (STATE_WORDS, Ctx, Handler, TabParts, bind_table, error_html, fmt_duration, model_picker, pick,
                      progress_html)
@@ -315,8 +315,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
 
 
 def resumable_runs(ctx: Ctx) -> list[str]:
-    runs = [p.parent for p in ctx.runs_dir.glob("*/config.yaml")]
-    return sorted((p.name for p in runs if latest_checkpoint(p) is not None), key=str.lower)
+    return sorted((run.name for run in list_runs(ctx.runs_dir) if run.latest_checkpoint() is not None), key=str.lower)
 
 
 # --------------------------------------------------------------------------- handlers
@@ -334,16 +333,7 @@ def start(ctx: Ctx, dataset, **values) -> dict:
     if ctx.class_job.busy:
         raise UserError("Class images are being generated (Class images tab). Wait for them, or stop that first.")
     cfg = form_config(values, ctx.workspace, dataset or "", ctx.allow_pickle)  # "": a plain "No dataset chosen" error
-    scan = scan_folder(cfg.data.instance_dir, min_size=cfg.data.min_image_size)
-    if not scan.images:
-        raise UserError(f"The dataset {dataset!r} has no usable images: add photos on the Dataset tab.")
-    caption_prompts(scan.images, cfg.data.instance_prompt)  # plain-words error when prompts are missing
-    if cfg.train.prior_preservation and not cfg.data.class_prompt.strip():
-        raise UserError("Prior preservation needs a class prompt (Class images tab), e.g. 'a photo of a dog'; "
-                        "or turn prior preservation off.")
-    if cfg.output.name and (Path(cfg.output.dir) / cfg.output.name).exists():
-        raise UserError(f"A run called {cfg.output.name!r} already exists: choose another run name (or continue "
-                        "it under 'Continue an earlier run').")
+    preflight(cfg)  # the trainer's own checks, now rather than after the model has loaded
     ctx.session.start(cfg)
     return live(ctx)
 
@@ -378,8 +368,8 @@ def save_now(ctx: Ctx) -> dict:
 def continue_run(ctx: Ctx, resume_run) -> dict:
     if not resume_run:
         raise UserError("Choose a stopped run to continue.")
-    run_dir = ctx.runs_dir / resume_run
-    ctx.session.start(load_run_config(run_dir), resume_dir=run_dir)
+    run_dir = RunDir(ctx.runs_dir / resume_run)
+    ctx.session.start(run_dir.read_config(), resume_dir=run_dir.path)
     return live(ctx)
 
 
