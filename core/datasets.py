@@ -293,7 +293,7 @@ def crop_note(item: ImageItem, resolution: int, center: bool = True) -> str:
 def token_pieces(word: str, tokenizer=None) -> list[str]:
     """How the CLIP tokenizer splits `word` (e.g. 'mydog' -> ['my', 'dog'])."""
     if tokenizer is None:
-        from .models import clip_tokenizer
+        from .base_model import clip_tokenizer
 
         tokenizer = clip_tokenizer()
     ids = tokenizer(word.strip(), add_special_tokens=False).input_ids
@@ -307,7 +307,7 @@ def suggest_identifiers(n: int = 6, seed: int = 0, tokenizer=None) -> list[str]:
     vocabulary: 3-4 letters, at most one vowel, so they read as nonsense rather than as a word.
     """
     if tokenizer is None:
-        from .models import clip_tokenizer
+        from .base_model import clip_tokenizer
 
         tokenizer = clip_tokenizer()
     vocab = tokenizer.get_vocab()

@@ -18,8 +18,9 @@ import torch
 
 from . import adapters
 from .adapters import AdapterFile
+from .base_model import BaseModel
 from .errors import ModelLoadError, UserError
-from .models import BaseModel, load_base_model
+from .models import load_base_model
 from .sampling import generate, make_pipeline, save_png
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)  # the compare grid: adapters off, then a strength sweep

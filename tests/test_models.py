@@ -1,4 +1,4 @@
-"""Tests for core/models.py and core/ldm_convert.py: every way to name a base model, on tiny in-code models.
+"""Tests for core/models.py and core/single_file.py: every way to name a base model, on tiny in-code models.
 
 Nothing here touches the network: hub ids are tested against a fake Hugging Face cache under tmp_path,
 and downloads only through a stand-in for `snapshot_download`. Real SD 1.5 / 2.x shapes are checked on
@@ -17,19 +17,11 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import core.models as models
-from core import ldm_convert
+from core import single_file
+from core.base_model import BaseModel, clip_tokenizer
 from core.errors import ModelLoadError, UserError
-from core.ldm_convert import diffusers_to_ldm, save_single_file
-from core.models import (
-    BaseModel,
-    build_tiny_model,
-    clip_tokenizer,
-    detect_family,
-    load_base_model,
-    load_single_file,
-    read_config_folder,
-    save_model_folder,
-)
+from core.models import build_tiny_model, load_base_model, save_model_folder
+from core.single_file import detect_family, diffusers_to_ldm, load_single_file, read_config_folder, save_single_file
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -58,7 +50,7 @@ def mini_model(context: int, open_clip: bool = False, seed: int = 0, prediction_
 
 def write_configs(model: BaseModel, folder: Path, **unet_overrides) -> Path:
     """A diffusers-style config folder (no weights) for `model`, like core/assets/model_configs/<family>."""
-    configs = ldm_convert.embedded_configs(ldm_convert.model_metadata(model))
+    configs = single_file.embedded_configs(single_file.model_metadata(model))
     configs["unet"].update(unet_overrides)
     for part, cfg in configs.items():
         name = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}.get(part, "config.json")
@@ -75,7 +67,7 @@ def save_foreign(model: BaseModel, path: Path, **kw) -> Path:
 
 def meta_model(family_folder: str) -> BaseModel:
     """A full-size SD model from the shipped configs, on the meta device (shapes only, instant)."""
-    cfg = read_config_folder(models.MODEL_CONFIGS_DIR / family_folder)
+    cfg = read_config_folder(single_file.MODEL_CONFIGS_DIR / family_folder)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(cfg["unet"])
         vae = AutoencoderKL.from_config(cfg["vae"])
@@ -151,7 +143,7 @@ def shipped_configs(tmp_path, monkeypatch) -> Path:
     write_configs(mini_model(768), root / "sd15")
     write_configs(mini_model(1024, True, prediction_type="v_prediction"), root / "sd2", sample_size=12)
     write_configs(mini_model(1024, True), root / "sd2-base", sample_size=8)
-    monkeypatch.setattr(models, "MODEL_CONFIGS_DIR", root)
+    monkeypatch.setattr(single_file, "MODEL_CONFIGS_DIR", root)
     return root
 
 
@@ -401,11 +393,11 @@ def test_old_clip_names_without_text_model_level(shipped_configs, tmp_path):
 
 def test_shipped_configs_are_complete():
     for name, pred in (("sd15", "epsilon"), ("sd2", "v_prediction"), ("sd2-base", "epsilon")):
-        cfg = read_config_folder(models.MODEL_CONFIGS_DIR / name)
+        cfg = read_config_folder(single_file.MODEL_CONFIGS_DIR / name)
         assert set(cfg) == {"unet", "vae", "text_encoder", "scheduler", "tokenizer"}
         assert cfg["scheduler"]["prediction_type"] == pred
-        assert (models.MODEL_CONFIGS_DIR / name / "model_index.json").is_file()
-    assert read_config_folder(models.MODEL_CONFIGS_DIR / "sd2")["tokenizer"]["pad_token"] == "!"
+        assert (single_file.MODEL_CONFIGS_DIR / name / "model_index.json").is_file()
+    assert read_config_folder(single_file.MODEL_CONFIGS_DIR / "sd2")["tokenizer"]["pad_token"] == "!"
 
 
 def test_config_dir_hook_loads_a_file_without_metadata(tiny, tmp_path):
