@@ -77,16 +77,13 @@ def cmd_class_images(args) -> int:
 
     from core import events as ev
     from core.class_images import class_dir_for, ensure_class_images
-    from core.models import load_base_model
-    from core.trainer import DTYPES, resolve_precision
+    from core.models import load_base_from_config
+    from core.precision import default_device, frozen_dtype, resolve_precision
 
     cfg = config_from_args(args)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = DTYPES[resolve_precision(cfg)]
-    base = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type, allow_pickle=cfg.model.allow_pickle)
-    base.to(device, None if dtype == torch.float32 else dtype)
+    device = default_device()
+    dtype = frozen_dtype(resolve_precision(cfg))  # before the slow load: fp16 without a GPU fails at once
+    base = load_base_from_config(cfg).to(device, dtype)
     bar = tqdm(unit="image")
 
     def on_event(e):
@@ -115,13 +112,12 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
 
 
 def cmd_sample(args) -> int:
-    import torch
-
     from core import adapters
     from core.models import load_base_model
+    from core.precision import default_device
     from core.sampling import generate, make_pipeline, save_png
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     base = load_base_model(args.base, allow_pickle=args.allow_pickle).to(device)
     weights = {}
     for i, spec in enumerate(args.adapter or []):

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from . import adapters
 from .config import Config
 from .models import DEMO_MODEL_DIR, build_tiny_model, hf_cache_dir, looks_like_path, parts_from_configs
+from .precision import DTYPES
 from .single_file import (detect_family, embedded_configs, read_config_folder, read_safetensors_header,
                           shipped_config_folder)
-from .trainer import DTYPES
 
 GIB = 2 ** 30
 CUDA_CONTEXT = 0.4 * GIB  # what the CUDA context and kernels take on a card besides PyTorch's allocations
