@@ -32,7 +32,7 @@ def config_from_args(args):
     from core.config import load_config
 
     overrides = (args.set or []) + (["model.allow_pickle=true"] if getattr(args, "allow_pickle", False) else [])
-    return load_config(args.config, overrides=overrides, preset=args.preset)
+    return load_config(args.config, overrides=overrides, preset=args.preset, workspace=args.workspace)
 
 
 def cmd_train(args) -> int:
@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def config_args(sp):
         sp.add_argument("--config", help="YAML config file (sparse: only the settings you change)")
-        sp.add_argument("--preset", help="preset name from presets/ (e.g. sd15-lora); a `preset:` key in the file wins")
+        sp.add_argument("--preset", help="preset name: built in (presets/, e.g. sd15-lora) or saved from the app "
+                                         "(WORKSPACE/presets/); a `preset:` key in the file wins")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. train.max_steps=400 (repeatable)")
         sp.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .ckpt base model")
 
