@@ -20,7 +20,8 @@ import core.models as models
 from core import single_file
 from core.base_model import BaseModel, clip_tokenizer
 from core.errors import ModelLoadError, UserError
-from core.models import build_tiny_model, load_base_model, save_model_folder
+from core.config import Config
+from core.models import build_tiny_model, load_base_from_config, load_base_model, save_model_folder
 from core.single_file import detect_family, diffusers_to_ldm, load_single_file, read_config_folder, save_single_file
 
 # ----------------------------------------------------------------------------- helpers
@@ -174,6 +175,18 @@ def test_folder_that_is_not_a_model(tmp_path):
     (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": []}))
     with pytest.raises(ModelLoadError, match="SDXL"):
         load_base_model(str(sdxl))
+
+
+def test_parts_are_the_modules_adapters_attach_to(tiny):
+    assert tiny.parts == {"unet": tiny.unet, "text_encoder": tiny.text_encoder}
+    assert tiny.parts["unet"] is tiny.unet and tiny.parts["text_encoder"] is tiny.text_encoder
+
+
+def test_load_base_from_config_uses_the_configs_model_settings(tiny, tmp_path):
+    folder = save_model_folder(tiny, tmp_path / "model")
+    loaded = load_base_from_config(Config.from_dict({"model": {"base": str(folder), "prediction_type": "v_prediction"}}))
+    assert_same_model(tiny, loaded)
+    assert loaded.prediction_type == "v_prediction" and loaded.name == str(folder)
 
 
 # ----------------------------------------------------------------------------- single files we write
@@ -408,6 +421,17 @@ def test_config_dir_hook_loads_a_file_without_metadata(tiny, tmp_path):
         load_base_model(str(path))  # no configs and no SD widths: say so instead of guessing
 
 
+def test_read_safetensors_header_gives_metadata_and_shapes_without_weights(tiny, tmp_path):
+    path = save_single_file(tiny, tmp_path / "tiny.safetensors", metadata={"note": "hi"})
+    metadata, shapes = single_file.read_safetensors_header(path)
+    assert metadata["note"] == "hi" and single_file.embedded_configs(metadata)["unet"]["block_out_channels"] == [32, 64]
+    conv_in = single_file.UNET_PREFIX + "input_blocks.0.0.weight"
+    assert shapes[conv_in] == tuple(tiny.unet.conv_in.weight.shape) and len(shapes) == len(load_file(str(path)))
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ModelLoadError, match="not a valid .safetensors file"):
+        single_file.read_safetensors_header(tmp_path / "cut.safetensors")
+
+
 # ----------------------------------------------------------------------------- pickles
 
 
@@ -431,6 +455,11 @@ def test_pickle_refused_by_default_and_loaded_when_allowed(shipped_configs, tmp_
     assert_same_model(model, Playground("cpu", allow_pickle=True)._ensure_base(str(path)), vocab=1000)
     assert form_config({}, tmp_path, allow_pickle=True).model.allow_pickle
     assert not form_config({}, tmp_path).model.allow_pickle
+    # and a config's model.allow_pickle reaches the loader
+    with pytest.raises(ModelLoadError, match="allow_pickle"):
+        load_base_from_config(Config.from_dict({"model": {"base": str(path)}}))
+    from_config = load_base_from_config(Config.from_dict({"model": {"base": str(path), "allow_pickle": True}}))
+    assert_same_model(model, from_config, vocab=1000)
 
 
 def test_pickle_with_code_or_damage_is_refused(tmp_path):
