@@ -136,9 +136,8 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, source: str = "This config") -> "Config":
-        """The config of the nested dict `d`; `source` names it in the message when a newer app made it."""
-        check_version(d, source)
+    def from_dict(cls, d: dict[str, Any] | None) -> "Config":
+        check_version(d, "This config")
         cfg = _build(cls, d or {}, "")
         cfg.validate()
         return cfg
