@@ -32,7 +32,7 @@ def config_from_args(args):
     from core.config import load_config
 
     overrides = (args.set or []) + (["model.allow_pickle=true"] if getattr(args, "allow_pickle", False) else [])
-    return load_config(args.config, overrides=overrides, preset=args.preset)
+    return load_config(args.config, overrides=overrides, preset=args.preset, workspace=args.workspace)
 
 
 def cmd_train(args) -> int:
@@ -81,16 +81,13 @@ def cmd_class_images(args) -> int:
 
     from core import events as ev
     from core.class_images import class_dir_for, ensure_class_images
-    from core.models import load_base_model
-    from core.trainer import DTYPES, resolve_precision
+    from core.models import load_base_from_config
+    from core.precision import default_device, frozen_dtype, resolve_precision
 
     cfg = config_from_args(args)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = DTYPES[resolve_precision(cfg)]
-    base = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type, allow_pickle=cfg.model.allow_pickle)
-    base.to(device, None if dtype == torch.float32 else dtype)
+    device = default_device()
+    dtype = frozen_dtype(resolve_precision(cfg))  # before the slow load: fp16 without a GPU fails at once
+    base = load_base_from_config(cfg).to(device, dtype)
     bar = tqdm(unit="image")
 
     def on_event(e):
@@ -119,13 +116,12 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
 
 
 def cmd_sample(args) -> int:
-    import torch
-
     from core import adapters
     from core.models import load_base_model
+    from core.precision import default_device
     from core.sampling import generate, make_pipeline, save_png
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     base = load_base_model(args.base, allow_pickle=args.allow_pickle).to(device)
     weights = {}
     for i, spec in enumerate(args.adapter or []):
@@ -190,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def config_args(sp):
         sp.add_argument("--config", help="YAML config file (sparse: only the settings you change)")
-        sp.add_argument("--preset", help="preset name from presets/ (e.g. sd15-lora); a `preset:` key in the file wins")
+        sp.add_argument("--preset", help="preset name: built in (presets/, e.g. sd15-lora) or saved from the app "
+                                         "(WORKSPACE/presets/); a `preset:` key in the file wins")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. train.max_steps=400 (repeatable)")
         sp.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .ckpt base model")
 

@@ -40,8 +40,9 @@ if str(ROOT) not in sys.path:
 
 from core import events as ev  # noqa: E402
 from core.config import Config, TEXT_ENCODER_TARGETS, UNET_TARGETS_FULL, preset_dict  # noqa: E402
-from core.models import (BaseModel, clip_tokenizer, load_base_model, parts_from_configs, read_config_folder,  # noqa: E402
-                         shipped_config_folder)
+from core.base_model import BaseModel, clip_tokenizer  # noqa: E402
+from core.models import load_base_model, parts_from_configs  # noqa: E402
+from core.single_file import read_config_folder, shipped_config_folder  # noqa: E402
 
 GIB = 2 ** 30
 OURS = {  # case -> (preset, overrides)

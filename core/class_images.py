@@ -14,12 +14,13 @@ from typing import Callable
 
 import torch
 
+from .base_model import BaseModel
 from .config import Config, resolve_path
 from .data import ImageItem, scan_folder
 from .errors import DataError
 from .fileio import write_json
 from .events import ClassImagesProgress, Emit, Log, ignore
-from .models import BaseModel, model_fingerprint
+from .models import model_fingerprint
 from .sampling import generate, make_pipeline, save_png
 
 MANIFEST = "manifest.json"

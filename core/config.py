@@ -1,8 +1,9 @@
 """One typed configuration tree for the UI, presets, the CLI and tests.
 
 A config is built from a nested dict (a YAML file, a preset, a form) by `Config.from_dict`, which
-rejects unknown keys and wrong types with a message naming the key. Presets are sparse YAML files
-with a `version` field; they are merged over the defaults, then the user's own file and any
+refuses a config made by a newer app, then unknown keys and wrong types, with a message naming the key.
+Presets are sparse YAML files with a `version` field, built in (presets/) or the user's own
+(<workspace>/presets/); they are merged over the defaults, then the user's own file and any
 `--set key=value` overrides are merged over the preset.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .errors import ConfigError
 CONFIG_VERSION = 1
 APP_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = APP_ROOT / "presets"
+PRESET_ONLY_KEYS = ("description",)  # what a preset file holds besides settings
 
 # The full UNet target set: attention, feed-forward, resnet convs, up/down sampling convs and time embedding.
 UNET_TARGETS_FULL = [
@@ -154,6 +156,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Config":
+        check_version(d, "This config")
         cfg = _build(cls, d or {}, "")
         cfg.validate()
         return cfg
@@ -174,13 +177,12 @@ class Config:
             raise ConfigError(f"`data.resolution` must be a multiple of 8 (the VAE works on 8x8 blocks), got {self.data.resolution}.")
         if not self.adapter.unet_targets:
             raise ConfigError("`adapter.unet_targets` is empty: name at least one UNet module type, e.g. to_q.")
-        name = self.output.name  # a name with a path in it (from the app's run-name box) would leave the runs folder
+        name = self.output.name  # a run name such as "../x" would put the run outside the workspace
         if name in (".", "..") or any(c in name for c in "/\\\0"):
             raise ConfigError(f"`output.name` must be a plain folder name (no / or \\, not . or ..), got {name!r}.")
         if self.adapter.train_text_encoder and not self.adapter.text_encoder_targets:
             raise ConfigError("`adapter.text_encoder_targets` is empty while `adapter.train_text_encoder` is on.")
-        if self.version > CONFIG_VERSION:
-            raise ConfigError(f"This config has version {self.version}, newer than this app understands ({CONFIG_VERSION}). Update the app.")
+        check_version(vars(self), "This config")
 
     def _fields(self):
         """(section.name, value, metadata) of every setting."""
@@ -218,6 +220,16 @@ def range_problem(value: Any, meta: Mapping[str, Any]) -> str | None:
     if above is not None and value <= above:
         return "must be positive" if above == 0 else f"must be more than {above:g}"
     return None
+
+
+def check_version(d: Any, source: str) -> None:
+    """Refuse the settings `d` when a newer version of the app wrote them, before their keys are read: the
+    settings it added would otherwise be refused as unknown, as if mistyped. (Version 1 is the first, so
+    there is no older version to migrate.) `source` names the file in the message."""
+    version = d.get("version") if isinstance(d, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > CONFIG_VERSION:
+        raise ConfigError(f"{source} has version {version}: it was made by a newer version of this app (this one "
+                          f"reads version {CONFIG_VERSION}). Update the app to use it.")
 
 
 def _type_name(tp: Any) -> str:
@@ -327,23 +339,50 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """A config or preset file's settings, refused first if a newer version of the app wrote it."""
+    data = read_yaml(path)
+    check_version(data, str(path))
+    return data
 
 
-def preset_dict(name: str) -> dict[str, Any]:
-    path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"No preset named {name!r}. Presets: {', '.join(list_presets())}.")
-    return read_yaml(path)
+def user_presets_dir(workspace: str | Path) -> Path:
+    return Path(workspace) / "presets"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None) -> Config:
-    """Defaults <- preset (the file's own `preset:` key or the argument) <- file <- overrides."""
-    data = read_yaml(path) if path else {}
+def list_presets(workspace: str | Path | None = None) -> list[str]:
+    """The built-in presets, then the user's own in `workspace` (a built-in name wins)."""
+    built_in = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    if workspace is None:
+        return built_in
+    user = sorted(p.stem for p in user_presets_dir(workspace).glob("*.yaml"))
+    return built_in + [n for n in user if n not in built_in]
+
+
+def preset_path(name: str, workspace: str | Path | None = None) -> Path:
+    """The file of preset `name`: built in, else the user's own in `workspace`."""
+    names = list_presets(workspace)
+    if name not in names:
+        raise ConfigError(f"No preset named {name!r}. Presets: {', '.join(names)}.")
+    built_in = PRESETS_DIR / f"{name}.yaml"
+    return built_in if built_in.is_file() else user_presets_dir(workspace) / f"{name}.yaml"
+
+
+def preset_dict(name: str, workspace: str | Path | None = None) -> dict[str, Any]:
+    """The settings of preset `name` (see preset_path), without its description."""
+    data = read_settings(preset_path(name, workspace))
+    return {k: v for k, v in data.items() if k not in PRESET_ONLY_KEYS}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None,
+                workspace: str | Path | None = None) -> Config:
+    """Defaults <- preset (the file's own `preset:` key or the argument) <- file <- overrides.
+
+    Presets are the built-in ones and, with `workspace`, the user's own; the GUI and the CLI both load them here.
+    """
+    data = read_settings(path) if path else {}
     preset = data.pop("preset", None) or preset
-    merged = preset_dict(preset) if preset else {}
-    merged.pop("description", None)
+    merged = preset_dict(preset, workspace) if preset else {}
     merged = deep_merge(merged, data)
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))

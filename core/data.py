@@ -87,7 +87,7 @@ def scan_folder(
     Images are decoded fully, so a truncated download is caught here rather than mid-training.
     Nothing in the folder is written or modified.
     """
-    entries = _list_folder(Path(folder))
+    entries = list_folder_files(Path(folder))
     caption_ext = _normalise_extension(caption_extension)
     # Map image stem -> caption file; matching on the listing also finds "IMG.TXT" for "IMG.JPG".
     captions = {p.stem: p for p in entries if p.suffix.lower() == caption_ext}
@@ -96,7 +96,7 @@ def scan_folder(
     for path in entries:
         if path.suffix.lower() == caption_ext or path.name in _IGNORED_NAMES:
             continue
-        item_or_reason = _check_file(path, min_size)
+        item_or_reason = check_image_file(path, min_size)
         if isinstance(item_or_reason, str):
             rejected.append(Rejected(path, item_or_reason))
             continue
@@ -120,7 +120,7 @@ def scan_folder(
     return ScanReport(images=images, rejected=rejected)
 
 
-def _list_folder(folder: Path) -> list[Path]:
+def list_folder_files(folder: Path) -> list[Path]:
     """The visible plain files in `folder`, sorted by name; DataError if it is not a folder."""
     if not folder.exists():
         raise DataError(
@@ -139,7 +139,7 @@ def _list_folder(folder: Path) -> list[Path]:
             "Check that the folder's permissions let you open it."
         ) from exc
     # Dot files are OS/editor clutter (.DS_Store, ._img.jpg); sub-folders are not scanned.
-    # Links to files (even broken ones) are listed so that _check_file rejects them with a reason.
+    # Links to files (even broken ones) are listed so that check_image_file rejects them with a reason.
     visible = [p for p in children if not p.name.startswith(".") and (p.is_file() or _is_file_link(p))]
     return sorted(visible, key=lambda p: p.name)
 
@@ -164,7 +164,7 @@ def _normalise_extension(extension: str) -> str:
     return extension if extension.startswith(".") else "." + extension
 
 
-def _check_file(path: Path, min_size: int) -> ImageItem | str:
+def check_image_file(path: Path, min_size: int) -> ImageItem | str:
     """An ImageItem (caption not yet filled in) for a good image, else the reason to skip it."""
     # A link is never followed: it could lead anywhere on the machine (outside the folder the
     # user chose), and copying or training on its target would be a surprise.

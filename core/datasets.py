@@ -13,7 +13,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import IMAGE_EXTENSIONS, LINK_REASON, ImageItem, _check_file, _list_folder, scan_folder, shown_name
+from .data import (IMAGE_EXTENSIONS, LINK_REASON, ImageItem, check_image_file, list_folder_files, scan_folder,
+                   shown_name)
 from .errors import DataError
 from .fileio import atomic_path, write_json, write_text
 
@@ -160,10 +161,10 @@ def add_images(folder: str | Path, files: list[str | Path], min_size: int = 64, 
     for src in paths:
         if src.suffix.lower() == CAPTION_EXT:
             continue
-        if not (src.is_file() or src.is_symlink()):  # a link goes on to _check_file, which says why it is refused
+        if not (src.is_file() or src.is_symlink()):  # a link goes on to check_image_file, which says why it is refused
             report.skipped.append((src.name, "not found"))
             continue
-        checked = _check_file(src, min_size)
+        checked = check_image_file(src, min_size)
         if isinstance(checked, str):
             report.skipped.append((src.name, checked))
             continue
@@ -218,7 +219,7 @@ def add_folder(folder: str | Path, source: str | Path, min_size: int = 64) -> Ad
         raise DataError(f"The folder {str(source)!r} does not exist: check the path (e.g. /home/me/photos/rex).")
     if source.resolve() == Path(folder).resolve():
         raise DataError("That is the dataset's own folder: choose the folder where your original photos are.")
-    files = _list_folder(source)  # the same files a training run on `source` would see, links included
+    files = list_folder_files(source)  # the same files a training run on `source` would see, links included
     report = add_images(folder, files, min_size)
     if not files:
         report.skipped.append((str(source), "the folder is empty"))
@@ -293,7 +294,7 @@ def crop_note(item: ImageItem, resolution: int, center: bool = True) -> str:
 def token_pieces(word: str, tokenizer=None) -> list[str]:
     """How the CLIP tokenizer splits `word` (e.g. 'mydog' -> ['my', 'dog'])."""
     if tokenizer is None:
-        from .models import clip_tokenizer
+        from .base_model import clip_tokenizer
 
         tokenizer = clip_tokenizer()
     ids = tokenizer(word.strip(), add_special_tokens=False).input_ids
@@ -307,7 +308,7 @@ def suggest_identifiers(n: int = 6, seed: int = 0, tokenizer=None) -> list[str]:
     vocabulary: 3-4 letters, at most one vowel, so they read as nonsense rather than as a word.
     """
     if tokenizer is None:
-        from .models import clip_tokenizer
+        from .base_model import clip_tokenizer
 
         tokenizer = clip_tokenizer()
     vocab = tokenizer.get_vocab()

@@ -19,3 +19,9 @@ class DataError(UserError):
 
 class ModelLoadError(UserError):
     """The base model or an adapter file cannot be loaded."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), to quote inside a plain-words message."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

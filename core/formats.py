@@ -21,7 +21,7 @@ import torch
 from .adapters import PARTS, AdapterFile, AdapterSpec, read_adapter
 from .errors import ModelLoadError
 from .fileio import save_safetensors
-from .ldm_convert import unet_module_ldm_names
+from .single_file import unet_module_ldm_names
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # transformers 5's CLIPTextModel names its modules without the `text_model.` level the tools expect

@@ -12,9 +12,11 @@ import torch
 from peft.utils.other import get_pattern_key
 
 from . import adapters
+from .base_model import BaseModel
 from .errors import ModelLoadError
 from .formats import part_spec, resolve_kohya, split_key
-from .models import BaseModel, load_base_model, save_model_folder
+from .models import load_base_model, save_model_folder
+from .single_file import save_single_file
 
 
 def fuse_into(base: BaseModel, files: list[tuple[str | Path, float]]) -> BaseModel:
@@ -42,8 +44,6 @@ def fuse_into(base: BaseModel, files: list[tuple[str | Path, float]]) -> BaseMod
 def merge_to_model(base_spec: str, files: list[tuple[str | Path, float]], out: str | Path,
                    allow_pickle: bool = False) -> Path:
     """Load `base_spec`, fuse the adapters, save to `out`: a `.safetensors` single file, else a diffusers folder."""
-    from .ldm_convert import save_single_file
-
     out = Path(out)
     if out.exists() and out.suffix.lower() != ".safetensors" and any(out.iterdir()):
         raise ModelLoadError(f"{out} already exists and is not empty: choose a new folder for the merged model.")

@@ -4,9 +4,7 @@
 - "tiny": a tiny random model built in code (tests, smoke runs);
 - "demo": the small demo model shipped in core/assets/demo_model (when installed);
 - a local diffusers folder (holds model_index.json);
-- a single-file checkpoint in the original Stable Diffusion layout: `.safetensors`, or a pickled
-  `.ckpt` / `.pt` / `.pth` / `.bin` only with `allow_pickle=True`. Loading is offline: files we wrote
-  carry their diffusers configs in the metadata, other files use the configs in core/assets/model_configs;
+- a single-file checkpoint in the original Stable Diffusion layout (read by core/single_file.py);
 - a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5": the local Hugging Face cache first,
   then a download through that cache unless HF_HUB_OFFLINE=1.
 Every failure the user can fix is a ModelLoadError in plain words.
@@ -19,18 +17,17 @@ import json
 import logging
 import os
 import re
-import tempfile
-from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from . import ldm_convert as ldm
-from .errors import ModelLoadError
+from .base_model import ASSETS, PIPELINE_PARTS, BaseModel, clip_tokenizer
+from .config import Config
+from .errors import ModelLoadError, first_line
+from .single_file import SINGLE_FILE_SUFFIXES, load_single_file
 
 log = logging.getLogger(__name__)
 
@@ -45,66 +42,15 @@ class _EmptyFp32ListFilter(logging.Filter):
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32ListFilter())
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
-MODEL_CONFIGS_DIR = ASSETS / "model_configs"
 DEMO_MODEL_DIR = ASSETS / "demo_model"
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-_PARTS = ("unet", "vae", "text_encoder", "scheduler", "tokenizer")
-_CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}  # others: config.json
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 # what a Stable Diffusion repo needs for load_model_folder (not the .ckpt, fp16 or .bin copies beside it)
 _HUB_FILES = ["model_index.json", "scheduler/*", "tokenizer/*", "unet/config.json", "vae/config.json",
               "text_encoder/config.json", "unet/diffusion_pytorch_model*.safetensors*",
               "vae/diffusion_pytorch_model*.safetensors*", "text_encoder/model*.safetensors*"]
 _HUB_IGNORE = ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
-
-
-@dataclass
-class BaseModel:
-    """The frozen parts of a text-to-image latent diffusion model."""
-
-    name: str  # what the user asked for; recorded in adapter metadata
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    scheduler: DDPMScheduler  # the training noise scheduler
-
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def family(self) -> str:
-        """"sd1" or "sd2", from the text encoder width (768: CLIP ViT-L, 1024: OpenCLIP ViT-H)."""
-        return "sd2" if self.text_encoder.config.hidden_size == 1024 else "sd1"
-
-    def to(self, device, dtype=None) -> "BaseModel":
-        kwargs = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
-        for m in (self.text_encoder, self.vae, self.unet):
-            m.to(**kwargs)
-        return self
-
-    def freeze(self) -> "BaseModel":
-        for m in (self.text_encoder, self.vae, self.unet):
-            m.requires_grad_(False)
-            m.eval()
-        return self
-
-
-def clip_tokenizer(model_max_length: int = 77, pad_token: str | None = None) -> CLIPTokenizer:
-    """The real CLIP BPE tokenizer (49,408 tokens) shipped in core/assets; SD 2.x pads with "!"."""
-    extra = {"pad_token": pad_token} if pad_token else {}
-    return CLIPTokenizer(str(CLIP_TOKENIZER_DIR / "vocab.json"), str(CLIP_TOKENIZER_DIR / "merges.txt"),
-                         model_max_length=model_max_length, **extra)
 
 
 def build_tiny_model(seed: int = 0, prediction_type: str = "epsilon") -> BaseModel:
@@ -201,6 +147,12 @@ def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool
     return model.to("cpu", torch.float32).freeze()
 
 
+def load_base_from_config(cfg: Config) -> BaseModel:
+    """The base model a config names, with its prediction type and pickle permission (see load_base_model)."""
+    return load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type,
+                           allow_pickle=cfg.model.allow_pickle)
+
+
 def model_fingerprint(spec: str) -> str:
     """A short id of the weights a local `spec` names (demo, folder or file), "" for tiny and hub ids.
 
@@ -259,7 +211,7 @@ def _check_sd_folder(folder: Path) -> None:
     kind = index.get("_class_name", "an unknown pipeline")
     if "text_encoder_2" in index or "XL" in kind or unet.get("addition_embed_type") == "text_time":
         raise ModelLoadError(f"{folder} holds an SDXL model ({kind}); this app trains Stable Diffusion 1.x and 2.x only.")
-    missing = [p for p in _PARTS if p not in index]
+    missing = [p for p in PIPELINE_PARTS if p not in index]
     if missing:
         raise ModelLoadError(f"{folder} holds {kind}, not a Stable Diffusion 1.x/2.x model (it has no "
                              f"{', '.join(missing)}).")
@@ -273,7 +225,7 @@ def _load_local_folder(folder: Path, name: str) -> BaseModel:
     try:
         return load_model_folder(folder, name=name)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"Cannot load the diffusers model in {folder}: {_first_line(e)}. It must hold unet, vae, "
+        raise ModelLoadError(f"Cannot load the diffusers model in {folder}: {first_line(e)}. It must hold unet, vae, "
                              "text_encoder (with .safetensors weights), tokenizer and scheduler.") from e
 
 
@@ -314,7 +266,7 @@ def load_from_hub(repo_id: str) -> BaseModel:
         try:
             return load_model_folder(folder, name=repo_id)
         except (OSError, ValueError) as e:
-            log.info("cached copy of %s is incomplete (%s); trying a download", repo_id, _first_line(e))
+            log.info("cached copy of %s is incomplete (%s); trying a download", repo_id, first_line(e))
     if hub_offline():
         raise _hub_error(repo_id, cache, "offline mode is on: HF_HUB_OFFLINE=1")
     try:
@@ -341,7 +293,7 @@ def _hub_reason(e: Exception) -> str:
         return "the Hub has no public model with that id"
     if isinstance(e, OfflineModeIsEnabled):
         return "offline mode is on: HF_HUB_OFFLINE=1"
-    return f"{type(e).__name__}: {_first_line(e)}"
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def _hub_error(repo_id: str, cache: Path, reason: str) -> ModelLoadError:
@@ -351,218 +303,3 @@ def _hub_error(repo_id: str, cache: Path, reason: str) -> ModelLoadError:
         "accept its license on huggingface.co and log in with `hf auth login`; or point model.base at a local "
         "diffusers folder or a .safetensors checkpoint file.")
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
-
-
-# --- single-file checkpoints ---------------------------------------------------------------------------------------
-
-_LORA_KEY = re.compile(r"lora_|\.alpha$|hada_w|lokr_w|\.oft_")
-_EMBEDDING_KEYS = {"emb_params", "clip_l", "clip_g"}  # textual-inversion files (A1111 / SDXL style)
-
-
-def _shape(value: Any) -> tuple[int, ...]:
-    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
-
-
-def check_sd_checkpoint(keys, name: str = "The file") -> None:
-    """Raise a plain-words ModelLoadError unless `keys` hold an SD UNet, VAE and text encoder in LDM layout."""
-    keys = list(keys)
-    has = lambda *prefixes: any(k.startswith(prefixes) for k in keys)  # noqa: E731
-    if any(_LORA_KEY.search(k) for k in keys):
-        raise ModelLoadError(f"{name} is a LoRA / LyCORIS adapter, not a base model. Load it as an adapter; "
-                             "model.base needs a full SD 1.x/2.x checkpoint, a diffusers folder or a hub id.")
-    if has("conditioner.embedders.") or any(k.startswith(ldm.UNET_PREFIX + "label_emb.") for k in keys):
-        raise ModelLoadError(f"{name} is an SDXL checkpoint; this app trains Stable Diffusion 1.x and 2.x only.")
-    if keys and set(keys) <= _EMBEDDING_KEYS:
-        raise ModelLoadError(f"{name} is a textual-inversion embedding, not a base model.")
-    parts = {"UNet": ldm.UNET_PREFIX, "VAE": ldm.VAE_PREFIX, "text encoder": "cond_stage_model."}
-    missing = [part for part, prefix in parts.items() if not has(prefix)]
-    if len(missing) == len(parts):
-        if has("down_blocks.", "encoder.down_blocks.", "text_model.", "encoder.layers.", "unet.", "vae."):
-            what = "a model part in diffusers format (not a full original-layout checkpoint); point model.base " \
-                   "at the whole diffusers folder instead"
-        elif has("encoder.down.", "decoder.up."):
-            what = "a VAE on its own, not a full model"
-        else:
-            what = "not a Stable Diffusion 1.x/2.x checkpoint (it has no 'model.diffusion_model.*' weights)"
-        raise ModelLoadError(f"{name} is {what}.")
-    if missing:
-        raise ModelLoadError(f"{name} has no {' or '.join(missing)} weights: it is an incomplete checkpoint. "
-                             "model.base needs a full SD 1.x/2.x checkpoint (UNet, VAE and text encoder in one file).")
-
-
-def detect_family(shapes: Mapping[str, Any], name: str = "The file") -> str:
-    """"sd1" or "sd2" for a full original-layout checkpoint, from its keys and shapes (tensors or shape tuples)."""
-    check_sd_checkpoint(shapes, name)
-    conv_in = shapes.get(ldm.UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and _shape(conv_in)[1] != 4:
-        raise ModelLoadError(f"{name} has a UNet with {_shape(conv_in)[1]} input channels (an inpainting or "
-                             "image-editing model); this app trains plain text-to-image SD 1.x/2.x models.")
-    to_k = sorted(k for k in shapes if k.startswith(ldm.UNET_PREFIX) and k.endswith("attn2.to_k.weight"))
-    context = _shape(shapes[to_k[0]])[-1] if to_k else None
-    open_clip = any(k.startswith(ldm.OPEN_CLIP_PREFIX) for k in shapes)
-    if context == 768 and not open_clip:
-        return "sd1"
-    if context == 1024 and open_clip:
-        return "sd2"
-    if context == 2048:
-        raise ModelLoadError(f"{name} is an SDXL checkpoint; this app trains Stable Diffusion 1.x and 2.x only.")
-    raise ModelLoadError(f"{name} does not have the shapes of Stable Diffusion 1.x or 2.x (cross-attention width "
-                         f"{context}, {'OpenCLIP' if open_clip else 'CLIP'} text encoder), and it carries no configs "
-                         "saying what it is.")
-
-
-def _read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
-        raise ModelLoadError(
-            f"{path.name} is not a valid .safetensors file ({_first_line(e)}). It may be truncated (an interrupted "
-            "download) or another kind of file renamed: download or export it again.") from e
-
-
-def _read_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and top-level scalars (e.g. global_step) of a pickled checkpoint, loaded with weights_only."""
-    import pickle
-
-    if not allow_pickle:
-        raise ModelLoadError(
-            f"{path.name} is a pickled checkpoint ({path.suffix}); pickle files can run code on your computer when "
-            "they are opened, so they are not loaded by default. Prefer a .safetensors version of the model (or "
-            "convert this one with a tool you trust). If you trust where the file came from, allow it: start the app "
-            "with --allow-pickle, add --allow-pickle to the command, or set model.allow_pickle: true in the config "
-            "(it is then read with torch.load(weights_only=True)).")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if not found:
-            raise ModelLoadError(f"{path.name} cannot be read as a PyTorch checkpoint: it is damaged (e.g. an "
-                                 "interrupted download) or not a checkpoint at all. Download it again.") from e
-        raise ModelLoadError(f"{path.name} holds Python objects other than tensors ({found.group(1)}), which a safe "
-                             "load refuses. Use a .safetensors version of this model.") from e
-    except Exception as e:  # noqa: BLE001 - zip / EOF / storage errors all mean a damaged or foreign file
-        raise ModelLoadError(f"{path.name} cannot be read as a PyTorch checkpoint ({_first_line(e)}). It may be "
-                             "truncated or not a checkpoint at all: download it again.") from e
-    extra: dict[str, Any] = {}
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        extra.update({k: v for k, v in obj.items() if isinstance(v, (int, float, str))})
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ModelLoadError(f"{path.name} does not hold a dictionary of weights ({type(obj).__name__}).")
-    extra.update({k: v for k, v in obj.items() if isinstance(v, (int, float, str))})
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, extra
-
-
-def read_config_folder(folder: str | Path) -> dict[str, dict]:
-    """The part configs of a diffusers-style config folder (core/assets/model_configs/<family>)."""
-    folder = Path(folder)
-    return {part: json.loads((folder / part / _CONFIG_FILES.get(part, "config.json")).read_text(encoding="utf-8"))
-            for part in _PARTS if (folder / part / _CONFIG_FILES.get(part, "config.json")).is_file()}
-
-
-def shipped_config_folder(family: str, prediction_type: str) -> Path:
-    """core/assets/model_configs/sd15, sd2 (768-v, v_prediction) or sd2-base (512, epsilon)."""
-    if family == "sd1":
-        return MODEL_CONFIGS_DIR / "sd15"
-    return MODEL_CONFIGS_DIR / ("sd2" if prediction_type == "v_prediction" else "sd2-base")
-
-
-def _guess_prediction_type(family: str, extra: Mapping[str, Any], name: str) -> str:
-    """diffusers' rule: SD 2.x is v_prediction (768-v) unless global_step says 2.x-base (875000)."""
-    if family == "sd1":
-        return "epsilon"
-    if extra.get("global_step") == 875000:
-        return "epsilon"
-    log.warning("%s is an SD 2.x checkpoint without a prediction type: assuming v_prediction (the 768 models). "
-                "For a 512 'base' model set model.prediction_type: epsilon.", name)
-    return "v_prediction"
-
-
-def load_single_file(path: str | Path, prediction_type: str = "auto", allow_pickle: bool = False,
-                     name: str | None = None, config_dir: str | Path | None = None) -> BaseModel:
-    """Load an original-layout SD 1.x/2.x checkpoint file, offline, through diffusers' single-file conversion.
-
-    Configs come from `config_dir` when given (a diffusers-style folder of part configs), else the file's
-    metadata (files we wrote), else the shipped folder for the family detected from the keys and shapes.
-    """
-    path = Path(path).expanduser()
-    label = path.name
-    if path.suffix.lower() == ".safetensors":
-        metadata, shapes = _read_safetensors_header(path)
-        state, extra = None, {}
-    elif path.suffix.lower() in PICKLE_SUFFIXES:
-        state, extra = _read_pickle(path, allow_pickle)
-        metadata, shapes = {}, state
-    else:
-        raise ModelLoadError(f"{label}: unsupported file type {path.suffix!r}. Use a .safetensors checkpoint, a "
-                             "diffusers folder or a hub id.")
-    configs = ldm.embedded_configs(metadata) if config_dir is None else read_config_folder(config_dir)
-    if config_dir is not None and not {"unet", "vae", "text_encoder"} <= set(configs):
-        raise ModelLoadError(f"{config_dir} lacks unet/, vae/ or text_encoder/ config.json files.")
-    if configs is None:  # a foreign file: the family's shipped configs
-        family = detect_family(shapes, label)
-        pred = prediction_type if prediction_type != "auto" else _guess_prediction_type(family, extra, label)
-        configs = read_config_folder(shipped_config_folder(family, pred))
-        configs["scheduler"] = {**configs.get("scheduler", {}), "prediction_type": pred}
-    else:
-        check_sd_checkpoint(shapes, label)
-    if state is None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    unet, vae, text_encoder = _convert_parts(state, configs, label)
-    scheduler_config = configs.get("scheduler") or read_config_folder(MODEL_CONFIGS_DIR / "sd15")["scheduler"]
-    scheduler = DDPMScheduler.from_config(scheduler_config)
-    tok = configs.get("tokenizer", {})
-    tokenizer = clip_tokenizer(tok.get("model_max_length", 77), tok.get("pad_token"))
-    return BaseModel(name or str(path), tokenizer, text_encoder, vae, unet, scheduler)
-
-
-def _convert_parts(state: dict[str, torch.Tensor], configs: dict[str, dict], label: str):
-    """UNet, VAE and text encoder from an LDM state dict via diffusers' single-file loaders, with local configs."""
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-
-    # diffusers keeps the layers SD uses: drop OpenCLIP blocks past the configured depth (SD 2: the 24th of 24)
-    layers = configs["text_encoder"].get("num_hidden_layers", 0)
-    block = re.compile(re.escape(ldm.OPEN_CLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
-    state = {k: v for k, v in state.items() if not ((m := block.match(k)) and int(m.group(1)) >= layers)}
-    # some old SD 1.x files lack the `text_model.` level of current CLIP names (A1111 renames them the same way)
-    old_clip = "cond_stage_model.transformer."
-    if not any(k.startswith(ldm.CLIP_PREFIX) for k in state) and any(k.startswith(old_clip) for k in state):
-        state = {ldm.CLIP_PREFIX + k[len(old_clip):] if k.startswith(old_clip) else k: v for k, v in state.items()}
-    with tempfile.TemporaryDirectory(prefix="sd-configs-") as tmp:
-        for part in ("unet", "vae", "text_encoder"):
-            (Path(tmp) / part).mkdir()
-            (Path(tmp) / part / "config.json").write_text(json.dumps(configs[part]), encoding="utf-8")
-        common = dict(config=tmp, local_files_only=True, torch_dtype=torch.float32)
-        loaders = {
-            "UNet": lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **common),
-            "VAE": lambda: AutoencoderKL.from_single_file(state, subfolder="vae", **common),
-            "text encoder": lambda: create_diffusers_clip_model_from_ldm(
-                CLIPTextModel, state, subfolder="text_encoder", **common),
-        }
-        models = []
-        for part, load in loaders.items():
-            try:
-                model = load()
-            except Exception as e:  # noqa: BLE001 - shape mismatches, missing weights (meta tensors), bad configs
-                if "meta tensor" in str(e):  # diffusers left missing weights on the meta device, then moved it
-                    raise ModelLoadError(f"{label} lacks some {part} weights: the file is incomplete (or a variant "
-                                         "this app does not know).") from e
-                raise ModelLoadError(f"The {part} weights in {label} do not fit the expected Stable Diffusion "
-                                     f"1.x/2.x model ({_first_line(e)}). The file may be incomplete or a "
-                                     "variant this app does not know.") from e
-            missing = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
-            if missing:
-                raise ModelLoadError(f"{label} lacks {len(missing)} {part} weights (e.g. {missing[0]}): the file "
-                                     "is incomplete.")
-            model.__dict__.pop("hf_device_map", None)  # set by diffusers' single-device dispatch; means nothing here
-            models.append(model)
-    return models

@@ -18,8 +18,10 @@ import torch
 
 from . import adapters
 from .adapters import AdapterFile
+from .base_model import BaseModel
 from .errors import ModelLoadError, UserError
-from .models import BaseModel, load_base_model
+from .models import load_base_model
+from .precision import default_device
 from .sampling import generate, make_pipeline, save_png
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)  # the compare grid: adapters off, then a strength sweep
@@ -52,7 +54,7 @@ class Playground:
 
     def __init__(self, device: str | None = None, allow_pickle: bool = False):
         self.allow_pickle = allow_pickle  # pickled .ckpt base models (the app's --allow-pickle)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or default_device())
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self._lock = threading.Lock()
         self.base: BaseModel | None = None

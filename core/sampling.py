@@ -8,8 +8,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from .base_model import BaseModel
 from .fileio import atomic_path
-from .models import BaseModel
 
 
 def make_pipeline(base: BaseModel, device: torch.device | str = "cpu", unet=None, text_encoder=None) -> StableDiffusionPipeline:

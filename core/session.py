@@ -110,11 +110,10 @@ class Session(Job):
                 # adapter while the run is paused (`live_adapter`, the playground's "pause and test").
                 model = base
                 if model is None:
-                    from .models import load_base_model
+                    from .models import load_base_from_config
 
                     self._on_event(ev.Log(f"Loading base model {cfg.model.base}"))
-                    model = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type,
-                                            allow_pickle=cfg.model.allow_pickle)
+                    model = load_base_from_config(cfg)
                 self._model = model
                 train(cfg, emit=self._on_event, commands=self._commands, resume_dir=resume_dir, base=model)
             except Exception as e:  # the trainer reports its own errors as a Failed event; report the rest here
@@ -282,18 +281,15 @@ class ClassImagesJob(Job):
         self._start(reset, work)
 
     def _generate(self, cfg: Config, base) -> None:
-        import torch
-
         from .class_images import ensure_class_images
-        from .models import load_base_model
-        from .trainer import DTYPES, resolve_precision
+        from .models import load_base_from_config
+        from .precision import default_device, frozen_dtype, resolve_precision
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = DTYPES[resolve_precision(cfg)]
+        device = default_device()
+        dtype = frozen_dtype(resolve_precision(cfg))  # before the slow load: fp16 without a GPU fails at once
         if base is None:
-            base = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type,
-                                   allow_pickle=cfg.model.allow_pickle)
-        base.to(device, None if dtype == torch.float32 else dtype)
+            base = load_base_from_config(cfg)
+        base.to(device, dtype)
         with self._lock:
             self._state["message"] = "Generating..."
         ensure_class_images(cfg, base, device, emit=self._on_event, should_stop=self._stop.is_set)

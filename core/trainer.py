@@ -37,6 +37,7 @@ from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 
 from . import adapters
+from .base_model import BaseModel
 from .class_images import check_class_prompt, class_dir_for, class_min_size, ensure_class_images
 from .config import Config, TrainConfig, resolve_path
 from .data import ImageSet, ScanReport, caption_prompts, scan_folder
@@ -44,26 +45,17 @@ from .errors import ConfigError, DataError, UserError
 from .fileio import check_writable, disk_error_message, fsync, remove_stale_temps, write_text
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, Emit, Failed, Finished, Log, Paused,
                      Progress, Resumed, RunStarted, SampleReady, ignore)
-from .models import BaseModel, load_base_model
+from .models import load_base_from_config
+from .precision import DTYPES, resolve_precision
 from .rundir import Checkpoint, RunDir
 from .sampling import generate, make_pipeline, save_png
 
 LOSS_COLUMNS = ["step", "loss", "instance_loss", "prior_loss", "lr", "seconds"]
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------
 # Set-up helpers
 # ----------------------------------------------------------------------------------------------
-
-def resolve_precision(cfg: Config) -> str:
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        return "fp16" if torch.cuda.is_available() else "no"
-    if mp == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("Mixed precision fp16 needs an NVIDIA GPU. On the CPU use `bf16` or `no` (train.mixed_precision).")
-    return mp
-
 
 def make_accelerator(cfg: Config) -> Accelerator:
     precision = resolve_precision(cfg)
@@ -615,8 +607,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     weight_dtype = DTYPES[acc.mixed_precision]
     if base is None:
         main_emit(Log(f"Loading base model {cfg.model.base}"))
-        base = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type,
-                               allow_pickle=cfg.model.allow_pickle)
+        base = load_base_from_config(cfg)
     base.freeze().to(acc.device, None if weight_dtype == torch.float32 else weight_dtype)
 
     # 3. Images; class images are generated now if prior preservation needs more.

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 from . import adapters
 from .config import Config
-from .models import (DEMO_MODEL_DIR, build_tiny_model, looks_like_path, parts_from_configs, read_config_folder,
-                     shipped_config_folder)
-from .trainer import DTYPES
+from .models import DEMO_MODEL_DIR, build_tiny_model, hf_cache_dir, looks_like_path, parts_from_configs
+from .precision import DTYPES
+from .single_file import (detect_family, embedded_configs, read_config_folder, read_safetensors_header,
+                          shipped_config_folder)
 
 GIB = 2 ** 30
 CUDA_CONTEXT = 0.4 * GIB  # what the CUDA context and kernels take on a card besides PyTorch's allocations
@@ -85,9 +86,6 @@ def _attention_for(original):
 
 def model_configs(spec: str) -> tuple[dict[str, dict], str]:
     """The diffusers configs of base model `spec` without loading weights, and a note when they are assumed."""
-    from .ldm_convert import embedded_configs
-    from .models import _read_safetensors_header, detect_family, hf_cache_dir
-
     if spec == "demo":
         return read_config_folder(DEMO_MODEL_DIR), ""
     if spec == "tiny":
@@ -97,7 +95,7 @@ def model_configs(spec: str) -> tuple[dict[str, dict], str]:
     if looks_like_path(spec) and path.is_dir():
         return read_config_folder(path), ""
     if looks_like_path(spec) and path.is_file() and path.suffix.lower() == ".safetensors":
-        metadata, shapes = _read_safetensors_header(path)
+        metadata, shapes = read_safetensors_header(path)
         configs = embedded_configs(metadata)
         return configs or read_config_folder(shipped_config_folder(detect_family(shapes, path.name), "epsilon")), ""
     snapshots = sorted((hf_cache_dir() / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/unet"))

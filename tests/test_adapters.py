@@ -33,7 +33,8 @@ from core.adapters import (
 )
 from core.config import Config
 from core.errors import ModelLoadError
-from core.models import BaseModel, build_tiny_model
+from core.base_model import BaseModel
+from core.models import build_tiny_model
 
 TYPES = ["lora", "loha", "lokr"]
 ATOL = 1e-6

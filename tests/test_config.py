@@ -21,6 +21,7 @@ from core.config import (
     parse_override,
     preset_dict,
     read_yaml,
+    user_presets_dir,
 )
 from core.errors import ConfigError, UserError
 
@@ -197,6 +198,33 @@ def test_version_too_new_is_rejected():
     assert Config.from_dict({"version": CONFIG_VERSION}).version == CONFIG_VERSION
 
 
+NEWER = CONFIG_VERSION + 1
+NEWER_MESSAGE = rf"has version {NEWER}: it was made by a newer version of this app"
+
+
+def test_a_newer_config_with_a_new_key_is_refused_as_newer_not_as_unknown(tmp_path):
+    """A newer app's config holds settings this app does not know: the version says why, not "Unknown setting"."""
+    newer = {"version": NEWER, "train": {"max_steps": 5, "new_setting": 1}}
+    with pytest.raises(ConfigError, match=NEWER_MESSAGE) as built:
+        Config.from_dict(newer)
+    assert "Unknown setting" not in str(built.value)
+    path = tmp_path / "from-the-future.yaml"
+    path.write_text(yaml.safe_dump(newer), encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"from-the-future\.yaml {NEWER_MESSAGE}"):  # names the file
+        load_config(path)
+    with pytest.raises(ConfigError, match=rf"from-the-future\.yaml {NEWER_MESSAGE}"):  # also past a preset
+        load_config(path, preset="sd15-lora")
+
+
+def test_a_config_of_this_version_with_an_unknown_key_is_an_unknown_setting(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(f"version: {CONFIG_VERSION}\ntrain:\n  new_setting: 1\n", encoding="utf-8")
+    for load in (lambda: load_config(path), lambda: Config.from_dict(read_yaml(path))):
+        with pytest.raises(ConfigError, match=r"Unknown setting `train\.new_setting`") as info:
+            load()
+        assert "newer" not in str(info.value)
+
+
 def test_validate_catches_values_changed_after_building():
     cfg = Config()
     cfg.data.resolution = 100
@@ -365,6 +393,47 @@ def test_empty_yaml_file_is_an_empty_config(tmp_path):
 
 
 PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def user_preset(workspace: Path, name: str, text: str) -> Path:
+    path = user_presets_dir(workspace) / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_user_presets_follow_the_built_in_ones_which_win_a_shared_name(tmp_path):
+    user_preset(tmp_path, "aaa-mine", "adapter:\n  rank: 3\n")
+    user_preset(tmp_path, "sd15-lora", "adapter:\n  rank: 5\n")  # shadowed by the built-in preset
+    assert list_presets(tmp_path) == PRESETS + ["aaa-mine"]
+    assert list_presets() == PRESETS  # without a workspace: the built-in ones only
+    assert preset_dict("aaa-mine", tmp_path) == {"adapter": {"rank": 3}}
+    assert load_config(preset="sd15-lora", workspace=tmp_path).adapter.rank == preset_dict("sd15-lora")["adapter"]["rank"]
+    with pytest.raises(ConfigError, match=r"No preset named 'aaa-mine'\."):  # the user's need their workspace
+        load_config(preset="aaa-mine")
+    with pytest.raises(ConfigError, match=r"No preset named '\.\./x'\. Presets: .*aaa-mine"):
+        load_config(preset="../x", workspace=tmp_path)
+
+
+def test_the_app_and_the_command_line_resolve_a_user_preset_alike(tmp_path):
+    import app
+    from ui import form
+
+    user_preset(tmp_path, "mine", f"version: {CONFIG_VERSION}\ndescription: mine\nadapter:\n  type: loha\n  rank: 3\n")
+    args = app.build_parser().parse_args(["--workspace", str(tmp_path), "train", "--preset", "mine"])
+    cli = app.config_from_args(args)
+    assert cli.adapter.type == "loha" and cli.adapter.rank == 3
+    assert form.preset_config(tmp_path, "mine") == cli.to_dict()
+    assert "mine" in form.preset_names(tmp_path)
+
+
+def test_a_newer_user_preset_is_refused_as_newer_by_the_app_and_the_command_line(tmp_path):
+    from ui import form
+
+    path = user_preset(tmp_path, "future", f"version: {NEWER}\nadapter:\n  new_setting: 1\n")
+    for load in (lambda: load_config(preset="future", workspace=tmp_path), lambda: form.preset_config(tmp_path, "future")):
+        with pytest.raises(ConfigError, match=rf"{re.escape(str(path))} {NEWER_MESSAGE}"):
+            load()
 
 
 def test_there_are_presets_for_every_adapter_type():

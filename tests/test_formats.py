@@ -248,8 +248,7 @@ def test_original_sd_layer_names_of_sd15():
     """Older A1111-era files name UNet layers as the original SD code did; these are SD 1.5's."""
     from types import SimpleNamespace
 
-    from core.ldm_convert import unet_module_ldm_names
-    from core.models import read_config_folder, shipped_config_folder
+    from core.single_file import read_config_folder, shipped_config_folder, unet_module_ldm_names
 
     unet = SimpleNamespace(config=read_config_folder(shipped_config_folder("sd1", "epsilon"))["unet"])
     expected = {
@@ -270,7 +269,7 @@ def test_original_sd_layer_names_of_sd15():
 @pytest.mark.parametrize("adapter_type", ["lora", "loha"])
 def test_files_with_original_sd_layer_names_load(tmp_path, adapter_type):
     """The same adapter named the diffusers way and the original-SD way (input_blocks ...) loads the same."""
-    from core.ldm_convert import unet_module_ldm_names
+    from core.single_file import unet_module_ldm_names
 
     base, specs = adapted(adapter_type)
     kohya = formats.export_adapter(adapters.save_adapter(tmp_path / "a.safetensors", base, specs, {}),

@@ -1,4 +1,4 @@
-"""Tests for core/models.py and core/ldm_convert.py: every way to name a base model, on tiny in-code models.
+"""Tests for core/models.py and core/single_file.py: every way to name a base model, on tiny in-code models.
 
 Nothing here touches the network: hub ids are tested against a fake Hugging Face cache under tmp_path,
 and downloads only through a stand-in for `snapshot_download`. Real SD 1.5 / 2.x shapes are checked on
@@ -17,19 +17,12 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import core.models as models
-from core import ldm_convert
+from core import single_file
+from core.base_model import BaseModel, clip_tokenizer
 from core.errors import ModelLoadError, UserError
-from core.ldm_convert import diffusers_to_ldm, save_single_file
-from core.models import (
-    BaseModel,
-    build_tiny_model,
-    clip_tokenizer,
-    detect_family,
-    load_base_model,
-    load_single_file,
-    read_config_folder,
-    save_model_folder,
-)
+from core.config import Config
+from core.models import build_tiny_model, load_base_from_config, load_base_model, save_model_folder
+from core.single_file import detect_family, diffusers_to_ldm, load_single_file, read_config_folder, save_single_file
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -58,7 +51,7 @@ def mini_model(context: int, open_clip: bool = False, seed: int = 0, prediction_
 
 def write_configs(model: BaseModel, folder: Path, **unet_overrides) -> Path:
     """A diffusers-style config folder (no weights) for `model`, like core/assets/model_configs/<family>."""
-    configs = ldm_convert.embedded_configs(ldm_convert.model_metadata(model))
+    configs = single_file.embedded_configs(single_file.model_metadata(model))
     configs["unet"].update(unet_overrides)
     for part, cfg in configs.items():
         name = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}.get(part, "config.json")
@@ -75,7 +68,7 @@ def save_foreign(model: BaseModel, path: Path, **kw) -> Path:
 
 def meta_model(family_folder: str) -> BaseModel:
     """A full-size SD model from the shipped configs, on the meta device (shapes only, instant)."""
-    cfg = read_config_folder(models.MODEL_CONFIGS_DIR / family_folder)
+    cfg = read_config_folder(single_file.MODEL_CONFIGS_DIR / family_folder)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(cfg["unet"])
         vae = AutoencoderKL.from_config(cfg["vae"])
@@ -151,7 +144,7 @@ def shipped_configs(tmp_path, monkeypatch) -> Path:
     write_configs(mini_model(768), root / "sd15")
     write_configs(mini_model(1024, True, prediction_type="v_prediction"), root / "sd2", sample_size=12)
     write_configs(mini_model(1024, True), root / "sd2-base", sample_size=8)
-    monkeypatch.setattr(models, "MODEL_CONFIGS_DIR", root)
+    monkeypatch.setattr(single_file, "MODEL_CONFIGS_DIR", root)
     return root
 
 
@@ -182,6 +175,18 @@ def test_folder_that_is_not_a_model(tmp_path):
     (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": []}))
     with pytest.raises(ModelLoadError, match="SDXL"):
         load_base_model(str(sdxl))
+
+
+def test_parts_are_the_modules_adapters_attach_to(tiny):
+    assert tiny.parts == {"unet": tiny.unet, "text_encoder": tiny.text_encoder}
+    assert tiny.parts["unet"] is tiny.unet and tiny.parts["text_encoder"] is tiny.text_encoder
+
+
+def test_load_base_from_config_uses_the_configs_model_settings(tiny, tmp_path):
+    folder = save_model_folder(tiny, tmp_path / "model")
+    loaded = load_base_from_config(Config.from_dict({"model": {"base": str(folder), "prediction_type": "v_prediction"}}))
+    assert_same_model(tiny, loaded)
+    assert loaded.prediction_type == "v_prediction" and loaded.name == str(folder)
 
 
 # ----------------------------------------------------------------------------- single files we write
@@ -401,11 +406,11 @@ def test_old_clip_names_without_text_model_level(shipped_configs, tmp_path):
 
 def test_shipped_configs_are_complete():
     for name, pred in (("sd15", "epsilon"), ("sd2", "v_prediction"), ("sd2-base", "epsilon")):
-        cfg = read_config_folder(models.MODEL_CONFIGS_DIR / name)
+        cfg = read_config_folder(single_file.MODEL_CONFIGS_DIR / name)
         assert set(cfg) == {"unet", "vae", "text_encoder", "scheduler", "tokenizer"}
         assert cfg["scheduler"]["prediction_type"] == pred
-        assert (models.MODEL_CONFIGS_DIR / name / "model_index.json").is_file()
-    assert read_config_folder(models.MODEL_CONFIGS_DIR / "sd2")["tokenizer"]["pad_token"] == "!"
+        assert (single_file.MODEL_CONFIGS_DIR / name / "model_index.json").is_file()
+    assert read_config_folder(single_file.MODEL_CONFIGS_DIR / "sd2")["tokenizer"]["pad_token"] == "!"
 
 
 def test_config_dir_hook_loads_a_file_without_metadata(tiny, tmp_path):
@@ -414,6 +419,17 @@ def test_config_dir_hook_loads_a_file_without_metadata(tiny, tmp_path):
     assert_same_model(tiny, loaded)
     with pytest.raises(ModelLoadError, match="shapes of Stable Diffusion"):
         load_base_model(str(path))  # no configs and no SD widths: say so instead of guessing
+
+
+def test_read_safetensors_header_gives_metadata_and_shapes_without_weights(tiny, tmp_path):
+    path = save_single_file(tiny, tmp_path / "tiny.safetensors", metadata={"note": "hi"})
+    metadata, shapes = single_file.read_safetensors_header(path)
+    assert metadata["note"] == "hi" and single_file.embedded_configs(metadata)["unet"]["block_out_channels"] == [32, 64]
+    conv_in = single_file.UNET_PREFIX + "input_blocks.0.0.weight"
+    assert shapes[conv_in] == tuple(tiny.unet.conv_in.weight.shape) and len(shapes) == len(load_file(str(path)))
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ModelLoadError, match="not a valid .safetensors file"):
+        single_file.read_safetensors_header(tmp_path / "cut.safetensors")
 
 
 # ----------------------------------------------------------------------------- pickles
@@ -439,6 +455,11 @@ def test_pickle_refused_by_default_and_loaded_when_allowed(shipped_configs, tmp_
     assert_same_model(model, Playground("cpu", allow_pickle=True)._ensure_base(str(path)), vocab=1000)
     assert form_config({}, tmp_path, allow_pickle=True).model.allow_pickle
     assert not form_config({}, tmp_path).model.allow_pickle
+    # and a config's model.allow_pickle reaches the loader
+    with pytest.raises(ModelLoadError, match="allow_pickle"):
+        load_base_from_config(Config.from_dict({"model": {"base": str(path)}}))
+    from_config = load_base_from_config(Config.from_dict({"model": {"base": str(path), "allow_pickle": True}}))
+    assert_same_model(model, from_config, vocab=1000)
 
 
 def test_pickle_with_code_or_damage_is_refused(tmp_path):

@@ -84,7 +84,7 @@ def test_dataset_names_captions_and_removal(tmp_path):
 
 
 def test_identifier_suggestions_are_single_rare_tokens():
-    from core.models import clip_tokenizer
+    from core.base_model import clip_tokenizer
 
     tok = clip_tokenizer()
     first = ds.suggest_identifiers(6, seed=0, tokenizer=tok)

@@ -44,7 +44,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from core import demo  # noqa: E402
-from core.models import BaseModel, clip_tokenizer, save_model_folder  # noqa: E402
+from core.base_model import BaseModel, clip_tokenizer  # noqa: E402
+from core.models import save_model_folder  # noqa: E402
 
 # UNet variants: channels per level and which levels have cross-attention (16x16, 8x8, 4x4).
 ARCHS = {

@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping
 import gradio as gr
 import yaml
 
-from core.config import CONFIG_VERSION, Config, list_presets, preset_dict, read_yaml
+from core.config import CONFIG_VERSION, Config, list_presets, load_config, user_presets_dir
 from core.datasets import check_name, dataset_dir
 from core.errors import ConfigError, UserError
 from core.fileio import write_text
@@ -222,24 +222,16 @@ def widget(name: str, initial: dict[str, Any], component: type | None = None, **
 
 # --------------------------------------------------------------------------- presets
 
-def user_presets_dir(workspace: Path) -> Path:
-    return workspace / "presets"
-
-
 def preset_names(workspace: Path) -> list[str]:
-    user = sorted(p.stem for p in user_presets_dir(workspace).glob("*.yaml"))
-    return list_presets() + [n for n in user if n not in list_presets()]
+    """The Presets list: the built-in ones, then the user's own."""
+    return list_presets(workspace)
 
 
 def preset_config(workspace: Path, name: str) -> dict:
-    """Defaults with the preset merged in (a user preset in the workspace, or a shipped one)."""
+    """Defaults with the preset merged in, checked, resolved as the command line's --preset is."""
     if not name:
         raise UserError("Choose a preset first.")
-    path = user_presets_dir(workspace) / f"{name}.yaml"
-    data = read_yaml(path) if name not in list_presets() and path.is_file() else preset_dict(name)
-    data = {k: v for k, v in data.items() if k not in ("description", "preset")}
-    cfg = Config.from_dict(data)  # validates the preset
-    return cfg.to_dict()
+    return load_config(preset=name, workspace=workspace).to_dict()
 
 
 def initial_config() -> dict:

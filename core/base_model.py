@@ -1,0 +1,66 @@
+"""The frozen parts of a Stable Diffusion 1.x / 2.x model, and the CLIP tokenizer shipped with the app.
+
+A leaf module (no other core module imported), so that every module that handles a model (loading,
+single-file checkpoints, adapters, sampling) can name its type without importing the loaders.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
+# the parts of a diffusers Stable Diffusion folder (model_index.json) that a BaseModel is made of
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "scheduler", "tokenizer")
+
+
+@dataclass
+class BaseModel:
+    """The frozen parts of a text-to-image latent diffusion model."""
+
+    name: str  # what the user asked for; recorded in adapter metadata
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler  # the training noise scheduler
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def family(self) -> str:
+        """"sd1" or "sd2", from the text encoder width (768: CLIP ViT-L, 1024: OpenCLIP ViT-H)."""
+        return "sd2" if self.text_encoder.config.hidden_size == 1024 else "sd1"
+
+    @property
+    def parts(self):
+        """The parts adapters attach to, by name."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def to(self, device, dtype=None) -> "BaseModel":
+        kwargs = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
+        for m in (self.text_encoder, self.vae, self.unet):
+            m.to(**kwargs)
+        return self
+
+    def freeze(self) -> "BaseModel":
+        for m in (self.text_encoder, self.vae, self.unet):
+            m.requires_grad_(False)
+            m.eval()
+        return self
+
+
+def clip_tokenizer(model_max_length: int = 77, pad_token: str | None = None) -> CLIPTokenizer:
+    """The real CLIP BPE tokenizer (49,408 tokens) shipped in core/assets; SD 2.x pads with "!"."""
+    extra = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer(str(CLIP_TOKENIZER_DIR / "vocab.json"), str(CLIP_TOKENIZER_DIR / "merges.txt"),
+                         model_max_length=model_max_length, **extra)

@@ -1,0 +1,38 @@
+"""Tests for core/precision.py: the one rule for the frozen weights' dtype and the device."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.config import Config
+from core.errors import ConfigError
+from core.precision import DTYPES, default_device, frozen_dtype, resolve_precision
+
+
+def config(mixed_precision: str) -> Config:
+    return Config.from_dict({"train": {"mixed_precision": mixed_precision}})
+
+
+def test_every_precision_setting_has_a_dtype():
+    assert DTYPES == {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for name in ("no", "bf16"):
+        assert resolve_precision(config(name)) == name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rules")
+def test_on_the_cpu_auto_is_full_precision_and_fp16_is_refused():
+    assert default_device() == "cpu"
+    assert resolve_precision(config("auto")) == "no"
+    with pytest.raises(ConfigError, match=r"fp16 needs an NVIDIA GPU.*train\.mixed_precision"):
+        resolve_precision(config("fp16"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_on_a_gpu_auto_is_fp16():
+    assert default_device() == "cuda"
+    assert resolve_precision(config("auto")) == "fp16" == resolve_precision(config("fp16"))
+
+
+def test_frozen_weights_stay_float32_only_without_mixed_precision():
+    assert frozen_dtype("no") is None  # loaded in float32: nothing to cast
+    assert frozen_dtype("fp16") is torch.float16 and frozen_dtype("bf16") is torch.bfloat16
