@@ -83,6 +83,11 @@ class BaseModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The modules adapters go on, by name (what core/adapters.py takes)."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    @property
     def family(self) -> str:
         """"sd1" or "sd2", from the text encoder width (768: CLIP ViT-L, 1024: OpenCLIP ViT-H)."""
         return "sd2" if self.text_encoder.config.hidden_size == 1024 else "sd1"
