@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from core import adapters
-from core.adapter_file import FORMAT_TAG, AdapterSpec
+from core.adapter_file import FORMAT_TAG, AdapterFile, AdapterSpec
 from core.adapters import (
     adapter_names,
     delete_adapter,
@@ -567,3 +567,71 @@ def test_adapter_with_targets_missing_from_the_model_is_refused(tmp_path, files)
     with pytest.raises(ModelLoadError, match="target modules do not exist"):
         load_into(fresh.parts, adapter, "a0")
     assert adapter_names(fresh.parts) == []
+
+
+# ----------------------------------------------------------------------------- parts, load_all, readers
+
+
+def test_base_model_parts_are_its_own_modules():
+    base = tiny()
+    assert set(base.parts) == {"unet", "text_encoder"}
+    assert base.parts["unet"] is base.unet and base.parts["text_encoder"] is base.text_encoder
+
+
+@pytest.mark.parametrize("adapter_type", TYPES)
+def test_inject_on_a_trainable_bfloat16_base_casts_the_adapter_only(adapter_type):
+    base = build_tiny_model(seed=0).to("cpu", torch.bfloat16)  # not frozen: its weights must stay as they were
+    params = inject_all(base.parts, specs_from_config(make_cfg(adapter_type, text_encoder=False)))["unet"]
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    base_weights = [p for n, p in base.unet.named_parameters() if not is_adapter_param(n)]
+    assert base_weights and all(p.dtype == torch.bfloat16 and p.requires_grad for p in base_weights)
+
+
+def test_load_all_loads_lora_files_first_whatever_the_order(files):
+    model = tiny()
+    adapters.load_all(model.parts, {f"a{i}": read_adapter(files[t][0]) for i, t in reversed(list(enumerate(TYPES)))})
+    assert adapter_names(model.parts) == ["a0", "a1", "a2"]  # the LoRA (a0) came last here and still loaded
+    for i, t in enumerate(TYPES):
+        set_weights(model.parts, {f"a{i}": 1.0})
+        assert_same(unet_out(model), files[t][1][0])
+
+
+def test_load_all_is_all_or_nothing(tmp_path, files, base_outputs):
+    model = tiny()  # the text encoder of the LoHa file does not fit this model: it fails after the LoRA loaded
+    model.text_encoder = other_text_encoder().requires_grad_(False).eval()
+    unet_only, specs, cfg = trained("lora", text_encoder=False)
+    lora = save_adapter(tmp_path / "unet-lora.safetensors", unet_only.parts, specs, training_metadata(cfg, 1, "tiny"))
+    with pytest.raises(ModelLoadError, match="text_encoder"):
+        adapters.load_all(model.parts, {"a0": read_adapter(files["loha"][0]), "a1": read_adapter(lora)})
+    assert adapter_names(model.parts) == []
+    assert_same(unet_out(model), base_outputs[0])
+
+
+def test_has_lycoris(files):
+    model = tiny()
+    assert not adapters.has_lycoris(model.parts)
+    load_into(model.parts, read_adapter(files["lora"][0]), "a0")
+    assert not adapters.has_lycoris(model.parts)
+    load_into(model.parts, read_adapter(files["lokr"][0]), "a1")
+    assert adapters.has_lycoris(model.parts)
+    delete_adapter(model.parts, "a1")  # the LoKr wrappers stay, and still refuse a LoRA
+    assert adapters.has_lycoris(model.parts)
+
+
+def test_readers_are_tried_in_order(files):
+    from core.adapter_file import read_adapter_file
+
+    calls = []
+
+    def reader(name, result):
+        def read(path, f, metadata):
+            calls.append(name)
+            return result(path) if result else None
+        return read
+
+    mine = lambda path: AdapterFile(path, {}, {}, kind="lora")  # noqa: E731
+    path = files["lora"][0]
+    got = read_adapter_file(path, [reader("none", None), reader("mine", mine), reader("late", mine)])
+    assert calls == ["none", "mine"] and got.kind == "lora" and got.tensors == {}
+    with pytest.raises(ModelLoadError, match="layout is unknown"):
+        read_adapter_file(path, [reader("none", None)])

@@ -82,7 +82,9 @@ def test_kohya_export_matches_lycoris(tmp_path, adapter_type, extra):
     ours = adapters.save_adapter(tmp_path / "ours.safetensors", base.parts, specs, {"steps": 10})
     out = formats.export_adapter(ours, tmp_path / "kohya.safetensors")
     ours_layers, theirs = peft_layers(base), lycoris_layers(out)
-    assert ours_layers and set(theirs) == set(ours_layers)  # every module found by its kohya name, none left over
+    # every module found by its kohya name; the only one more is the zero out_proj diffusers needs (LoRA only)
+    extra = {"lora_te_text_model_encoder_layers_0_self_attn_out_proj"} if adapter_type == "lora" else set()
+    assert ours_layers and set(theirs) == set(ours_layers) | extra
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in theirs)
     assert any("_conv1" in k for k in theirs)  # conv layers too
     plain_layers = kohya_named_layers(tiny())  # the base layers alone, for the size of each delta
@@ -92,6 +94,9 @@ def test_kohya_export_matches_lycoris(tmp_path, adapter_type, extra):
             base_y, ours_y, theirs_y = plain_layers[name](x), layer(x), theirs[name](x)
             assert (ours_y - base_y).abs().max() > 1e-4, name  # a real delta, not zeros on both sides
             torch.testing.assert_close(theirs_y, ours_y, atol=1e-5, rtol=1e-5, msg=name)
+        for name in extra:  # applied by LyCORIS as A1111 / ComfyUI do, it changes nothing
+            x = probe(plain_layers[name])
+            torch.testing.assert_close(theirs[name](x), plain_layers[name](x), atol=0, rtol=0, msg=name)
 
 
 def test_lokr_cases_cover_full_and_low_rank_factors(tmp_path):
@@ -162,6 +167,26 @@ def test_diffusers_export_loads_with_load_lora_weights(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again.unet(SAMPLE, TIMESTEPS, CONTEXT).sample,
                                    base.unet(SAMPLE, TIMESTEPS, CONTEXT).sample, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("te_targets", [["q_proj", "v_proj"], ["q_proj", "out_proj"], ["k_proj", "fc1"], ["fc2"]])
+def test_kohya_export_loads_with_diffusers_load_lora_weights(tmp_path, te_targets):
+    """diffusers' own loader reads our kohya LoRA file (the default text encoder targets have no out_proj, from
+    which diffusers tells the key style) and gives exactly our peft-adapted text encoder and UNet."""
+    from test_adapters import CONTEXT, SAMPLE, TIMESTEPS, TOKENS
+
+    from core.sampling import make_pipeline
+
+    base, specs = adapted("lora", text_encoder_targets=te_targets, text_encoder_alpha=1.0)  # alpha != rank
+    kohya = formats.export_adapter(adapters.save_adapter(tmp_path / "a.safetensors", base.parts, specs, {}),
+                                   tmp_path / "kohya.safetensors")
+    plain = tiny()
+    make_pipeline(plain).load_lora_weights(str(kohya), adapter_name="kohya")
+    with torch.no_grad():
+        te, unet = plain.text_encoder(TOKENS).last_hidden_state, plain.unet(SAMPLE, TIMESTEPS, CONTEXT).sample
+        assert (te - tiny().text_encoder(TOKENS).last_hidden_state).abs().max() > 1e-3  # the text encoder part loaded
+        torch.testing.assert_close(te, base.text_encoder(TOKENS).last_hidden_state, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(unet, base.unet(SAMPLE, TIMESTEPS, CONTEXT).sample, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("adapter_type", ["loha", "lokr"])
@@ -304,3 +329,11 @@ def test_describe_ours_and_community_files(tmp_path):
     tags = json.dumps({"10_tms star": {"tms star": 5, "star": 2}})
     save_file(load_file(str(kohya)), str(tmp_path / "tagged.safetensors"), metadata={"ss_tag_frequency": tags})
     assert "trigger: `tms star, star`" in community.describe(adapters.read_adapter(tmp_path / "tagged.safetensors"))
+
+
+def test_a_kohya_file_mixing_adapter_kinds_is_refused_when_read(tmp_path):
+    path = tmp_path / "mixed.safetensors"
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(2, 2), "lora_unet_a.lora_up.weight": torch.zeros(2, 2),
+               "lora_unet_b.hada_w1_a": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ModelLoadError, match="mixes adapter kinds"):
+        adapters.read_adapter(path)
