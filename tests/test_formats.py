@@ -1,4 +1,4 @@
-"""Export to the kohya / A1111 / ComfyUI / LyCORIS layout, checked against LyCORIS itself (issue 5, part 1).
+"""Export to the kohya / A1111 / ComfyUI / LyCORIS layout, checked against LyCORIS itself, and by diffusers.
 
 LyCORIS (the `lycoris-lora` package, requirements-dev.txt) reads the exported file with its own kohya
 loader, against the plain base model; each module's weight delta must equal what peft applies in our

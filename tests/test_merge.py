@@ -1,4 +1,4 @@
-"""Fusing adapters into the base model (issue 5, merging): the merged model equals base + adapters."""
+"""Fusing adapters into the base model: the merged model equals base + adapters."""
 from __future__ import annotations
 
 import pytest
