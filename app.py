@@ -126,10 +126,10 @@ def cmd_sample(args) -> int:
     weights = {}
     for i, spec in enumerate(args.adapter or []):
         path, weight = parse_adapter_arg(spec)
-        adapters.load_into(base, adapters.read_adapter(path), f"a{i}")
+        adapters.load_into(base.parts, adapters.read_adapter(path), f"a{i}")
         weights[f"a{i}"] = weight
     if weights:
-        adapters.set_weights(base, weights)
+        adapters.set_weights(base.parts, weights)
     pipe = make_pipeline(base, device)
     size = args.size or None
     (image,) = generate(pipe, [args.prompt], [args.seed], steps=args.steps, guidance=args.guidance, size=size,

@@ -12,9 +12,10 @@ import torch
 from peft.utils.other import get_pattern_key
 
 from . import adapters
+from .adapter_file import AdapterFile, AdapterSpec, save_adapter_file, split_key
 from .base_model import BaseModel
+from .community import part_spec, resolve_kohya
 from .errors import ModelLoadError
-from .formats import part_spec, resolve_kohya, split_key
 from .models import load_base_model, save_model_folder
 from .single_file import save_single_file
 
@@ -23,20 +24,18 @@ def fuse_into(base: BaseModel, files: list[tuple[str | Path, float]]) -> BaseMod
     """Add the weighted deltas of adapter `files` [(path, weight)] to `base`'s weights, in place; returns base."""
     if not files:
         raise ModelLoadError("Choose at least one adapter to merge into the model.")
-    loaded = [(adapters.read_adapter(path), weight) for path, weight in files]
-    names = {}
-    for i, (f, weight) in sorted(enumerate(loaded), key=lambda x: 0 if x[1][0].type == "lora" else 1):
-        names[f"m{i}"] = weight
-        adapters.load_into(base, f, f"m{i}")  # LoRA first: peft cannot wrap a LoRA around a LoHa/LoKr layer
-    adapters.set_weights(base, names)
+    loaded = {f"m{i}": (adapters.read_adapter(path), weight) for i, (path, weight) in enumerate(files)}
+    names = {name: weight for name, (_, weight) in loaded.items()}
+    adapters.load_all(base.parts, {name: f for name, (f, _) in loaded.items()})
+    adapters.set_weights(base.parts, names)
     with torch.no_grad():
-        for part in adapters.PARTS:
-            for layer in adapters.tuner_layers(adapters.module_of(base, part)):
+        for module in base.parts.values():
+            for layer in adapters.tuner_layers(module):
                 weight = layer.get_base_layer().weight
                 for name in names:
                     if name in layer.scaling:
                         weight += layer.get_delta_weight(name).to(weight.dtype).reshape(weight.shape)
-    adapters.remove_all(base)
+    adapters.remove_all(base.parts)
     base.name = f"{base.name} + " + " + ".join(f"{Path(p).stem}×{w:g}" for p, w in files)
     return base
 
@@ -58,12 +57,12 @@ def merge_to_model(base_spec: str, files: list[tuple[str | Path, float]], out: s
 
 # --- several LoRAs into one LoRA file ------------------------------------------------------------------------------
 
-def _module_alpha(spec: adapters.AdapterSpec, module: str) -> float:
+def _module_alpha(spec: AdapterSpec, module: str) -> float:
     """The alpha peft uses for `module`: its alpha_pattern entry (peft's own matching), else alpha."""
     return float(spec.alpha_pattern.get(get_pattern_key(spec.alpha_pattern, module), spec.alpha))
 
 
-def lora_pairs(adapter: adapters.AdapterFile) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+def lora_pairs(adapter: AdapterFile) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
     """(part, module) -> (A, B * alpha / rank) of a LoRA file: the module's delta is B @ A, scale included."""
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in adapter.tensors.items():
@@ -111,7 +110,7 @@ def merge_loras(files: list[tuple[str | Path, float]], out: str | Path, base_spe
                 raise ModelLoadError(f"{f.path.name} is a kohya / A1111 file: choose the base model it is for, so "
                                      "its layer names can be read.")
             base = base or load_base_model(base_spec, allow_pickle=allow_pickle)
-            f = resolve_kohya(f, base)
+            f = resolve_kohya(f, base.parts)
         if f.type != "lora" or any(s.type != "lora" for s in f.specs.values()):
             raise ModelLoadError(f"{f.path.name} is a {f.type.upper()}: only LoRAs merge into one LoRA exactly. "
                                  "Merge LoHa / LoKr adapters into the model instead.")
@@ -135,4 +134,4 @@ def merge_loras(files: list[tuple[str | Path, float]], out: str | Path, base_spe
             "base_model": first.get("base_model") or first.get("ss_sd_model_name", ""),
             "instance_prompt": ", ".join(dict.fromkeys(p for f, _ in infos if (p := f.metadata.get("instance_prompt")))),
             "adapter_type": "lora"}
-    return adapters.atomic_save_file(tensors, out, adapters.file_metadata(specs, {k: v for k, v in info.items() if v}))
+    return save_adapter_file(out, tensors, specs, {k: v for k, v in info.items() if v})

@@ -3,7 +3,7 @@
 Adapters are cached by their file (path, size, modification time) or, for a paused run's live adapter,
 by run and step. Switching adapters never reloads the base model: unused adapters are deleted from the
 layers, and when a LoRA must join a model that already holds LoHa/LoKr layers (which peft cannot do),
-all adapter layers are taken out (`adapters.remove_all`) and the wanted set is injected again, LoRA first.
+all adapter layers are taken out (`adapters.remove_all`) and the wanted set is loaded again (`adapters.load_all`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import adapters
-from .adapters import AdapterFile
+from .adapter_file import AdapterFile
 from .base_model import BaseModel
 from .errors import ModelLoadError, UserError
 from .models import load_base_model
@@ -77,20 +77,19 @@ class Playground:
 
     def _ensure_adapters(self, wanted: list[Wanted]) -> dict[str, float]:
         """Make the model hold exactly the wanted adapters; return {name in model: weight}."""
-        base = self.base
+        parts = self.base.parts
         keys = {w.key for w in wanted}
         for key in [k for k in self._loaded if k not in keys]:
-            adapters.delete_adapter(base, self._loaded.pop(key)[0])
+            adapters.delete_adapter(parts, self._loaded.pop(key)[0])
         new = [(w.key, w.load()) for w in wanted if w.key not in self._loaded]
-        if any(f.type == "lora" for _, f in new) and _has_lycoris_layers(base):
-            # A LoRA cannot wrap a LoHa/LoKr layer: start again from the plain model, LoRA first.
+        if any(f.type == "lora" for _, f in new) and adapters.has_lycoris(parts):
+            # A LoRA cannot wrap a LoHa/LoKr layer: start again from the plain model and load them all.
             new = [(k, f) for k, (_, f) in self._loaded.items()] + new
-            adapters.remove_all(base)
+            adapters.remove_all(parts)
             self._loaded = {}
-        for key, f in sorted(new, key=lambda kf: 0 if kf[1].type == "lora" else 1):
-            name = f"a{next(self._names)}"
-            adapters.load_into(base, f, name)
-            self._loaded[key] = (name, f)
+        named = {f"a{next(self._names)}": (key, f) for key, f in new}
+        adapters.load_all(parts, {name: f for name, (_, f) in named.items()})
+        self._loaded.update({key: (name, f) for name, (key, f) in named.items()})
         return {self._loaded[w.key][0]: w.weight for w in wanted}
 
     def loaded_names(self) -> list[str]:
@@ -112,19 +111,14 @@ class Playground:
             images = []
             try:
                 for s in strengths:
-                    adapters.set_weights(base, {n: w * s for n, w in weights.items()})
+                    adapters.set_weights(base.parts, {n: w * s for n, w in weights.items()})
                     images += generate(pipe, [prompt], [int(seed)], steps=int(steps), guidance=float(guidance),
                                        size=size or None, negative_prompt=negative_prompt)
             finally:
-                adapters.set_weights(base, weights)
+                adapters.set_weights(base.parts, weights)
         return images
 
     def save(self, image, folder: str | Path, info: dict) -> Path:
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{int(time.time() * 1000) % 1000:03d}-seed{info.get('seed', 0)}.png"
         return save_png(image, Path(folder) / name, {k: str(v) for k, v in info.items()})
 
-
-def _has_lycoris_layers(base) -> bool:
-    from peft.tuners.lycoris_utils import LycorisLayer
-
-    return any(isinstance(m, LycorisLayer) for part in adapters.PARTS for m in getattr(base, part).modules())

@@ -12,7 +12,6 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 from . import events as ev
@@ -174,6 +173,7 @@ class Session(Job):
         from accelerate.utils import extract_model_from_parallel
 
         from . import adapters
+        from .adapter_file import AdapterFile
 
         with self._live_lock:
             model, cfg = self._model, self.config
@@ -182,12 +182,11 @@ class Session(Job):
             if state != "paused" or model is None or cfg is None:
                 raise UserError("No training run is paused. Pause the run on the Train tab first, then test it here.")
             specs = adapters.specs_from_config(cfg)
-            view = SimpleNamespace(**{part: extract_model_from_parallel(getattr(model, part)) for part in specs})
-            tensors = adapters.state_dict(view, specs)
+            tensors = adapters.state_dict({part: extract_model_from_parallel(model.parts[part]) for part in specs})
         name = f"{Path(run_dir).name or 'run'} step {step} (live)"
         info = adapters.training_metadata(cfg, step, cfg.model.base)
         metadata = {k: v if isinstance(v, str) else str(v) for k, v in info.items()}
-        return adapters.AdapterFile(Path(name), specs, tensors, metadata)
+        return AdapterFile(Path(name), specs, tensors, metadata)
 
     # -- what the run reported -----------------------------------------------------------------
     def _on_event(self, e: ev.Event) -> None:

@@ -445,9 +445,9 @@ class Run:
         return self.acc.unwrap_model(getattr(self.base, part))
 
     def save_adapter(self, path: Path) -> Path:
-        view = _Parts(self.unwrapped("unet"), self.unwrapped("text_encoder"))
+        parts = {part: self.unwrapped(part) for part in self.specs}
         info = adapters.training_metadata(self.cfg, self.step, self.base.name)
-        return adapters.save_adapter(path, view, self.specs, info)
+        return adapters.save_adapter(path, parts, self.specs, info)
 
     def sample(self) -> None:
         if not self.acc.is_main_process:
@@ -473,14 +473,6 @@ class Run:
         old = path.read_text(encoding="utf-8") if path.exists() else ",".join(LOSS_COLUMNS) + "\n"
         write_text(path, old + "".join(",".join(map(str, row)) + "\n" for row in self.loss_rows))
         self.loss_rows.clear()
-
-
-@dataclass
-class _Parts:
-    """Duck-typed stand-in for BaseModel holding the unwrapped trainable modules (for saving)."""
-
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
 
 
 def save_checkpoint(run: Run) -> Path | None:
@@ -622,7 +614,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
 
     # 4. Adapters on the UNet (and text encoder): the only trainable parameters.
     specs = adapters.specs_from_config(cfg)
-    params = adapters.inject_all(base, specs)
+    params = adapters.inject_all(base.parts, specs)
     n_params = sum(p.numel() for ps in params.values() for p in ps)
     main_emit(Log(f"{cfg.adapter.type} adapter: {n_params:,} trainable parameters on {', '.join(params)}"))
     if acc.is_main_process:  # the adapter, the kept checkpoints (adapter + AdamW state) and one being written

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import adapters
+from .adapter_file import AdapterSpec
 from .config import Config
 from .models import DEMO_MODEL_DIR, build_tiny_model, hf_cache_dir, looks_like_path, parts_from_configs
 from .precision import DTYPES
@@ -139,10 +140,9 @@ def _plan(configs_json: str, key: str) -> tuple[int, int, int, int]:
     for m in (unet, text_encoder):
         m.requires_grad_(False)
         m.to(dtype)
-    specs = {part: adapters.AdapterSpec(**s) for part, s in k["specs"].items()}
-    trainable = 0
-    for part, spec in specs.items():
-        trainable += sum(p.numel() for p in adapters.inject({"unet": unet, "text_encoder": text_encoder}[part], spec))
+    specs = {part: AdapterSpec(**s) for part, s in k["specs"].items()}
+    params = adapters.inject_all({"unet": unet, "text_encoder": text_encoder}, specs)
+    trainable = sum(p.numel() for ps in params.values() for p in ps)
     state_bytes = 4 + 4 + (2 if k["optimizer"] == "adamw8bit" else 8)  # weight, gradient, AdamW moments
     if k["checkpointing"]:
         unet.enable_gradient_checkpointing()

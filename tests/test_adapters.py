@@ -1,4 +1,4 @@
-"""Tests for core/adapters.py on tiny in-code models: inject, save, read, load, weight, mix, delete.
+"""Tests for core/adapters.py and core/adapter_file.py on tiny in-code models: inject, save, read, load, weight, mix, delete.
 
 Every model is built here with `build_tiny_model()` (random weights, real tokenizer); nothing is downloaded.
 """
@@ -17,9 +17,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from core import adapters
+from core.adapter_file import FORMAT_TAG, AdapterFile, AdapterSpec
 from core.adapters import (
-    FORMAT_TAG,
-    AdapterSpec,
     adapter_names,
     delete_adapter,
     inject_all,
@@ -115,7 +114,7 @@ def trained(adapter_type: str, text_encoder: bool = True, seed: int = 0) -> tupl
     cfg = make_cfg(adapter_type, text_encoder)
     base = tiny()
     specs = specs_from_config(cfg)
-    inject_all(base, specs)
+    inject_all(base.parts, specs)
     randomise(base, seed=seed)
     return base, specs, cfg
 
@@ -132,7 +131,7 @@ def files(tmp_path_factory):
     out = {}
     for i, t in enumerate(TYPES):
         base, specs, cfg = trained(t, seed=10 + i)
-        path = save_adapter(folder / f"{t}.safetensors", base, specs, training_metadata(cfg, 7, "tiny"))
+        path = save_adapter(folder / f"{t}.safetensors", base.parts, specs, training_metadata(cfg, 7, "tiny"))
         out[t] = (path, outputs(base))
     return out
 
@@ -174,7 +173,7 @@ def test_unknown_adapter_type_is_a_model_load_error():
 @pytest.mark.parametrize("adapter_type", TYPES)
 def test_only_adapter_parameters_are_trainable(adapter_type, text_encoder):
     base = tiny()
-    params = inject_all(base, specs_from_config(make_cfg(adapter_type, text_encoder)))
+    params = inject_all(base.parts, specs_from_config(make_cfg(adapter_type, text_encoder)))
     assert set(params) == ({"unet", "text_encoder"} if text_encoder else {"unet"})
     for part in ("unet", "text_encoder"):
         module = getattr(base, part)
@@ -193,7 +192,7 @@ def test_only_adapter_parameters_are_trainable(adapter_type, text_encoder):
 @pytest.mark.parametrize("adapter_type", TYPES)
 def test_inject_keeps_the_trainable_flag_of_base_weights(adapter_type):
     base = build_tiny_model(seed=0)  # not frozen: base weights stay trainable as they were
-    inject_all(base, specs_from_config(make_cfg(adapter_type, text_encoder=False)))
+    inject_all(base.parts, specs_from_config(make_cfg(adapter_type, text_encoder=False)))
     wrapped = [n for n, p in base.unet.named_parameters() if ".base_layer." in n]
     assert wrapped
     assert all(p.requires_grad for n, p in base.unet.named_parameters())
@@ -211,7 +210,7 @@ def test_adapters_are_float32_on_a_bfloat16_base(adapter_type):
     base = tiny()
     base.unet.to(torch.bfloat16)
     base.text_encoder.to(torch.bfloat16)
-    params = inject_all(base, specs_from_config(make_cfg(adapter_type)))
+    params = inject_all(base.parts, specs_from_config(make_cfg(adapter_type)))
     for part in ("unet", "text_encoder"):
         assert params[part] and all(p.dtype == torch.float32 for p in params[part])
         module = getattr(base, part)
@@ -223,7 +222,7 @@ def test_adapters_are_float32_on_a_bfloat16_base(adapter_type):
 @pytest.mark.parametrize("adapter_type", TYPES)
 def test_fresh_adapter_is_a_zero_delta_and_trained_one_is_not(adapter_type, base_outputs):
     base = tiny()
-    inject_all(base, specs_from_config(make_cfg(adapter_type)))
+    inject_all(base.parts, specs_from_config(make_cfg(adapter_type)))
     u, t = outputs(base)
     assert_same(u, base_outputs[0])
     assert_same(t, base_outputs[1])
@@ -241,7 +240,7 @@ def test_fresh_adapter_is_a_zero_delta_and_trained_one_is_not(adapter_type, base
 def test_save_read_load_reproduces_outputs(adapter_type, text_encoder, tmp_path, base_outputs):
     model, specs, cfg = trained(adapter_type, text_encoder)
     expected_u, expected_t = outputs(model)
-    path = save_adapter(tmp_path / "adapter.safetensors", model, specs, training_metadata(cfg, 7, "tiny"))
+    path = save_adapter(tmp_path / "adapter.safetensors", model.parts, specs, training_metadata(cfg, 7, "tiny"))
     assert path == tmp_path / "adapter.safetensors"
 
     adapter = read_adapter(path)
@@ -252,8 +251,8 @@ def test_save_read_load_reproduces_outputs(adapter_type, text_encoder, tmp_path,
     assert all(v.dtype == torch.float32 for v in adapter.tensors.values())
 
     fresh = tiny()
-    load_into(fresh, adapter, "a0")
-    assert adapter_names(fresh) == ["a0"]
+    load_into(fresh.parts, adapter, "a0")
+    assert adapter_names(fresh.parts) == ["a0"]
     u, t = outputs(fresh)
     assert_same(u, expected_u)
     assert_same(t, expected_t)
@@ -272,8 +271,8 @@ def test_load_under_a_short_name(name, files):
     # regression: the missing-key check once matched ".a" inside "attentions" and refused valid files
     path, (expected_u, expected_t) = files["loha"]
     fresh = tiny()
-    load_into(fresh, read_adapter(path), name)
-    assert adapter_names(fresh) == [name]
+    load_into(fresh.parts, read_adapter(path), name)
+    assert adapter_names(fresh.parts) == [name]
     assert_same(unet_out(fresh), expected_u)
     assert_same(te_out(fresh), expected_t)
 
@@ -302,11 +301,11 @@ def test_save_is_atomic_and_replaces_an_existing_file(tmp_path):
     model, specs, cfg = trained("lora", text_encoder=False)
     target = tmp_path / "adapter.safetensors"
     target.write_bytes(b"an older adapter")
-    save_adapter(target, model, specs, training_metadata(cfg, 1, "tiny"))
+    save_adapter(target, model.parts, specs, training_metadata(cfg, 1, "tiny"))
     assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors"]  # no temp file left
     assert read_adapter(target).type == "lora"  # the old bytes were replaced
     # saving again over our own file also works and leaves nothing behind
-    save_adapter(target, model, specs, training_metadata(cfg, 2, "tiny"))
+    save_adapter(target, model.parts, specs, training_metadata(cfg, 2, "tiny"))
     assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors"]
     assert read_adapter(target).metadata["steps"] == "2"
 
@@ -314,7 +313,7 @@ def test_save_is_atomic_and_replaces_an_existing_file(tmp_path):
 def test_failed_save_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     model, specs, cfg = trained("lora", text_encoder=False)
     target = tmp_path / "adapter.safetensors"
-    save_adapter(target, model, specs, training_metadata(cfg, 1, "tiny"))
+    save_adapter(target, model.parts, specs, training_metadata(cfg, 1, "tiny"))
     before = target.read_bytes()
 
     def crash(tensors, filename, metadata=None):
@@ -323,14 +322,14 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch
 
     monkeypatch.setattr("safetensors.torch.save_file", crash)  # what core.fileio calls
     with pytest.raises(OSError, match="disk full"):
-        save_adapter(target, model, specs, training_metadata(cfg, 2, "tiny"))
+        save_adapter(target, model.parts, specs, training_metadata(cfg, 2, "tiny"))
     assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors"]
     assert target.read_bytes() == before
 
 
 def test_save_creates_missing_folders(tmp_path):
     model, specs, cfg = trained("lokr", text_encoder=False)
-    path = save_adapter(tmp_path / "a" / "b" / "x.safetensors", model, specs, training_metadata(cfg, 1, "tiny"))
+    path = save_adapter(tmp_path / "a" / "b" / "x.safetensors", model.parts, specs, training_metadata(cfg, 1, "tiny"))
     assert path.is_file()
 
 
@@ -397,31 +396,31 @@ def test_read_our_tag_with_damaged_adapter_metadata(tmp_path, adapters_meta):
 def test_set_weights_scales_between_base_and_trained(adapter_type, files, base_outputs):
     path, (full_u, full_t) = files[adapter_type]
     model = tiny()
-    load_into(model, read_adapter(path), "a0")
-    set_weights(model, {"a0": 0.0})
+    load_into(model.parts, read_adapter(path), "a0")
+    set_weights(model.parts, {"a0": 0.0})
     assert_same(unet_out(model), base_outputs[0])
     assert_same(te_out(model), base_outputs[1])
-    set_weights(model, {"a0": 1.0})
+    set_weights(model.parts, {"a0": 1.0})
     assert_same(unet_out(model), full_u)
     assert_same(te_out(model), full_t)
-    set_weights(model, {"a0": 0.5})
+    set_weights(model.parts, {"a0": 0.5})
     half = unet_out(model)
     assert_differs(half, full_u)
     assert_differs(half, base_outputs[0])
-    set_weights(model, {})
+    set_weights(model.parts, {})
     assert_same(unet_out(model), base_outputs[0])
     assert not any(p.requires_grad for p in model.unet.parameters())  # set_adapter must not unfreeze
 
 
 def test_lora_weight_is_linear_on_one_module(files):
     model = tiny()
-    load_into(model, read_adapter(files["lora"][0]), "a0")
+    load_into(model.parts, read_adapter(files["lora"][0]), "a0")
     layer = model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     assert "a0" in layer.scaling
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
     out = {}
     for w in (0.0, 0.5, 1.0, 2.0):
-        set_weights(model, {"a0": w})
+        set_weights(model.parts, {"a0": w})
         with torch.no_grad():
             out[w] = layer(x)
     assert_differs(out[1.0], out[0.0])
@@ -439,28 +438,28 @@ def mixed(files):
     """LoRA, LoHa and LoKr in one model (LoRA first: peft cannot wrap a LoHa/LoKr layer in a LoRA)."""
     model = tiny()
     for i, t in enumerate(TYPES):
-        load_into(model, read_adapter(files[t][0]), f"a{i}")
+        load_into(model.parts, read_adapter(files[t][0]), f"a{i}")
     return model
 
 
 def test_mixed_model_has_all_adapters(mixed):
-    assert adapter_names(mixed) == ["a0", "a1", "a2"]
+    assert adapter_names(mixed.parts) == ["a0", "a1", "a2"]
 
 
 @pytest.mark.parametrize("index", range(len(TYPES)), ids=TYPES)
 def test_enabling_one_adapter_reproduces_it_alone(mixed, files, index):
-    set_weights(mixed, {f"a{index}": 1.0})
+    set_weights(mixed.parts, {f"a{index}": 1.0})
     expected_u, expected_t = files[TYPES[index]][1]
     assert_same(unet_out(mixed), expected_u)
     assert_same(te_out(mixed), expected_t)
 
 
 def test_two_adapters_together_differ_from_each_alone(mixed, files):
-    set_weights(mixed, {"a0": 1.0, "a1": 1.0})
+    set_weights(mixed.parts, {"a0": 1.0, "a1": 1.0})
     both = unet_out(mixed)
     assert_differs(both, files["lora"][1][0])
     assert_differs(both, files["loha"][1][0])
-    set_weights(mixed, {"a0": 0.0, "a1": 1.0})  # weight 0 removes the LoRA's contribution
+    set_weights(mixed.parts, {"a0": 0.0, "a1": 1.0})  # weight 0 removes the LoRA's contribution
     assert_same(unet_out(mixed), files["loha"][1][0])
 
 
@@ -469,20 +468,20 @@ def test_lora_after_loha_or_lokr_is_refused_cleanly(first, files):
     # peft cannot put a LoRA on a Conv2d already wrapped by LoHa/LoKr ('Conv2d' object has no attribute
     # 'groups'); load_into turns that into a plain message and leaves the model as it was.
     model = tiny()
-    load_into(model, read_adapter(files[first][0]), "a0")
+    load_into(model.parts, read_adapter(files[first][0]), "a0")
     with pytest.raises(ModelLoadError, match="Load the LoRA files first"):
-        load_into(model, read_adapter(files["lora"][0]), "a1")
-    assert adapter_names(model) == ["a0"]
-    set_weights(model, {"a0": 1.0})
+        load_into(model.parts, read_adapter(files["lora"][0]), "a1")
+    assert adapter_names(model.parts) == ["a0"]
+    set_weights(model.parts, {"a0": 1.0})
     assert_same(unet_out(model), files[first][1][0])
     assert_same(te_out(model), files[first][1][1])
 
 
 def test_loha_then_lokr_mix(files):
     model = tiny()
-    load_into(model, read_adapter(files["loha"][0]), "a0")
-    load_into(model, read_adapter(files["lokr"][0]), "a1")
-    set_weights(model, {"a1": 1.0})
+    load_into(model.parts, read_adapter(files["loha"][0]), "a0")
+    load_into(model.parts, read_adapter(files["lokr"][0]), "a1")
+    set_weights(model.parts, {"a1": 1.0})
     assert_same(unet_out(model), files["lokr"][1][0])
 
 
@@ -492,9 +491,9 @@ def test_loha_then_lokr_mix(files):
 @pytest.mark.parametrize("adapter_type", TYPES)
 def test_delete_adapter_returns_to_base(adapter_type, files, base_outputs):
     model = tiny()
-    load_into(model, read_adapter(files[adapter_type][0]), "a0")
-    delete_adapter(model, "a0")
-    assert adapter_names(model) == []
+    load_into(model.parts, read_adapter(files[adapter_type][0]), "a0")
+    delete_adapter(model.parts, "a0")
+    assert adapter_names(model.parts) == []
     assert_same(unet_out(model), base_outputs[0])
     assert_same(te_out(model), base_outputs[1])
     assert not any(is_adapter_param(n, "a0") for n, _ in model.unet.named_parameters())
@@ -502,11 +501,11 @@ def test_delete_adapter_returns_to_base(adapter_type, files, base_outputs):
 
 def test_delete_one_of_two_keeps_the_other(files):
     model = tiny()
-    load_into(model, read_adapter(files["lora"][0]), "a0")
-    load_into(model, read_adapter(files["lokr"][0]), "a1")
-    delete_adapter(model, "a0")
-    assert adapter_names(model) == ["a1"]
-    set_weights(model, {"a1": 1.0})
+    load_into(model.parts, read_adapter(files["lora"][0]), "a0")
+    load_into(model.parts, read_adapter(files["lokr"][0]), "a1")
+    delete_adapter(model.parts, "a0")
+    assert adapter_names(model.parts) == ["a1"]
+    set_weights(model.parts, {"a1": 1.0})
     assert_same(unet_out(model), files["lokr"][1][0])
 
 
@@ -533,13 +532,13 @@ def test_adapter_from_another_model_shape_is_refused_whole(adapter_type, files):
     model = tiny()
     model.unet = other_unet().requires_grad_(False).eval()
     # an adapter already there must survive the failed load untouched
-    inject_all(model, {"unet": AdapterSpec(type="lora", rank=2, alpha=2, targets=["to_q"])}, name="keep")
+    inject_all(model.parts, {"unet": AdapterSpec(type="lora", rank=2, alpha=2, targets=["to_q"])}, name="keep")
     randomise(model, "keep")
     model.unet.requires_grad_(False)
     before = unet_out(model)
     with pytest.raises(ModelLoadError, match=rf"{adapter_type}\.safetensors does not fit this base model's unet"):
-        load_into(model, read_adapter(files[adapter_type][0]), "a0")
-    assert adapter_names(model) == ["keep"]
+        load_into(model.parts, read_adapter(files[adapter_type][0]), "a0")
+    assert adapter_names(model.parts) == ["keep"]
     assert not any(is_adapter_param(n, "a0") for n, _ in model.unet.named_parameters())
     assert_same(unet_out(model), before)
 
@@ -549,12 +548,12 @@ def test_failing_text_encoder_part_also_removes_the_unet_part(adapter_type, file
     model = tiny()  # the UNet fits, the text encoder is wider than the one the adapter was made on
     model.text_encoder = other_text_encoder().requires_grad_(False).eval()
     with pytest.raises(ModelLoadError, match="text_encoder"):
-        load_into(model, read_adapter(files[adapter_type][0]), "a0")
-    assert adapter_names(model) == []
+        load_into(model.parts, read_adapter(files[adapter_type][0]), "a0")
+    assert adapter_names(model.parts) == []
     assert_same(unet_out(model), base_outputs[0])
     # the name is free again: a fitting adapter loads under it afterwards
     model.text_encoder = tiny().text_encoder
-    load_into(model, read_adapter(files[adapter_type][0]), "a0")
+    load_into(model.parts, read_adapter(files[adapter_type][0]), "a0")
     assert_same(unet_out(model), files[adapter_type][1][0])
 
 
@@ -562,10 +561,78 @@ def test_adapter_with_targets_missing_from_the_model_is_refused(tmp_path, files)
     # a file whose spec names layers this model does not have (e.g. made for another architecture)
     model, _, cfg = trained("lora", text_encoder=False)
     specs = {"unet": AdapterSpec(type="lora", rank=2, alpha=2, targets=["to_q"])}
-    path = save_adapter(tmp_path / "x.safetensors", model, specs, training_metadata(cfg, 1, "tiny"))
+    path = save_adapter(tmp_path / "x.safetensors", model.parts, specs, training_metadata(cfg, 1, "tiny"))
     adapter = read_adapter(path)
     adapter.specs["unet"].targets = ["no_such_layer"]
     fresh = tiny()
     with pytest.raises(ModelLoadError, match="target modules do not exist"):
-        load_into(fresh, adapter, "a0")
-    assert adapter_names(fresh) == []
+        load_into(fresh.parts, adapter, "a0")
+    assert adapter_names(fresh.parts) == []
+
+
+# ----------------------------------------------------------------------------- parts, load_all, readers
+
+
+def test_base_model_parts_are_its_own_modules():
+    base = tiny()
+    assert set(base.parts) == {"unet", "text_encoder"}
+    assert base.parts["unet"] is base.unet and base.parts["text_encoder"] is base.text_encoder
+
+
+@pytest.mark.parametrize("adapter_type", TYPES)
+def test_inject_on_a_trainable_bfloat16_base_casts_the_adapter_only(adapter_type):
+    base = build_tiny_model(seed=0).to("cpu", torch.bfloat16)  # not frozen: its weights must stay as they were
+    params = inject_all(base.parts, specs_from_config(make_cfg(adapter_type, text_encoder=False)))["unet"]
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    base_weights = [p for n, p in base.unet.named_parameters() if not is_adapter_param(n)]
+    assert base_weights and all(p.dtype == torch.bfloat16 and p.requires_grad for p in base_weights)
+
+
+def test_load_all_loads_lora_files_first_whatever_the_order(files):
+    model = tiny()
+    adapters.load_all(model.parts, {f"a{i}": read_adapter(files[t][0]) for i, t in reversed(list(enumerate(TYPES)))})
+    assert adapter_names(model.parts) == ["a0", "a1", "a2"]  # the LoRA (a0) came last here and still loaded
+    for i, t in enumerate(TYPES):
+        set_weights(model.parts, {f"a{i}": 1.0})
+        assert_same(unet_out(model), files[t][1][0])
+
+
+def test_load_all_is_all_or_nothing(tmp_path, files, base_outputs):
+    model = tiny()  # the text encoder of the LoHa file does not fit this model: it fails after the LoRA loaded
+    model.text_encoder = other_text_encoder().requires_grad_(False).eval()
+    unet_only, specs, cfg = trained("lora", text_encoder=False)
+    lora = save_adapter(tmp_path / "unet-lora.safetensors", unet_only.parts, specs, training_metadata(cfg, 1, "tiny"))
+    with pytest.raises(ModelLoadError, match="text_encoder"):
+        adapters.load_all(model.parts, {"a0": read_adapter(files["loha"][0]), "a1": read_adapter(lora)})
+    assert adapter_names(model.parts) == []
+    assert_same(unet_out(model), base_outputs[0])
+
+
+def test_has_lycoris(files):
+    model = tiny()
+    assert not adapters.has_lycoris(model.parts)
+    load_into(model.parts, read_adapter(files["lora"][0]), "a0")
+    assert not adapters.has_lycoris(model.parts)
+    load_into(model.parts, read_adapter(files["lokr"][0]), "a1")
+    assert adapters.has_lycoris(model.parts)
+    delete_adapter(model.parts, "a1")  # the LoKr wrappers stay, and still refuse a LoRA
+    assert adapters.has_lycoris(model.parts)
+
+
+def test_readers_are_tried_in_order(files):
+    from core.adapter_file import read_adapter_file
+
+    calls = []
+
+    def reader(name, result):
+        def read(path, f, metadata):
+            calls.append(name)
+            return result(path) if result else None
+        return read
+
+    mine = lambda path: AdapterFile(path, {}, {}, kind="lora")  # noqa: E731
+    path = files["lora"][0]
+    got = read_adapter_file(path, [reader("none", None), reader("mine", mine), reader("late", mine)])
+    assert calls == ["none", "mine"] and got.kind == "lora" and got.tensors == {}
+    with pytest.raises(ModelLoadError, match="layout is unknown"):
+        read_adapter_file(path, [reader("none", None)])

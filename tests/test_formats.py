@@ -1,4 +1,4 @@
-"""Export to the kohya / A1111 / ComfyUI / LyCORIS layout, checked against LyCORIS itself.
+"""Export to the kohya / A1111 / ComfyUI / LyCORIS layout, checked against LyCORIS itself, and by diffusers.
 
 LyCORIS (the `lycoris-lora` package, requirements-dev.txt) reads the exported file with its own kohya
 loader, against the plain base model; each module's weight delta must equal what peft applies in our
@@ -14,11 +14,12 @@ import pytest
 import torch
 from conftest import ADAPTER_TYPES
 from lycoris.modules import get_module, make_module
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_adapters import make_cfg, randomise, tiny
 
-from core import adapters, formats
+from core import adapters, community, formats
 from core.errors import ModelLoadError
 
 
@@ -26,16 +27,16 @@ def adapted(adapter_type: str, **adapter):
     cfg = make_cfg(adapter_type, True, **adapter)
     base = tiny()
     specs = adapters.specs_from_config(cfg)
-    adapters.inject_all(base, specs)
+    adapters.inject_all(base.parts, specs)
     randomise(base, scale=0.2)
     return base, specs
 
 
 def peft_layers(base) -> dict[str, torch.nn.Module]:
     """Kohya module name -> our peft-wrapped layer."""
-    return {formats.kohya_name(part, name): module for part in ("unet", "text_encoder")
+    return {community.kohya_name(part, name): module for part in ("unet", "text_encoder")
             for name, module in getattr(base, part).named_modules()
-            if isinstance(module, adapters.BaseTunerLayer) and "default" in module.active_adapters}
+            if isinstance(module, BaseTunerLayer) and "default" in module.active_adapters}
 
 
 def kohya_named_layers(base) -> dict[str, torch.nn.Module]:
@@ -78,10 +79,12 @@ CASES = [("lora", {}), ("loha", {}), ("lokr", {}), ("lokr", {"rank": 1, "text_en
 @pytest.mark.parametrize("adapter_type,extra", CASES, ids=[f"{t}{'-' + '-'.join(e) if e else ''}" for t, e in CASES])
 def test_kohya_export_matches_lycoris(tmp_path, adapter_type, extra):
     base, specs = adapted(adapter_type, **extra)
-    ours = adapters.save_adapter(tmp_path / "ours.safetensors", base, specs, {"steps": 10})
+    ours = adapters.save_adapter(tmp_path / "ours.safetensors", base.parts, specs, {"steps": 10})
     out = formats.export_adapter(ours, tmp_path / "kohya.safetensors")
     ours_layers, theirs = peft_layers(base), lycoris_layers(out)
-    assert ours_layers and set(theirs) == set(ours_layers)  # every module found by its kohya name, none left over
+    # every module found by its kohya name; the only one more is the zero out_proj diffusers needs (LoRA only)
+    extra = {"lora_te_text_model_encoder_layers_0_self_attn_out_proj"} if adapter_type == "lora" else set()
+    assert ours_layers and set(theirs) == set(ours_layers) | extra
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in theirs)
     assert any("_conv1" in k for k in theirs)  # conv layers too
     plain_layers = kohya_named_layers(tiny())  # the base layers alone, for the size of each delta
@@ -91,6 +94,9 @@ def test_kohya_export_matches_lycoris(tmp_path, adapter_type, extra):
             base_y, ours_y, theirs_y = plain_layers[name](x), layer(x), theirs[name](x)
             assert (ours_y - base_y).abs().max() > 1e-4, name  # a real delta, not zeros on both sides
             torch.testing.assert_close(theirs_y, ours_y, atol=1e-5, rtol=1e-5, msg=name)
+        for name in extra:  # applied by LyCORIS as A1111 / ComfyUI do, it changes nothing
+            x = probe(plain_layers[name])
+            torch.testing.assert_close(theirs[name](x), plain_layers[name](x), atol=0, rtol=0, msg=name)
 
 
 def test_lokr_cases_cover_full_and_low_rank_factors(tmp_path):
@@ -98,7 +104,7 @@ def test_lokr_cases_cover_full_and_low_rank_factors(tmp_path):
     keys = set()
     for extra in ({}, {"rank": 1, "text_encoder_rank": 1}, {"decompose_both": True}):
         base, specs = adapted("lokr", **extra)
-        out = formats.export_adapter(adapters.save_adapter(tmp_path / "a.safetensors", base, specs, {}),
+        out = formats.export_adapter(adapters.save_adapter(tmp_path / "a.safetensors", base.parts, specs, {}),
                                      tmp_path / "k.safetensors")
         with safe_open(str(out), "pt") as f:
             keys |= {k.rsplit(".", 1)[-1] for k in f.keys()}
@@ -108,7 +114,7 @@ def test_lokr_cases_cover_full_and_low_rank_factors(tmp_path):
 @pytest.mark.parametrize("adapter_type", ADAPTER_TYPES)
 def test_kohya_file_names_and_metadata(tmp_path, adapter_type):
     base, specs = adapted(adapter_type)
-    ours = adapters.save_adapter(tmp_path / "star.safetensors", base, specs,
+    ours = adapters.save_adapter(tmp_path / "star.safetensors", base.parts, specs,
                                  {"steps": 400, "instance_prompt": "a photo of tms star", "learning_rate": 2e-3})
     out = formats.export_adapter(ours, tmp_path / "out" / "star-kohya.safetensors")
     with safe_open(str(out), "pt") as f:
@@ -126,7 +132,7 @@ def test_kohya_file_names_and_metadata(tmp_path, adapter_type):
 
 def test_export_refuses_foreign_files_and_formats(tmp_path):
     base, specs = adapted("lora")
-    ours = adapters.save_adapter(tmp_path / "a.safetensors", base, specs, {})
+    ours = adapters.save_adapter(tmp_path / "a.safetensors", base.parts, specs, {})
     with pytest.raises(ModelLoadError, match="Unknown export format"):
         formats.export_adapter(ours, tmp_path / "b.safetensors", fmt="ckpt")
     with pytest.raises(ModelLoadError, match="already in the kohya / LyCORIS layout"):
@@ -140,7 +146,7 @@ def test_diffusers_export_loads_with_load_lora_weights(tmp_path):
     from core.sampling import generate, make_pipeline
 
     base, specs = adapted("lora")
-    ours = adapters.save_adapter(tmp_path / "ours.safetensors", base, specs, {"steps": 3})
+    ours = adapters.save_adapter(tmp_path / "ours.safetensors", base.parts, specs, {"steps": 3})
     out = formats.export_adapter(ours, tmp_path / "diffusers.safetensors", fmt="diffusers")
     plain = tiny()
     pipe = make_pipeline(plain)
@@ -151,22 +157,42 @@ def test_diffusers_export_loads_with_load_lora_weights(tmp_path):
         torch.testing.assert_close(plain.text_encoder(TOKENS).last_hidden_state,
                                    base.text_encoder(TOKENS).last_hidden_state, atol=1e-5, rtol=1e-5)
     mine = tiny()
-    adapters.load_into(mine, adapters.read_adapter(ours), "ours")
+    adapters.load_into(mine.parts, adapters.read_adapter(ours), "ours")
     a = generate(pipe, ["a photo of sks dog"], [5], steps=2, guidance=5.0, size=32)[0]
     b = generate(make_pipeline(mine), ["a photo of sks dog"], [5], steps=2, guidance=5.0, size=32)[0]
     assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1  # same image (rounding aside)
     assert np.asarray(a).std() > 0
     again = tiny()  # read back as a diffusers LoRA (alpha = rank, the scale folded): the same model again
-    adapters.load_into(again, adapters.read_adapter(out), "again")
+    adapters.load_into(again.parts, adapters.read_adapter(out), "again")
     with torch.no_grad():
         torch.testing.assert_close(again.unet(SAMPLE, TIMESTEPS, CONTEXT).sample,
                                    base.unet(SAMPLE, TIMESTEPS, CONTEXT).sample, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("te_targets", [["q_proj", "v_proj"], ["q_proj", "out_proj"], ["k_proj", "fc1"], ["fc2"]])
+def test_kohya_export_loads_with_diffusers_load_lora_weights(tmp_path, te_targets):
+    """diffusers' own loader reads our kohya LoRA file (the default text encoder targets have no out_proj, from
+    which diffusers tells the key style) and gives exactly our peft-adapted text encoder and UNet."""
+    from test_adapters import CONTEXT, SAMPLE, TIMESTEPS, TOKENS
+
+    from core.sampling import make_pipeline
+
+    base, specs = adapted("lora", text_encoder_targets=te_targets, text_encoder_alpha=1.0)  # alpha != rank
+    kohya = formats.export_adapter(adapters.save_adapter(tmp_path / "a.safetensors", base.parts, specs, {}),
+                                   tmp_path / "kohya.safetensors")
+    plain = tiny()
+    make_pipeline(plain).load_lora_weights(str(kohya), adapter_name="kohya")
+    with torch.no_grad():
+        te, unet = plain.text_encoder(TOKENS).last_hidden_state, plain.unet(SAMPLE, TIMESTEPS, CONTEXT).sample
+        assert (te - tiny().text_encoder(TOKENS).last_hidden_state).abs().max() > 1e-3  # the text encoder part loaded
+        torch.testing.assert_close(te, base.text_encoder(TOKENS).last_hidden_state, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(unet, base.unet(SAMPLE, TIMESTEPS, CONTEXT).sample, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("adapter_type", ["loha", "lokr"])
 def test_diffusers_export_refuses_lycoris_types(tmp_path, adapter_type):
     base, specs = adapted(adapter_type)
-    ours = adapters.save_adapter(tmp_path / "a.safetensors", base, specs, {})
+    ours = adapters.save_adapter(tmp_path / "a.safetensors", base.parts, specs, {})
     with pytest.raises(ModelLoadError, match="LoRA only.*--format kohya"):
         formats.export_adapter(ours, tmp_path / "d.safetensors", fmt="diffusers")
     assert not (tmp_path / "d.safetensors").exists()
@@ -184,12 +210,12 @@ def outputs_of(base):
 def test_kohya_files_import_back(tmp_path, adapter_type, extra):
     """ours -> kohya file -> read as a community file -> loaded into a fresh model: the same model."""
     base, specs = adapted(adapter_type, **extra)
-    kohya = formats.export_adapter(adapters.save_adapter(tmp_path / "a.safetensors", base, specs, {}),
+    kohya = formats.export_adapter(adapters.save_adapter(tmp_path / "a.safetensors", base.parts, specs, {}),
                                    tmp_path / "community.safetensors")
     f = adapters.read_adapter(kohya)
     assert f.layout == "kohya" and f.type == adapter_type
     fresh = tiny()
-    adapters.load_into(fresh, f, "imported")
+    adapters.load_into(fresh.parts, f, "imported")
     for ours, theirs in zip(outputs_of(fresh), outputs_of(base)):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -218,7 +244,7 @@ def test_community_locon_with_its_own_ranks_matches_deltas_applied_by_hand(tmp_p
     path = tmp_path / "locon.safetensors"
     save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"})
     f = adapters.read_adapter(path)
-    adapters.load_into(plain, f, "locon")
+    adapters.load_into(plain.parts, f, "locon")
     for ours, theirs in zip(outputs_of(plain), outputs_of(by_hand)):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -238,8 +264,8 @@ def test_foreign_files_that_cannot_load_say_why(tmp_path, keys, message):
     fresh = tiny()
     before = [o.clone() for o in outputs_of(fresh)]
     with pytest.raises(ModelLoadError, match=message):
-        adapters.load_into(fresh, adapters.read_adapter(path), "x")
-    assert adapters.adapter_names(fresh) == []  # nothing loaded half-way
+        adapters.load_into(fresh.parts, adapters.read_adapter(path), "x")
+    assert adapters.adapter_names(fresh.parts) == []  # nothing loaded half-way
     for a, b in zip(outputs_of(fresh), before):
         torch.testing.assert_close(a, b)
 
@@ -272,11 +298,11 @@ def test_files_with_original_sd_layer_names_load(tmp_path, adapter_type):
     from core.single_file import unet_module_ldm_names
 
     base, specs = adapted(adapter_type)
-    kohya = formats.export_adapter(adapters.save_adapter(tmp_path / "a.safetensors", base, specs, {}),
+    kohya = formats.export_adapter(adapters.save_adapter(tmp_path / "a.safetensors", base.parts, specs, {}),
                                    tmp_path / "diffusers-names.safetensors")
     plain = tiny()
     layers = [n for n, m in plain.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    rename = {formats.kohya_name("unet", n): "lora_unet_" + ldm.replace(".", "_")
+    rename = {community.kohya_name("unet", n): "lora_unet_" + ldm.replace(".", "_")
               for n, ldm in unet_module_ldm_names(plain.unet, layers).items()}
     old = {}
     for key, tensor in load_file(str(kohya)).items():
@@ -285,20 +311,28 @@ def test_files_with_original_sd_layer_names_load(tmp_path, adapter_type):
     assert any(k.startswith("lora_unet_input_blocks_") for k in old) and any("output_blocks" in k for k in old)
     path = tmp_path / "sd-names.safetensors"
     save_file(old, str(path))
-    adapters.load_into(plain, adapters.read_adapter(path), "old")
+    adapters.load_into(plain.parts, adapters.read_adapter(path), "old")
     for ours, theirs in zip(outputs_of(plain), outputs_of(base)):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_describe_ours_and_community_files(tmp_path):
     base, specs = adapted("lokr")
-    ours = adapters.save_adapter(tmp_path / "star.safetensors", base, specs,
+    ours = adapters.save_adapter(tmp_path / "star.safetensors", base.parts, specs,
                                  {"steps": 400, "instance_prompt": "a photo of tms star", "base_model": "demo"})
-    text = formats.describe(adapters.read_adapter(ours))
+    text = community.describe(adapters.read_adapter(ours))
     assert "LOKR rank 4" in text and "trigger: `a photo of tms star`" in text and "base model: demo" in text
     kohya = formats.export_adapter(ours, tmp_path / "star-kohya.safetensors")
-    text = formats.describe(adapters.read_adapter(kohya))
+    text = community.describe(adapters.read_adapter(kohya))
     assert "LOKR rank 4" in text and "UNet + text encoder" in text and "400 steps" in text
     tags = json.dumps({"10_tms star": {"tms star": 5, "star": 2}})
     save_file(load_file(str(kohya)), str(tmp_path / "tagged.safetensors"), metadata={"ss_tag_frequency": tags})
-    assert "trigger: `tms star, star`" in formats.describe(adapters.read_adapter(tmp_path / "tagged.safetensors"))
+    assert "trigger: `tms star, star`" in community.describe(adapters.read_adapter(tmp_path / "tagged.safetensors"))
+
+
+def test_a_kohya_file_mixing_adapter_kinds_is_refused_when_read(tmp_path):
+    path = tmp_path / "mixed.safetensors"
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(2, 2), "lora_unet_a.lora_up.weight": torch.zeros(2, 2),
+               "lora_unet_b.hada_w1_a": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ModelLoadError, match="mixes adapter kinds"):
+        adapters.read_adapter(path)

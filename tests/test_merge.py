@@ -14,15 +14,15 @@ from core.models import load_base_model
 
 def saved(tmp_path, kind, seed_name, **extra):
     base, specs = adapted(kind, **extra)
-    return adapters.save_adapter(tmp_path / f"{seed_name}.safetensors", base, specs, {"steps": 1})
+    return adapters.save_adapter(tmp_path / f"{seed_name}.safetensors", base.parts, specs, {"steps": 1})
 
 
 def with_adapters(files):
     model = tiny()
     for i, (path, _) in enumerate(sorted(files, key=lambda f: 0 if adapters.read_adapter(f[0]).type == "lora" else 1)):
-        adapters.load_into(model, adapters.read_adapter(path), f"x{i}")
+        adapters.load_into(model.parts, adapters.read_adapter(path), f"x{i}")
     order = sorted(files, key=lambda f: 0 if adapters.read_adapter(f[0]).type == "lora" else 1)
-    adapters.set_weights(model, {f"x{i}": w for i, (_, w) in enumerate(order)})
+    adapters.set_weights(model.parts, {f"x{i}": w for i, (_, w) in enumerate(order)})
     return outputs(model)
 
 
@@ -31,7 +31,7 @@ def test_fused_model_equals_base_plus_adapters(tmp_path, kinds):
     files = [(saved(tmp_path, kind, f"{kind}{i}"), w) for i, (kind, w) in enumerate(zip(kinds, (0.7, 1.2, -0.5)))]
     expected = with_adapters(files)
     fused = fuse_into(tiny(), files)
-    assert adapters.adapter_names(fused) == [] and not adapters.tuner_layers(fused.unet)  # a plain model again
+    assert adapters.adapter_names(fused.parts) == [] and not adapters.tuner_layers(fused.unet)  # a plain model again
     for got, want in zip(outputs(fused), expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (outputs(fused)[0] - outputs(tiny())[0]).abs().max() > 1e-3  # the adapters did change it
@@ -82,9 +82,9 @@ def test_merge_command_into_one_lora(tmp_path):
 def lora_file(tmp_path, name, seed, **adapter):
     cfg = make_cfg("lora", **adapter)
     base, specs = tiny(), adapters.specs_from_config(cfg)
-    adapters.inject_all(base, specs)
+    adapters.inject_all(base.parts, specs)
     randomise(base, seed=seed, scale=0.2)
-    return adapters.save_adapter(tmp_path / f"{name}.safetensors", base, specs, {"instance_prompt": f"{name} dog"})
+    return adapters.save_adapter(tmp_path / f"{name}.safetensors", base.parts, specs, {"instance_prompt": f"{name} dog"})
 
 
 def two_loras(tmp_path):
@@ -104,7 +104,7 @@ def test_loras_merge_into_one_lora_exactly(tmp_path):
     ranks = {t.shape[0] for k, t in merged.tensors.items() if k.startswith("unet.") and k.endswith("lora_A.weight")}
     assert ranks == {4, 6}  # modules only `a` adapts keep rank 4; shared ones stack to 4 + 2
     model = tiny()
-    adapters.load_into(model, merged, "merged")
+    adapters.load_into(model.parts, merged, "merged")
     for got, want in zip(outputs(model), expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (outputs(model)[0] - outputs(tiny())[0]).abs().max() > 1e-3
@@ -120,7 +120,7 @@ def test_lora_merge_reads_kohya_files_against_the_base_model(tmp_path):
         merge_loras([(a, wa), (kohya, wb)], tmp_path / "x.safetensors")
     out = merge_loras([(a, wa), (kohya, wb)], tmp_path / "m.safetensors", base_spec="tiny")
     model = tiny()
-    adapters.load_into(model, adapters.read_adapter(out), "m")
+    adapters.load_into(model.parts, adapters.read_adapter(out), "m")
     for got, want in zip(outputs(model), expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

@@ -94,6 +94,7 @@ def escapes(*starts: Path) -> list[Path]:
 def make_outside(outside: Path) -> None:
     """The files a hostile browser goes for: a secret, photos, a genuine adapter, all outside the workspace."""
     from core import adapters
+    from core.adapter_file import AdapterSpec
     from core.models import build_tiny_model
 
     (outside / "photos").mkdir(parents=True)
@@ -103,9 +104,9 @@ def make_outside(outside: Path) -> None:
     draw_subject(outside / "private.png", 3)
     draw_subject(outside / "other.png", 4)  # never added to a dataset
     model = build_tiny_model()
-    specs = {"unet": adapters.AdapterSpec("lora", 2, 2, ["to_q", "to_v"])}
-    adapters.inject_all(model, specs)
-    adapters.save_adapter(outside / "real.safetensors", model, specs, {"base_model": "tiny"})
+    specs = {"unet": AdapterSpec("lora", 2, 2, ["to_q", "to_v"])}
+    adapters.inject_all(model.parts, specs)
+    adapters.save_adapter(outside / "real.safetensors", model.parts, specs, {"base_model": "tiny"})
 
 
 class Launch:

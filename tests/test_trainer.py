@@ -90,7 +90,7 @@ def test_training_learns_adapters_only(tmp_path, one_image_dir, kind, train_te):
     assert af.type == kind and set(af.specs) == ({"unet", "text_encoder"} if train_te else {"unet"})
     assert af.metadata["steps"] == "30" and af.metadata["instance_prompt"] == "a photo of sks ball"
     fresh = build_tiny_model().freeze()
-    adapters.load_into(fresh, af, "reloaded")
+    adapters.load_into(fresh.parts, af, "reloaded")
     base.unet.eval()
     assert torch.allclose(unet_output(base), unet_output(fresh), atol=1e-6)
     assert not torch.allclose(unet_output(build_tiny_model().freeze()), unet_output(fresh), atol=1e-4)

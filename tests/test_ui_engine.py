@@ -14,6 +14,7 @@ from PIL import Image
 
 from core import adapters
 from core import datasets as ds
+from core.adapter_file import AdapterSpec
 from core.class_images import ensure_class_images, missing_indices, reject_class_images
 from core.config import Config
 from core.errors import DataError, ModelLoadError
@@ -146,13 +147,13 @@ def adapter_files(tmp_path_factory):
     out = {}
     for i, kind in enumerate(["lora", "loha", "lokr"]):
         model = build_tiny_model()
-        specs = {"unet": adapters.AdapterSpec(kind, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "conv1"]),
-                 "text_encoder": adapters.AdapterSpec(kind, 4, 4, ["q_proj", "v_proj"])}
+        specs = {"unet": AdapterSpec(kind, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "conv1"]),
+                 "text_encoder": AdapterSpec(kind, 4, 4, ["q_proj", "v_proj"])}
         torch.manual_seed(i)
-        for ps in adapters.inject_all(model, specs).values():
+        for ps in adapters.inject_all(model.parts, specs).values():
             for p in ps:
                 torch.nn.init.normal_(p, std=0.1)
-        out[kind] = adapters.save_adapter(folder / f"{kind}.safetensors", model, specs, {"base_model": "tiny"})
+        out[kind] = adapters.save_adapter(folder / f"{kind}.safetensors", model.parts, specs, {"base_model": "tiny"})
     return out
 
 
@@ -179,7 +180,7 @@ def test_playground_mixes_types_and_swaps_without_reloading(adapter_files):
     assert np.array_equal(pixels(off), plain) and not np.array_equal(pixels(on), plain)
     assert np.array_equal(pixels(pg.generate("tiny", [], **gen)[0]), plain)
     assert pg.base_loads == 1
-    adapters.remove_all(pg.base)
+    adapters.remove_all(pg.base.parts)
     assert adapters.tuner_layers(pg.base.unet) == []
 
 

@@ -30,7 +30,7 @@ def test_weights_are_the_models_parameter_count():
 def test_adapter_state_is_weight_gradient_and_optimizer():
     cfg = preset("sd15-lora")
     base = load_base_model("demo")
-    trainable = sum(p.numel() for ps in adapters.inject_all(base, adapters.specs_from_config(cfg)).values() for p in ps)
+    trainable = sum(p.numel() for ps in adapters.inject_all(base.parts, adapters.specs_from_config(cfg)).values() for p in ps)
     assert vram.plan(cfg, "fp16").adapter == trainable * (4 + 4 + 8)
     eight_bit = preset("sd15-lora", train={"optimizer": "adamw8bit"})
     assert vram.plan(eight_bit, "fp16").adapter == trainable * (4 + 4 + 2)
@@ -54,13 +54,13 @@ def test_meta_trace_equals_a_real_forward():
     """Tracing on the meta device (shapes only) counts what a real forward keeps for backward, byte for byte."""
     cfg = make_cfg("lora", False)
     real = build_tiny_model().freeze()
-    adapters.inject_all(real, adapters.specs_from_config(cfg))
+    adapters.inject_all(real.parts, adapters.specs_from_config(cfg))
     real.unet.train()
     x, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([3, 500]), torch.randn(2, 77, 32)
     real_bytes, _ = vram._traced_bytes(real.unet, lambda: real.unet(x, t, cond))
     with torch.device("meta"):
         meta = build_tiny_model().freeze()
-    adapters.inject_all(meta, adapters.specs_from_config(cfg))
+    adapters.inject_all(meta.parts, adapters.specs_from_config(cfg))
     meta.unet.train()
     meta_bytes, _ = vram._traced_bytes(meta.unet, lambda: meta.unet(x.to("meta"), t.to("meta"), cond.to("meta")))
     assert meta_bytes == real_bytes > 0

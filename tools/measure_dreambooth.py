@@ -81,8 +81,8 @@ def measure(adapter_paths: dict[str, str | Path], seeds=range(8), base_spec: str
                     "unrelated_kept": class_kept(before["unrelated"], "circle", "blue"), "images": before}}
     for name, path in adapter_paths.items():
         base = load_base_model(base_spec)  # fresh: peft cannot wrap a LoRA around a layer a LoHa/LoKr wrapped
-        adapters.load_into(base, adapters.read_adapter(path), name)
-        adapters.set_weights(base, {name: 1.0})
+        adapters.load_into(base.parts, adapters.read_adapter(path), name)
+        adapters.set_weights(base.parts, {name: 1.0})
         after = {k: images_for(make_pipeline(base), p, seeds) for k, p in PROMPTS.items()}
         out[name] = {
             "fidelity": fidelity(after["instance"]),

@@ -8,7 +8,8 @@ import gradio as gr
 from core.errors import ModelLoadError, UserError
 from core.adapters import read_adapter
 from core.datasets import check_name
-from core.formats import describe, export_adapter
+from core.community import describe
+from core.formats import export_adapter
 from core.merge import merge_loras, merge_to_model
 from core.playground import STRENGTHS, Wanted, from_file
 from core.runs import IMPORTED_DIR, import_adapter, list_adapters

@@ -1,0 +1,201 @@
+"""Reading adapter files other tools wrote: kohya / A1111 / Forge / ComfyUI / LyCORIS, and diffusers LoRAs.
+
+The kohya layout names each module once (`lora_unet_down_blocks_0_..._to_q`, `lora_te_text_model_encoder_
+layers_0_self_attn_q_proj`), with kohya tensor names (`lora_down` / `lora_up`; LyCORIS keeps `hada_*` and
+`lokr_*`) and a scalar `.alpha` per module (see core/formats.py for what alpha means per type). Those names
+flatten the dots, so they are resolved against the layers of the base model the file is loaded into.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .adapter_file import AdapterFile, AdapterSpec, split_key
+from .errors import ModelLoadError
+from .single_file import unet_module_ldm_names
+
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# transformers 5's CLIPTextModel names its modules without the `text_model.` level the tools expect
+TEXT_MODEL = "text_model."
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
+def kohya_name(part: str, module: str) -> str:
+    if part == "text_encoder" and not module.startswith(TEXT_MODEL):
+        module = TEXT_MODEL + module
+    return KOHYA_PREFIX[part] + module.replace(".", "_")
+
+
+# --- readers (see core/adapter_file.py: each returns an AdapterFile, None when the file is not its kind, or
+# raises ModelLoadError saying what the file is) -------------------------------------------------------------------
+
+def read_kohya(path: Path, f, metadata: dict[str, str]) -> AdapterFile | None:
+    """A kohya / LyCORIS file (SD 1.x / 2.x); an SDXL one is refused in plain words."""
+    keys = list(f.keys())
+    if keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        tensors = {k: f.get_tensor(k) for k in keys}
+        return AdapterFile(path, {}, tensors, metadata, layout="kohya", kind=kohya_kind(path, kohya_groups(tensors)))
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+        raise ModelLoadError(f"{path.name} is an adapter for SDXL (it has two text encoders); this app uses "
+                             "Stable Diffusion 1.x / 2.x models.")
+    return None
+
+
+def read_diffusers(path: Path, f, metadata: dict[str, str]) -> AdapterFile | None:
+    """A diffusers / peft LoRA file (unet. / text_encoder. prefixes, peft tensor names)."""
+    keys = list(f.keys())
+    if not (keys and all(k.startswith(("unet.", "text_encoder.")) and k.endswith(("lora_A.weight", "lora_B.weight"))
+                         for k in keys)):
+        return None
+    return diffusers_lora(path, {k: f.get_tensor(k) for k in keys}, metadata)
+
+
+def refuse_checkpoint(path: Path, f, metadata: dict[str, str]) -> None:
+    """A whole model checkpoint chosen as an adapter: say so."""
+    if any(k.startswith(CHECKPOINT_PREFIXES) for k in f.keys()):
+        raise ModelLoadError(f"{path.name} is a whole model checkpoint, not an adapter: choose it as the base model.")
+
+
+def _patterns(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[int, float, dict, dict]:
+    """The most common rank / alpha of a part, and per-module patterns (peft's rank_pattern) for the others."""
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    rank_pattern = {re.escape(m): r for m, r in ranks.items() if r != rank}
+    alpha_pattern = {re.escape(m): a for m, a in alphas.items() if a != alpha}
+    return rank, alpha, rank_pattern, alpha_pattern
+
+
+def part_spec(kind: str, ranks: dict[str, int], alphas: dict[str, float], **extra) -> AdapterSpec:
+    rank, alpha, rank_pattern, alpha_pattern = _patterns(ranks, alphas)
+    return AdapterSpec(type=kind, rank=rank, alpha=alpha, targets=sorted(ranks), rank_pattern=rank_pattern,
+                       alpha_pattern=alpha_pattern, **extra)
+
+
+def diffusers_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> AdapterFile:
+    """A LoRA in our names; alpha = rank, as diffusers assumes."""
+    ranks: dict[str, dict[str, int]] = {}
+    for key, tensor in tensors.items():
+        part, module, suffix = split_key(key)
+        if suffix == "lora_A.weight":
+            ranks.setdefault(part, {})[module] = tensor.shape[0]
+    specs = {part: part_spec("lora", r, {m: float(v) for m, v in r.items()}) for part, r in ranks.items()}
+    return AdapterFile(path, specs, tensors, metadata)
+
+
+def kohya_groups(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """kohya module name -> {tensor suffix: tensor}."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, _, suffix = key.partition(".")
+        groups.setdefault(module, {})[suffix] = tensor
+    return groups
+
+
+def kohya_kind(path: Path, groups: dict[str, dict[str, torch.Tensor]]) -> str:
+    kinds = {("loha" if any(s.startswith("hada_") for s in g) else "lokr" if any(s.startswith("lokr_") for s in g)
+              else "lora" if "lora_down.weight" in g else "?") for g in groups.values()}
+    if len(kinds) != 1 or "?" in kinds:
+        raise ModelLoadError(f"{path.name} mixes adapter kinds or holds ones this app cannot load "
+                             f"({', '.join(sorted(kinds))}); it loads LoRA (incl. conv), LoHa and LoKr files.")
+    return kinds.pop()
+
+
+def _lokr_rank(g: dict[str, torch.Tensor]) -> tuple[int, bool]:
+    """(peft rank, decompose_both) that rebuild this LoKr module's factors; full factors get a rank so large
+    that peft keeps them full."""
+    if "lokr_w2_a" in g:
+        return g["lokr_w2_a"].shape[1], "lokr_w1_a" in g
+    if "lokr_w1_a" in g:
+        return g["lokr_w1_a"].shape[1], True
+    return max(g["lokr_w2"].shape[:2]) * 2, False
+
+
+def kohya_layer_names(parts: Mapping[str, torch.nn.Module]) -> dict[str, tuple[str, str]]:
+    """Every kohya module name the layers of `parts` can have -> (part, module name)."""
+    names = {}
+    for part, model in parts.items():
+        if part not in KOHYA_PREFIX:  # only the UNet and the text encoder have kohya names
+            continue
+        layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        names.update({kohya_name(part, n): (part, n) for n in layers})
+        if part == "unet":  # older A1111-era files name UNet layers in the original SD layout (input_blocks ...)
+            ldm = unet_module_ldm_names(model, layers)
+            names.update({KOHYA_PREFIX["unet"] + ldm[n].replace(".", "_"): (part, n) for n in layers if n in ldm})
+    return names
+
+
+def resolve_kohya(adapter: AdapterFile, parts: Mapping[str, torch.nn.Module]) -> AdapterFile:
+    """A kohya / LyCORIS file as one of ours, its layer names read against the model `parts` (all or nothing)."""
+    kind = adapter.type
+    names = kohya_layer_names(parts)
+    groups = kohya_groups(adapter.tensors)
+    unknown = sorted(m for m in groups if m not in names)
+    if unknown:
+        raise ModelLoadError(f"{adapter.path.name} has {len(unknown)} layer(s) this base model does not have (e.g. "
+                             f"{', '.join(unknown[:3])}): it was made for another model family (SD 1.x and 2.x "
+                             "differ in the text encoder, SDXL in everything).")
+    unsupported = {"lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2", "dora_scale"}
+    tensors, ranks, alphas, decompose = {}, {}, {}, {}
+    for module, g in groups.items():
+        part, path = names[module]
+        if unsupported & g.keys():
+            raise ModelLoadError(f"{adapter.path.name} uses {', '.join(sorted(unsupported & g.keys()))} (Tucker / "
+                                 "DoRA variants), which this app cannot load.")
+        if kind == "lora":
+            rank = g["lora_down.weight"].shape[0]
+            renamed = {"lora_A.weight": g["lora_down.weight"], "lora_B.weight": g["lora_up.weight"]}
+        elif kind == "loha":
+            rank = g["hada_w1_b"].shape[0]
+            renamed = {k: v for k, v in g.items() if k != "alpha"}
+        else:
+            rank, both = _lokr_rank(g)
+            decompose[part] = decompose.get(part, both) or both
+            renamed = {k: v for k, v in g.items() if k != "alpha"}
+        full_lokr = kind == "lokr" and "lokr_w1" in g and "lokr_w2" in g
+        alpha = float(rank) if full_lokr or "alpha" not in g else float(g["alpha"])  # LyCORIS: no scale for full
+        ranks.setdefault(part, {})[path] = rank
+        alphas.setdefault(part, {})[path] = alpha
+        tensors.update({f"{part}.{path}.{suffix}": t.float() for suffix, t in renamed.items()})
+    extra = lambda part: {"decompose_both": decompose.get(part, False)} if kind == "lokr" else {}  # noqa: E731
+    specs = {part: part_spec(kind, ranks[part], alphas[part], **extra(part)) for part in ranks}
+    return AdapterFile(adapter.path, specs, tensors, adapter.metadata)
+
+
+def describe(adapter: AdapterFile) -> str:
+    """What a user wants to know about an adapter file, in one markdown line (ours, kohya or diffusers)."""
+    meta = adapter.metadata
+    if adapter.layout == "kohya":
+        kind = adapter.type
+        rank, alpha = meta.get("ss_network_dim", "?"), meta.get("ss_network_alpha", "?")
+        base = meta.get("ss_sd_model_name") or meta.get("ss_base_model_version") or "not recorded"
+        trigger = meta.get("modelspec.trigger_phrase") or _top_tags(meta.get("ss_tag_frequency", ""))
+        steps, lr = meta.get("ss_max_train_steps"), meta.get("ss_learning_rate")
+        parts = "UNet + text encoder" if any(k.startswith("lora_te_") for k in adapter.tensors) else "UNet"
+    else:
+        spec = adapter.main_spec
+        kind, rank, alpha = spec.type, spec.rank, f"{spec.alpha:g}"
+        base = meta.get("base_model") or "not recorded"
+        trigger, steps, lr = meta.get("instance_prompt", ""), meta.get("steps"), meta.get("learning_rate")
+        parts = " + ".join({"unet": "UNet", "text_encoder": "text encoder"}[p] for p in adapter.specs)
+    text = f"**{adapter.path.name}**: {kind.upper()} rank {rank}, alpha {alpha}, on the {parts}; base model: {base}"
+    if trigger:
+        text += f"; trigger: `{trigger}`"
+    if steps:
+        text += f"; {steps} steps" + (f" at learning rate {lr}" if lr else "")
+    return text + "."
+
+
+def _top_tags(frequency_json: str, n: int = 3) -> str:
+    """kohya's ss_tag_frequency ({folder: {tag: count}}) -> its most frequent tags."""
+    try:
+        counts: dict[str, int] = {}
+        for tags in json.loads(frequency_json).values():
+            for tag, count in tags.items():
+                counts[tag.strip()] = counts.get(tag.strip(), 0) + int(count)
+    except (ValueError, AttributeError, TypeError):
+        return ""
+    return ", ".join(sorted(counts, key=counts.get, reverse=True)[:n])
