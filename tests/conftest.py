@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,27 @@ def tiny_config(tmp_path: Path, instance_dir: Path, **sections) -> dict:
     for section, values in sections.items():
         cfg[section] = {**cfg.get(section, {}), **values}
     return cfg
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `app.py ARGS` in this process: exit code (argparse's SystemExit included), stdout, stderr."""
+    import app
+
+    def run(*args) -> Result:
+        capsys.readouterr()
+        try:
+            code = app.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run

@@ -8,7 +8,6 @@ import queue
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,30 +22,6 @@ from core.events import STOP, Progress
 from core.trainer import train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `app.py ARGS` in this process: exit code (argparse's SystemExit included), stdout, stderr."""
-    import app
-
-    def run(*args) -> Result:
-        capsys.readouterr()
-        try:
-            code = app.main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
-
-    return run
 
 
 def subprocess_cli(*args, timeout=300, cmd=None):

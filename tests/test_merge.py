@@ -53,9 +53,7 @@ def test_merged_model_saves_as_folder_and_single_file(tmp_path):
     assert not (tmp_path / "empty").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_merge_command(tmp_path):
-    from test_cli import cli
-
+def test_merge_command(tmp_path, cli):
     path = saved(tmp_path, "lokr", "k")
     r = cli("merge", "--base", "tiny", "--adapter", f"{path}@0.5", "--out", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
@@ -66,9 +64,7 @@ def test_merge_command(tmp_path):
     assert r.returncode == 2 and "--base" in r.stderr and not (tmp_path / "m3").exists()
 
 
-def test_merge_command_into_one_lora(tmp_path):
-    from test_cli import cli
-
+def test_merge_command_into_one_lora(tmp_path, cli):
     (a, _), (b, _) = two_loras(tmp_path)
     r = cli("merge", "--into", "lora", "--adapter", f"{a}@0.5", "--adapter", f"{b}@0.5", "--rank", "2",
             "--out", tmp_path / "ab.safetensors")

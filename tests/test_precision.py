@@ -19,18 +19,20 @@ def test_every_precision_setting_has_a_dtype():
         assert resolve_precision(config(name)) == name
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rules")
-def test_on_the_cpu_auto_is_full_precision_and_fp16_is_refused():
+def test_on_the_cpu_auto_is_full_precision_and_fp16_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_device() == "cpu"
     assert resolve_precision(config("auto")) == "no"
     with pytest.raises(ConfigError, match=r"fp16 needs an NVIDIA GPU.*train\.mixed_precision"):
         resolve_precision(config("fp16"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_on_a_gpu_auto_is_fp16():
+def test_on_a_gpu_auto_is_fp16(monkeypatch):
+    """The rule the GPU gets, checked here by saying there is one (nothing is put on a device)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_device() == "cuda"
     assert resolve_precision(config("auto")) == "fp16" == resolve_precision(config("fp16"))
+    assert resolve_precision(config("bf16")) == "bf16"
 
 
 def test_frozen_weights_stay_float32_only_without_mixed_precision():

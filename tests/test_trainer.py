@@ -476,6 +476,6 @@ def test_train_checks_before_loading_the_model(tmp_path, instance_dir, monkeypat
     def no_load(*args, **kwargs):
         raise AssertionError("the base model was loaded before the checks")
 
-    monkeypatch.setattr(core.trainer, "load_base_model", no_load)
+    monkeypatch.setattr(core.trainer, "load_base_from_config", no_load)
     with pytest.raises(DataError, match="/no/such/folder"):
         run(tiny_config(tmp_path, instance_dir, data={"instance_dir": "/no/such/folder"}))
