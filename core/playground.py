@@ -21,7 +21,7 @@ from .adapter_file import AdapterFile
 from .base_model import BaseModel
 from .errors import ModelLoadError, UserError
 from .models import load_base_model
-from .precision import default_device
+from .precision import default_device, frozen_dtype
 from .sampling import generate, make_pipeline, save_png
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)  # the compare grid: adapters off, then a strength sweep
@@ -55,7 +55,7 @@ class Playground:
     def __init__(self, device: str | None = None, allow_pickle: bool = False):
         self.allow_pickle = allow_pickle  # pickled .ckpt base models (the app's --allow-pickle)
         self.device = torch.device(device or default_device())
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.precision = "fp16" if self.device.type == "cuda" else "no"  # generation only: fp16 is safe on a GPU
         self._lock = threading.Lock()
         self.base: BaseModel | None = None
         self.base_spec = ""
@@ -70,7 +70,7 @@ class Playground:
             self.base = None  # free the old one first
             self._loaded = {}
             base = load_base_model(spec, allow_pickle=self.allow_pickle)
-            self.base = base.to(self.device, None if self.dtype == torch.float32 else self.dtype)
+            self.base = base.to(self.device, frozen_dtype(self.precision))
             self.base_spec = spec
             self.base_loads += 1
         return self.base

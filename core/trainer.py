@@ -46,7 +46,7 @@ from .fileio import check_writable, disk_error_message, fsync, remove_stale_temp
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, Emit, Failed, Finished, Log, Paused,
                      Progress, Resumed, RunStarted, SampleReady, ignore)
 from .models import load_base_from_config
-from .precision import DTYPES, resolve_precision
+from .precision import DTYPES, frozen_dtype, resolve_precision
 from .rundir import Checkpoint, RunDir
 from .sampling import generate, make_pipeline, save_png
 
@@ -600,7 +600,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     if base is None:
         main_emit(Log(f"Loading base model {cfg.model.base}"))
         base = load_base_from_config(cfg)
-    base.freeze().to(acc.device, None if weight_dtype == torch.float32 else weight_dtype)
+    base.freeze().to(acc.device, frozen_dtype(acc.mixed_precision))
 
     # 3. Images; class images are generated now if prior preservation needs more.
     data = load_data(cfg, report, base, acc, main_emit, control.should_stop)
