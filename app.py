@@ -14,6 +14,13 @@ import signal
 import sys
 import warnings
 
+WORKSPACE = "workspace"
+# Flags of the browser app alone; a command given with one is refused rather than silently ignoring it.
+GUI_ONLY = {"port": "--port", "host": "--host", "listen": "--listen", "share": "--share", "auth": "--auth"}
+# Which commands use the flags that may come before or after the command's name.
+SHARED = {"workspace": ("--workspace", {None, "train", "class-images"}),
+          "allow_pickle": ("--allow-pickle", {None, "train", "class-images", "sample", "merge"})}
+
 
 def _quiet() -> None:
     """Hide library chatter that means nothing to a user (progress bars of weight loading, dtype notes)."""
@@ -29,10 +36,16 @@ def is_main_process() -> bool:
 
 
 def config_from_args(args):
+    """The run's settings: preset <- --config file <- this command's flags (--workspace, --allow-pickle) <- --set."""
+    from pathlib import Path
+
     from core.config import load_config
 
-    overrides = (args.set or []) + (["model.allow_pickle=true"] if getattr(args, "allow_pickle", False) else [])
-    return load_config(args.config, overrides=overrides, preset=args.preset, workspace=args.workspace)
+    flags: dict = {"output": {"dir": str(Path(args.workspace) / "runs")}} if args.workspace != WORKSPACE else {}
+    if args.allow_pickle:
+        flags["model"] = {"allow_pickle": True}
+    return load_config(args.config, overrides=args.set or [], preset=args.preset, workspace=args.workspace,
+                       settings=flags)
 
 
 def cmd_train(args) -> int:
@@ -171,6 +184,15 @@ def cmd_gui(args) -> int:
     return launch(args)
 
 
+def misplaced_flags(parser: argparse.ArgumentParser, args) -> list[str]:
+    """The flags given that the chosen command does not use."""
+    if args.command is None:
+        return []
+    given = [flag for dest, flag in GUI_ONLY.items() if getattr(args, dest) != parser.get_default(dest)]
+    return given + [flag for dest, (flag, commands) in SHARED.items()
+                    if args.command not in commands and getattr(args, dest) != parser.get_default(dest)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="app.py", description="Teach Stable Diffusion a new subject with small adapters (DreamBooth + LoRA/LoHa/LoKr). Without a command: start the browser app.")
     gui = p.add_argument_group("browser app (no command)")
@@ -181,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     gui.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (needed with --listen, --host, --share)")
     gui.add_argument("--allow-pickle", action="store_true",
                      help="let the app load pickled .ckpt base models (only files you trust; read with weights_only)")
-    gui.add_argument("--workspace", default="workspace", help="folder for datasets, class images, runs (default ./workspace)")
+    gui.add_argument("--workspace", default=WORKSPACE, help="folder for datasets, class images, runs (default ./workspace)")
     sub = p.add_subparsers(dest="command")
 
     def config_args(sp):
@@ -189,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--preset", help="preset name: built in (presets/, e.g. sd15-lora) or saved from the app "
                                          "(WORKSPACE/presets/); a `preset:` key in the file wins")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. train.max_steps=400 (repeatable)")
-        sp.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .ckpt base model")
+        sp.add_argument("--allow-pickle", action="store_true", default=argparse.SUPPRESS,
+                        help="allow loading a pickled .ckpt base model")
+        sp.add_argument("--workspace", default=argparse.SUPPRESS,
+                        help="the app's folder: runs go to WORKSPACE/runs, class images to WORKSPACE/class_images, "
+                             "and its presets are found (default ./workspace)")
 
     t = sub.add_parser("train", help="train an adapter")
     config_args(t)
@@ -205,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=7.5)
     s.add_argument("--size", type=int, default=0, help="image size in pixels (default: the model's own)")
-    s.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .ckpt base model")
+    s.add_argument("--allow-pickle", action="store_true", default=argparse.SUPPRESS,
+                   help="allow loading a pickled .ckpt base model")
     s.add_argument("--out", required=True, help="output .png")
     e = sub.add_parser("export", help="write an adapter for A1111 / Forge / ComfyUI (kohya / LyCORIS layout)")
     e.add_argument("--adapter", required=True, help="an adapter file this app wrote (a run's .safetensors)")
@@ -221,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter file (ours or a kohya / LyCORIS / diffusers one), optionally @weight (repeatable)")
     m.add_argument("--rank", type=int, help="with --into lora: shrink to this rank (closest approximation; "
                                              "default: exact, the sum of the ranks)")
-    m.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .ckpt base model")
+    m.add_argument("--allow-pickle", action="store_true", default=argparse.SUPPRESS,
+                   help="allow loading a pickled .ckpt base model")
     m.add_argument("--out", required=True, help="model: a .safetensors single file (A1111, ComfyUI) or a new diffusers "
                                                 "folder; lora: a .safetensors adapter file")
     return p
@@ -229,8 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from core.errors import UserError
+
+    misplaced = misplaced_flags(parser, args)
+    if getattr(args, "resume", None):  # a resumed run keeps the settings and folder it was started with
+        misplaced += [flag for flag, given in (("--config", args.config), ("--preset", args.preset), ("--set", args.set),
+                                               ("--workspace", args.workspace != WORKSPACE)) if given]
+    if misplaced:
+        what = f"`{args.command} --resume` (a resumed run keeps its own settings and folder)" if getattr(
+            args, "resume", None) else f"`{args.command}` (the browser app's flags go without a command)"
+        print(f"Error: {', '.join(misplaced)} does not apply to {what}; leave it out.", file=sys.stderr)
+        return 2
 
     handlers = {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample, "export": cmd_export, "merge": cmd_merge,
                 None: cmd_gui}

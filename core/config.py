@@ -375,15 +375,17 @@ def preset_dict(name: str, workspace: str | Path | None = None) -> dict[str, Any
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None,
-                workspace: str | Path | None = None) -> Config:
-    """Defaults <- preset (the file's own `preset:` key or the argument) <- file <- overrides.
+                workspace: str | Path | None = None, settings: dict[str, Any] | None = None) -> Config:
+    """Defaults <- preset (the file's own `preset:` key or the argument) <- file <- `settings` <- overrides.
 
     Presets are the built-in ones and, with `workspace`, the user's own; the GUI and the CLI both load them here.
+    `settings` is a nested dict from the command line's own flags (e.g. --workspace), below `--set`.
     """
     data = read_settings(path) if path else {}
     preset = data.pop("preset", None) or preset
     merged = preset_dict(preset, workspace) if preset else {}
     merged = deep_merge(merged, data)
+    merged = deep_merge(merged, settings or {})
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))
     return Config.from_dict(merged)

@@ -147,3 +147,44 @@ def test_allow_pickle_flag_reaches_the_config():
     assert app.config_from_args(parser.parse_args(["train", "--preset", "demo-lora", "--allow-pickle"])).model.allow_pickle
     assert not app.config_from_args(parser.parse_args(["train", "--preset", "demo-lora"])).model.allow_pickle
     assert parser.parse_args(["--allow-pickle"]).allow_pickle and not parser.parse_args([]).allow_pickle
+
+
+def test_workspace_flag_puts_the_run_and_class_images_there(tmp_path, instance_dir, cli):
+    """Before or after the command: the run goes to WORKSPACE/runs and the class images to WORKSPACE/class_images,
+    over a config file's output.dir (a flag beats the file); --set still wins over the flag."""
+    config = write_config(tmp_path, instance_dir, train={"max_steps": 1, "prior_preservation": True},
+                          output={"name": "ws-run"})
+    for i, where in enumerate(("after", "before")):
+        ws = tmp_path / f"ws-{where}"
+        args = ["train", "--config", config, "--workspace", ws] if where == "after" else \
+            ["--workspace", ws, "train", "--config", config]
+        r = cli(*args)
+        assert r.returncode == 0, r.stderr
+        assert Path(r.stdout.strip().splitlines()[-1]) == ws / "runs" / "ws-run"
+        assert len(list((ws / "class_images").rglob("class_*.png"))) == 2
+    assert not (tmp_path / "workspace" / "runs" / "ws-run").exists()  # the file's output.dir was not used
+    elsewhere = tmp_path / "elsewhere"
+    r = cli("train", "--config", config, "--workspace", tmp_path / "ws-set", "--set", f"output.dir={elsewhere}")
+    assert r.returncode == 0 and Path(r.stdout.strip().splitlines()[-1]) == elsewhere / "ws-run"
+
+
+def test_flags_a_command_does_not_use_are_refused(tmp_path, instance_dir, cli):
+    config = write_config(tmp_path, instance_dir)
+    for args in (["--port", "9000", "train", "--config", config], ["--listen", "class-images", "--config", config],
+                 ["--workspace", tmp_path / "w", "sample", "--base", "tiny", "--prompt", "x", "--out", tmp_path / "x.png"],
+                 ["--allow-pickle", "export", "--adapter", "a.safetensors", "--out", tmp_path / "e.safetensors"],
+                 ["train", "--resume", tmp_path, "--set", "train.max_steps=9"]):
+        r = cli(*args)
+        flag = next(a for a in map(str, args) if a.startswith("--") and a not in ("--config", "--base", "--prompt",
+                                                                                 "--out", "--adapter", "--resume"))
+        assert r.returncode == 2 and flag in r.stderr and "does not apply" in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "workspace" / "runs").exists()
+
+
+def test_allow_pickle_before_the_command_still_counts():
+    import app
+
+    parser = app.build_parser()
+    for argv in (["--allow-pickle", "train", "--preset", "demo-lora"], ["train", "--preset", "demo-lora", "--allow-pickle"]):
+        assert app.config_from_args(parser.parse_args(argv)).model.allow_pickle, argv
+    assert parser.parse_args(["--allow-pickle", "sample", "--base", "b", "--prompt", "p", "--out", "o"]).allow_pickle
