@@ -97,16 +97,17 @@ class AdapterConfig:
     train_text_encoder: bool = _setting(False, help="Better likeness, larger file.")
     text_encoder_targets: list[str] = _setting(factory=lambda: list(TEXT_ENCODER_TARGETS),
                                                help=f"Choices: {', '.join(TEXT_ENCODER_TARGETS_ALL)}.")
-    text_encoder_rank: int | None = _setting(None, unset="same as rank")  # None: same as rank
-    text_encoder_alpha: float | None = _setting(None, unset="same as alpha")  # None: same as alpha
+    # None: same as rank / alpha. "above" (not min=1) for the rank: the form writes 0 for unset, so its box must offer 0.
+    text_encoder_rank: int | None = _setting(None, above=0, unset="same as rank")
+    text_encoder_alpha: float | None = _setting(None, min=0, unset="same as alpha")
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = _setting(800, min=1)
     learning_rate: float = _setting(1e-4, above=0, step=1e-5)
-    # None: same as learning_rate
-    text_encoder_learning_rate: float | None = _setting(None, unset="same as the UNet")
+    # None: same as learning_rate; a rate of 0 would train nothing, so like learning_rate it must be positive
+    text_encoder_learning_rate: float | None = _setting(None, above=0, step=1e-5, unset="same as the UNet")
     # instance images per step (plus as many class images with prior preservation)
     batch_size: int = _setting(1, min=1)
     gradient_accumulation_steps: int = _setting(1, min=1)

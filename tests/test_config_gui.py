@@ -37,6 +37,9 @@ BAD_FORMS = [
     ({"max_steps": None}, "train.max_steps"),  # an emptied field
     ({"learning_rate": "fast"}, "train.learning_rate"),
     ({"text_encoder_learning_rate": "abc"}, "train.text_encoder_learning_rate"),
+    ({"text_encoder_learning_rate": -1e-4}, "train.text_encoder_learning_rate"),
+    ({"text_encoder_rank": -4}, "adapter.text_encoder_rank"),
+    ({"text_encoder_alpha": -1}, "adapter.text_encoder_alpha"),
     ({"alpha": [1]}, "adapter.alpha"),
     ({"adapter_type": "dora"}, "adapter.type"),
     ({"lr_scheduler": "sometimes"}, "train.lr_scheduler"),
@@ -102,14 +105,72 @@ def test_a_bad_form_value_is_refused_naming_the_key(ui, client, bad, key):
     with pytest.raises(AppError) as save:
         ui.call(client, "save_preset", preset_name="bad", **values)
     assert names_the_key(str(save.value), key), str(save.value)
-    try:  # the step maths says what to fix instead of the sums
-        maths = ui.call(client, "step_maths", dataset="ball", **values)["maths"]
-        assert maths.startswith("**Check the settings:**") and names_the_key(maths, key), maths
-    except AppError as e:  # or it is refused before the handler runs (a value Gradio itself checks)
-        assert names_the_key(str(e), key), str(e)
+    # The step maths, redrawn while the user types, says what to fix instead of the sums (no pop-up: Start gives
+    # the one pop-up).
+    maths = ui.call(client, "step_maths", dataset="ball", **values)["maths"]
+    assert maths.startswith("**Check the settings:**") and names_the_key(maths, key), maths
     assert "Something went wrong" not in str(start.value) + str(save.value)
     assert ui.ctx.session.snapshot()["state"] == "idle"
     assert listing(ui) == before  # no run folder, no preset file
+
+
+def refused_numbers():
+    """(field name, value) for a 0 and a -1 in every number field of the form that the config refuses."""
+    from pathlib import Path
+
+    from core.errors import UserError
+    from ui.form import FIELDS, NUMBER_KINDS, form_config
+
+    out = []
+    for f in FIELDS:
+        for value in (0, -1) if f.kind in NUMBER_KINDS else ():
+            try:
+                form_config(dict(BASE, **{f.name: value}), Path("."))
+            except UserError:
+                out.append((f.name, value))
+    return out
+
+
+def test_a_zero_or_negative_number_gives_one_message(ui, client):
+    """While typing, the views redrawn on a change (step maths, class images, dataset report) show the problem;
+    only Start pops up."""
+    refused = refused_numbers()
+    names = {name for name, _ in refused}
+    assert {"max_steps", "learning_rate", "resolution", "rank", "batch_size", "class_steps"} <= names
+    assert ("max_steps", 0) in refused and ("learning_rate", 0) in refused
+    assert ("text_encoder_learning_rate", -1) in refused and ("text_encoder_rank", -1) in refused
+    class_fields = dict(class_prompt="a photo of a ball", num_class_images=2, class_steps=2, class_guidance=7.5,
+                        class_seed=0, class_batch_size=2, class_negative_prompt="")
+    for name, value in refused:
+        values = dict(BASE, **{name: value})
+        maths = ui.call(client, "step_maths", dataset="ball", **values)["maths"]
+        assert maths.startswith("**Check the settings:**") and "steps." not in maths, (name, maths)
+        if name in class_fields or name == "resolution":
+            view = ui.call(client, "class_view", **{**class_fields, "base_choice": "tiny", "base_other": "",
+                                                    "resolution": 32, name: value})
+            assert view["class_info"].startswith("**Check the settings:**"), (name, view)
+        if name == "resolution":
+            report = ui.call(client, "dataset_view", dataset="ball", resolution=value)["report"]
+            assert "Check the settings:** The training resolution must be a positive multiple of 8" in report
+        with pytest.raises(AppError, match="must"):
+            ui.call(client, "start_training", dataset="ball", **values)
+
+
+def test_choosing_other_base_model_waits_for_start(ui, client):
+    """Choosing "Other" (its path not typed yet) redraws the step maths and the class images view: they say what
+    is missing; the pop-up comes only from Start or Generate."""
+    other = dict(base_choice="other", base_other="")
+    maths = ui.call(client, "step_maths", dataset="ball", **dict(BASE, **other))["maths"]
+    assert maths.startswith("**Check the settings:** Enter the other base model")
+    view = ui.call(client, "class_view", class_prompt="a photo of a ball", num_class_images=2, resolution=32, **other)
+    assert "Enter the other base model" in view["class_info"] and view["class_gallery"] == []
+    with pytest.raises(AppError, match="Enter the other base model"):
+        ui.call(client, "class_generate", class_prompt="a photo of a ball", num_class_images=2, resolution=32, **other)
+    with pytest.raises(AppError, match="Enter the other base model"):
+        ui.call(client, "start_training", dataset="ball", **dict(BASE, **other))
+    path = dict(base_choice="other", base_other=str(ui.workspace / "models" / "mine.safetensors"))
+    view = ui.call(client, "class_view", class_prompt="a photo of a ball", num_class_images=2, resolution=32, **path)
+    assert "**0 of 2**" in view["class_info"] and "mine" in view["class_info"]
 
 
 @pytest.mark.parametrize("name", list(BAD_PRESETS))

@@ -198,6 +198,19 @@ def test_playground_errors_are_plain(adapter_files, tmp_path):
 
 # --------------------------------------------------------------------------- session: live adapter of a paused run
 
+def test_playground_results_change_with_their_captions():
+    """An event that writes a result's image writes its caption too, and only its own: Compare leaves the caption
+    under the single Result alone (it described that image), and the grid gets its own."""
+    from ui import playground_tab
+
+    pairs = {"pg_image": "pg_info", "pg_grid": "pg_grid_info"}
+    for trigger, _, _, outputs, *_ in playground_tab.EVENTS:
+        for image, caption in pairs.items():
+            assert (image in outputs) == (caption in outputs), (trigger, outputs)
+    compare = next(row for row in playground_tab.EVENTS if row[0] == "compare_btn.click")
+    assert compare[3] == ("pg_grid", "pg_grid_info")
+
+
 def test_live_adapter_of_a_paused_run(tmp_path, instance_dir):
     import time
 

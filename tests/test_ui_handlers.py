@@ -148,7 +148,9 @@ def test_train_tab_live_run_pause_test_resume_stop(ui, client, photos):
     pg = dict(pg_base_choice="tiny", pg_prompt="a photo of sks ball", pg_steps=2, pg_seed=5)
     out = ui.call(client, "playground_generate", **pg, adapter_1="live", weight_1=1.0)
     assert Path(out["pg_image"]).is_file() and "live run ×1" in out["pg_info"]
-    grid = ui.call(client, "playground_compare", **pg, adapter_1="live", weight_1=0.8)["pg_grid"]
+    compared = ui.call(client, "playground_compare", **pg, adapter_1="live", weight_1=0.8)
+    assert "pg_info" not in compared and "live run ×0.8" in compared["pg_grid_info"]  # the Result's caption stays
+    grid = compared["pg_grid"]
     assert [g["caption"] for g in grid] == ["adapters off", "strength ×0.25", "strength ×0.5", "strength ×0.75",
                                             "strength ×1 (as set)", "strength ×1.25"]
     assert s.snapshot()["step"] == paused_step  # testing did not move training on

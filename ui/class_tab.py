@@ -5,7 +5,7 @@ import gradio as gr
 
 from core.class_images import class_dir_for, class_min_size, reject_class_images
 from core.data import scan_folder
-from core.errors import DataError
+from core.errors import DataError, UserError
 
 from .common import Ctx, Handler, TabParts, bind_table, error_html, model_picker, pick, progress_html
 from .dataset_tab import names_of, on_select
@@ -26,11 +26,14 @@ def class_config(ctx: Ctx, values: dict):
 
 
 def class_view(ctx: Ctx, values: dict) -> dict:
-    """The cached images for these settings, and a line saying how many there are and where."""
+    """The cached images for these settings, and a line saying how many there are and where.
+
+    It runs while the user edits the settings (a base model of "Other" not typed in yet, a number being typed), so
+    a setting that is not usable yet is said here; the pop-up is left to Generate."""
     try:
         cfg = class_config(ctx, values)
-    except DataError as e:
-        return {"class_info": str(e), "class_gallery": []}
+    except UserError as e:
+        return {"class_info": f"**Check the settings:** {e}", "class_gallery": []}
     folder = class_dir_for(cfg)
     items = scan_folder(folder, min_size=class_min_size(cfg)).images if folder.is_dir() else []
     want = cfg.data.num_class_images

@@ -7,7 +7,7 @@ import pandas as pd
 from core import datasets as ds, demo
 from core.config import DataConfig
 from core.data import ImageSet, scan_folder
-from core.errors import DataError
+from core.errors import DataError, UserError
 
 from .common import Ctx, Handler, TabParts, bind_table
 from .form import BY_NAME, to_number, widget
@@ -26,9 +26,7 @@ def dataset_view(ctx: Ctx, dataset: str, resolution) -> dict:
                 "report": "Create a dataset, or pick one from the list."}
     folder = ds.dataset_dir(ctx.workspace, dataset)
     scan = scan_folder(folder, min_size=MIN_SIZE)
-    res = to_number(BY_NAME["resolution"], resolution)
-    if res <= 0 or res % 8:
-        raise DataError(f"The training resolution must be a positive multiple of 8, got {resolution}.")
+    res, problem = resolution_or_problem(resolution)
     n = len(scan.images)
     uncaptioned = [i for i in scan.images if not i.caption]
     head = f"**{n} usable image{'s' if n != 1 else ''}** in `{folder}`"
@@ -42,7 +40,9 @@ def dataset_view(ctx: Ctx, dataset: str, resolution) -> dict:
     if scan.rejected:
         lines.append("**Rejected, not used for training:**\n" +
                      "\n".join(f"- `{r.path.name}`: {r.reason}" for r in scan.rejected))
-    if n:
+    if problem:
+        lines.append(f"**Check the settings:** {problem}")
+    elif n:
         changed = [i for i in scan.images if i.width != i.height or min(i.width, i.height) < res]
         plain = n - len(changed)
         text = f"**At {res}x{res} px:** "
@@ -50,7 +50,7 @@ def dataset_view(ctx: Ctx, dataset: str, resolution) -> dict:
         text += ("Cropped or enlarged:" if changed else "Nothing is cropped.")
         lines.append(text + "".join(f"\n- `{i.path.name}` {ds.crop_note(i, res)}" for i in changed))
     crops = []
-    if scan.images:
+    if scan.images and not problem:
         shown = scan.images[:CROPS_SHOWN]
         previews = ImageSet(shown, [""] * len(shown), res)
         crops = [(previews.preview(k), item.path.name) for k, item in enumerate(shown)]
@@ -59,6 +59,18 @@ def dataset_view(ctx: Ctx, dataset: str, resolution) -> dict:
                              "caption": [i.caption or "" for i in scan.images]})
     return {"gallery": gr.update(value=gallery, label=f"Images ({len(scan.images)})"), "report": "\n\n".join(lines),
             "crops": crops, "captions": captions}
+
+
+def resolution_or_problem(resolution) -> tuple[int | None, str]:
+    """(the training resolution, "") or (None, what is wrong with it). The view is redrawn while the user types
+    the resolution, so a value not usable yet is said in the report, not as a pop-up; Start refuses it."""
+    try:
+        res = to_number(BY_NAME["resolution"], resolution)
+    except UserError as e:
+        return None, str(e)
+    if res <= 0 or res % 8:
+        return None, f"The training resolution must be a positive multiple of 8, got {resolution}."
+    return res, ""
 
 
 def dataset_settings(ctx: Ctx, dataset: str) -> dict:

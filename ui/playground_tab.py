@@ -131,6 +131,8 @@ def build(ctx: Ctx, initial: dict) -> dict:
             c["pg_info"] = gr.Markdown(elem_id="pg-info")
     c["pg_grid"] = gr.Gallery(label="Compare (same seed): adapters off, then every weight × strength", columns=6,
                               height=260, object_fit="contain", elem_id="pg-grid")
+    # Each result has its own caption: the grid's settings never overwrite the caption of the image above.
+    c["pg_grid_info"] = gr.Markdown(elem_id="pg-grid-info")
     c["live_state"] = gr.State(None)
     return c
 
@@ -152,7 +154,7 @@ def compare(ctx: Ctx, **values) -> dict:
         raise UserError("Choose at least one adapter to compare with the base model.")
     captions = ["adapters off" if s == 0 else f"strength ×{s:g}" + (" (as set)" if s == 1 else "")
                 for s in STRENGTHS]
-    return {"pg_grid": list(zip(images, captions)), "pg_info": settings_text(values, labels, weights)}
+    return {"pg_grid": list(zip(images, captions)), "pg_grid_info": settings_text(values, labels, weights)}
 
 
 def adapter_lists(ctx: Ctx) -> dict:
@@ -236,7 +238,7 @@ MERGE_IN = ("merge_into", "merge_name", "merge_rank") + BASE_IN + SLOT_NAMES + W
 
 EVENTS = [  # (trigger, handler, inputs, outputs[, options])
     ("generate_btn.click", generate, FIELDS_IN, ("pg_image", "pg_info"), {"api_name": "playground_generate"}),
-    ("compare_btn.click", compare, FIELDS_IN, ("pg_grid", "pg_info"), {"api_name": "playground_compare"}),
+    ("compare_btn.click", compare, FIELDS_IN, ("pg_grid", "pg_grid_info"), {"api_name": "playground_compare"}),
     ("refresh_btn.click", adapter_lists, (), SLOT_NAMES, {"api_name": "playground_adapters"}),
     ("import_file.upload", do_import, ("import_file",), SLOT_NAMES + ("import_msg",), {"api_name": "import_adapter"}),
     *[(f"{slot}.change", info, SLOT_NAMES, ("adapter_info",),
