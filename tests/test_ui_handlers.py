@@ -75,7 +75,9 @@ def test_dataset_tab(ui, client, photos):
     table = {"headers": ["file", "caption"],
              "data": [["photo0.png", "a photo of sks ball, red"], ["photo1.png", ""], ["photo2.png", ""],
                       ["wide.png", ""]]}
-    assert "2 caption files changed" in ui.call(client, "save_captions", dataset="ball", captions=table)["caption_msg"]
+    out = ui.call(client, "save_captions", dataset="ball", captions=table, resolution=32)
+    assert "2 caption files changed" in out["caption_msg"]
+    assert "(1 with their own caption, 3 use the instance prompt)" in out["report"]  # the report follows the save
     folder = ui.workspace / "datasets" / "ball"
     assert (folder / "photo0.txt").read_text() == "a photo of sks ball, red\n" and not (folder / "photo1.txt").exists()
 
