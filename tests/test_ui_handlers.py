@@ -249,8 +249,8 @@ def test_playground_mixes_run_adapters(ui, client, photos):
     assert "Imported" in out["import_msg"] and community.is_file()
     out = ui.call(client, "adapter_info", adapter_1=paths[0], adapter_2=str(community), adapter_3="live")
     lines = out["adapter_info"].splitlines()
-    assert len(lines) == 2 and "LOHA rank" in lines[0] and "mix-loha-kohya.safetensors" in lines[1]
-    assert "LOHA" in lines[1] and "steps" in lines[0]
+    assert len(lines) == 2 and "LoHa rank" in lines[0] and "mix-loha-kohya.safetensors" in lines[1]
+    assert "LoHa" in lines[1] and "steps" in lines[0]
 
     # Merge: the LoRA alone into one LoRA file (listed at once); LoHa + LoRA into a new model file.
     pg_base = dict(pg_base_choice="tiny", pg_base_other="")
