@@ -108,6 +108,9 @@ def cmd_class_images(args) -> int:
             bar.total = e.total
             bar.n = e.done
             bar.refresh()
+        elif isinstance(e, ev.ClassImagesStep):  # a batch takes a while: show its denoising steps
+            bar.total = e.total
+            bar.set_postfix_str(f"next {e.batch}: step {e.step}/{e.steps}")
         elif isinstance(e, ev.Log):
             bar.write(e.message)
 

@@ -2,7 +2,9 @@
 
 Image i is always made from seed `class_seed + i`, so a crashed or stopped generation continues
 where it left off and gives the same images as an uninterrupted one. A manifest records model,
-prompt and seed per image; it is rewritten atomically after every batch.
+prompt and seed per image; it is rewritten atomically after every batch. A stop is checked after every
+denoising step: the batch in progress is dropped (its seeds are made again next time), so a stop acts
+within seconds even when a batch takes minutes.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .config import Config, resolve_path
 from .data import ImageItem, scan_folder
 from .errors import DataError
 from .fileio import write_json
-from .events import ClassImagesProgress, Emit, Log, ignore
+from .events import ClassImagesProgress, ClassImagesStep, Emit, Log, ignore
 from .models import model_fingerprint
 from .sampling import generate, make_pipeline, save_png
 
@@ -103,6 +105,10 @@ def reject_class_images(folder: Path, names: list[str]) -> list[str]:
     return moved
 
 
+class _Stopped(Exception):
+    """Raised from the sampler's step callback when a stop is asked for: the batch in progress is dropped."""
+
+
 def check_class_prompt(cfg: Config) -> None:
     """Class images are made from the class prompt: without one there is nothing to generate or train on."""
     if not cfg.data.class_prompt.strip():
@@ -119,7 +125,7 @@ def ensure_class_images(cfg: Config, base: BaseModel, device: torch.device | str
     have = scan_folder(folder, min_size=class_min_size(cfg)).images
     todo = missing_indices(folder, len(have), want)
     if todo:
-        emit(Log(f"Generating {len(todo)} class images for '{cfg.data.class_prompt}' in {folder}"))
+        emit(Log(f"Generating {count(len(todo), 'class image')} for '{cfg.data.class_prompt}' in {folder}"))
         _generate(cfg, base, folder, todo, torch.device(device), emit, should_stop)
     return scan_folder(folder, min_size=class_min_size(cfg)).images[:want]
 
@@ -130,14 +136,20 @@ def _generate(cfg: Config, base: BaseModel, folder: Path, todo: list[int], devic
     pipe = make_pipeline(base, device)
     manifest = read_manifest(folder)
     manifest.update(model=cfg.model.base, prompt=d.class_prompt)
+    stopped = Log("Class-image generation stopped; it continues from here next time.")
     for start in range(0, len(todo), d.class_batch_size):
         if should_stop():
-            emit(Log("Class-image generation stopped; it continues from here next time."))
+            emit(stopped)
             return
         batch = todo[start:start + d.class_batch_size]
         seeds = [d.class_seed + i for i in batch]
-        images = generate(pipe, [d.class_prompt] * len(batch), seeds, steps=d.class_steps, guidance=d.class_guidance,
-                          size=d.resolution, negative_prompt=d.class_negative_prompt)
+        try:
+            images = generate(pipe, [d.class_prompt] * len(batch), seeds, steps=d.class_steps,
+                              guidance=d.class_guidance, size=d.resolution, negative_prompt=d.class_negative_prompt,
+                              on_step=_on_step(emit, should_stop, start, len(todo), len(batch)))
+        except _Stopped:
+            emit(stopped)
+            return
         paths = []
         for i, seed, image in zip(batch, seeds, images):
             name = f"class_{i:05d}.png"
@@ -147,3 +159,21 @@ def _generate(cfg: Config, base: BaseModel, folder: Path, todo: list[int], devic
             manifest["images"][name] = record
         write_json(folder / MANIFEST, manifest)
         emit(ClassImagesProgress(min(start + len(batch), len(todo)), len(todo), paths))
+
+
+def _on_step(emit: Emit, should_stop: Callable[[], bool], done: int, total: int, batch: int):
+    """The sampler's per-step callback for one batch: report the step, and abandon the batch on a stop.
+
+    After the last step only the decoding is left: that batch is kept rather than thrown away.
+    """
+    def on_step(step: int, steps: int) -> None:
+        emit(ClassImagesStep(done, total, batch, step, steps))
+        if step < steps and should_stop():
+            raise _Stopped
+
+    return on_step
+
+
+def count(n: int, noun: str) -> str:
+    """`1 class image`, `2 class images`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from .adapter_file import AdapterFile, AdapterSpec, split_key
+from .config import adapter_name
 from .errors import ModelLoadError
 from .single_file import unet_module_ldm_names
 
@@ -181,7 +182,7 @@ def describe(adapter: AdapterFile) -> str:
         base = meta.get("base_model") or "not recorded"
         trigger, steps, lr = meta.get("instance_prompt", ""), meta.get("steps"), meta.get("learning_rate")
         parts = " + ".join({"unet": "UNet", "text_encoder": "text encoder"}[p] for p in adapter.specs)
-    text = f"**{adapter.path.name}**: {kind.upper()} rank {rank}, alpha {alpha}, on the {parts}; base model: {base}"
+    text = f"**{adapter.path.name}**: {adapter_name(kind)} rank {rank}, alpha {alpha}, on the {parts}; base model: {base}"
     if trigger:
         text += f"; trigger: `{trigger}`"
     if steps:

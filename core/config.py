@@ -77,6 +77,14 @@ class DataConfig:
     class_negative_prompt: str = ""
 
 
+ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}  # how each adapter type is written for people
+
+
+def adapter_name(kind: str) -> str:
+    """`loha` -> `LoHa`: the one spelling of an adapter type in messages, labels and file descriptions."""
+    return ADAPTER_NAMES.get(kind, kind)
+
+
 @dataclass
 class AdapterConfig:
     type: Literal["lora", "loha", "lokr"] = _setting(

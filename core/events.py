@@ -77,7 +77,20 @@ class ClassImagesProgress:
     paths: list[str] = field(default_factory=list)
 
 
-Event = Union[Log, RunStarted, Progress, SampleReady, CheckpointSaved, Paused, Resumed, Finished, Failed, ClassImagesProgress]
+@dataclass
+class ClassImagesStep:
+    """A denoising step of the batch being made: `done` of `total` images are saved, the next `batch` are at `step`
+    of `steps`. A large batch takes minutes; this is what shows it moving."""
+
+    done: int
+    total: int
+    batch: int
+    step: int
+    steps: int
+
+
+Event = Union[Log, RunStarted, Progress, SampleReady, CheckpointSaved, Paused, Resumed, Finished, Failed,
+              ClassImagesProgress, ClassImagesStep]
 Emit = Callable[[Event], None]
 
 # Commands, put on the trainer's command queue as plain strings.

@@ -25,6 +25,7 @@ import torch
 from .adapter_file import AdapterFile, split_key
 from .adapters import read_adapter
 from .community import kohya_name
+from .config import adapter_name
 from .errors import ModelLoadError
 from .fileio import save_safetensors
 
@@ -68,7 +69,7 @@ def to_diffusers(adapter: AdapterFile) -> dict[str, torch.Tensor]:
     """LoRA for diffusers' `pipe.load_lora_weights`: our peft names (`unet.` / `text_encoder.` prefixes) with
     alpha / rank folded into `lora_B`, because diffusers assumes alpha = rank when a file does not say."""
     if adapter.type != "lora":
-        raise ModelLoadError(f"{adapter.path.name} is a {adapter.type.upper()}: diffusers' load_lora_weights loads "
+        raise ModelLoadError(f"{adapter.path.name} is a {adapter_name(adapter.type)}: diffusers' load_lora_weights loads "
                              "LoRA only. Export it with --format kohya (A1111, Forge, ComfyUI) instead.")
     out = {}
     for key, tensor in adapter.tensors.items():

@@ -15,6 +15,7 @@ from . import adapters
 from .adapter_file import AdapterFile, AdapterSpec, save_adapter_file, split_key
 from .base_model import BaseModel
 from .community import part_spec, resolve_kohya
+from .config import adapter_name
 from .errors import ModelLoadError
 from .models import load_base_model, save_model_folder
 from .single_file import save_single_file
@@ -112,7 +113,7 @@ def merge_loras(files: list[tuple[str | Path, float]], out: str | Path, base_spe
             base = base or load_base_model(base_spec, allow_pickle=allow_pickle)
             f = resolve_kohya(f, base.parts)
         if f.type != "lora" or any(s.type != "lora" for s in f.specs.values()):
-            raise ModelLoadError(f"{f.path.name} is a {f.type.upper()}: only LoRAs merge into one LoRA exactly. "
+            raise ModelLoadError(f"{f.path.name} is a {adapter_name(f.type)}: only LoRAs merge into one LoRA exactly. "
                                  "Merge LoHa / LoKr adapters into the model instead.")
         for key, (a, b) in lora_pairs(f).items():
             stacks.setdefault(key, []).append((a, b * weight))

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import read_yaml
+from .config import adapter_name, read_yaml
 from .errors import ConfigError, ModelLoadError
 from .fileio import atomic_path
 from .rundir import list_runs
@@ -38,9 +38,8 @@ def _entry(path: Path, origin: str) -> AdapterEntry | None:
             kind = (specs.get("unet") or next(iter(specs.values())))["type"]
     except Exception:  # noqa: BLE001 - not an adapter, or damaged: not offered
         return None
-    names = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
     made = f"merged from {meta['merged_from']}" if meta.get("merged_from") else f"{meta.get('steps', '?')} steps"
-    label = f"{origin}{path.stem} ({names.get(kind, kind)}, {made}, base {meta.get('base_model') or '?'})"
+    label = f"{origin}{path.stem} ({adapter_name(kind)}, {made}, base {meta.get('base_model') or '?'})"
     return AdapterEntry(label, str(path), kind, meta.get("base_model", ""))
 
 

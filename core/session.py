@@ -238,6 +238,9 @@ class Session(Job):
             }
 
 
+NO_BATCH = {"batch": 0, "step": 0, "steps": 0}  # no batch in progress: its size and denoising step
+
+
 class ClassImagesJob(Job):
     """Class-image generation in a background thread (the GUI's Class images tab); stop and continue later.
 
@@ -250,7 +253,7 @@ class ClassImagesJob(Job):
     def __init__(self):
         super().__init__()
         self._stop = threading.Event()
-        self._state = {"state": "idle", "done": 0, "total": 0, "folder": "", "message": "", "error": ""}
+        self._state = {"state": "idle", "done": 0, "total": 0, "folder": "", "message": "", "error": "", **NO_BATCH}
 
     @property
     def state(self) -> str:
@@ -262,13 +265,15 @@ class ClassImagesJob(Job):
         def reset():
             self._stop.clear()
             self._state = {"state": "running", "done": 0, "total": 0, "folder": str(class_dir_for(cfg)),
-                           "message": f"Loading base model {cfg.model.base}...", "error": ""}
+                           "message": f"Loading base model {cfg.model.base}...", "error": "", **NO_BATCH}
 
         def work():
             try:
-                self._generate(cfg, base)
+                complete = self._generate(cfg, base)
                 with self._lock:
-                    self._state["state"] = "stopped" if self._stop.is_set() else "finished"
+                    # A stop pressed while the last images were being made still leaves the set complete.
+                    self._state["state"] = "stopped" if self._stop.is_set() and not complete else "finished"
+                    self._state.update(NO_BATCH)
             except Exception as e:
                 if not isinstance(e, UserError):
                     logging.getLogger(__name__).exception("Class-image generation failed")
@@ -279,7 +284,8 @@ class ClassImagesJob(Job):
 
         self._start(reset, work)
 
-    def _generate(self, cfg: Config, base) -> None:
+    def _generate(self, cfg: Config, base) -> bool:
+        """Make the missing images; return whether the folder now holds all of them."""
         from .class_images import ensure_class_images
         from .models import load_base_from_config
         from .precision import default_device, frozen_dtype, resolve_precision
@@ -291,12 +297,15 @@ class ClassImagesJob(Job):
         base.to(device, dtype)
         with self._lock:
             self._state["message"] = "Generating..."
-        ensure_class_images(cfg, base, device, emit=self._on_event, should_stop=self._stop.is_set)
+        items = ensure_class_images(cfg, base, device, emit=self._on_event, should_stop=self._stop.is_set)
+        return len(items) >= cfg.data.num_class_images
 
     def _on_event(self, e) -> None:
         with self._lock:
             if isinstance(e, ev.ClassImagesProgress):
-                self._state["done"], self._state["total"] = e.done, e.total
+                self._state.update(NO_BATCH, done=e.done, total=e.total)
+            elif isinstance(e, ev.ClassImagesStep):
+                self._state.update(done=e.done, total=e.total, batch=e.batch, step=e.step, steps=e.steps)
             elif isinstance(e, ev.Log):
                 self._state["message"] = e.message
 
@@ -305,9 +314,9 @@ class ClassImagesJob(Job):
             return False
         self._stop.set()
         with self._lock:
-            self._state["message"] = "Stopping after this batch..."
+            self._state["message"] = "Stopping..."
         return True
 
     def snapshot(self) -> dict:
         with self._lock:
-            return dict(self._state)
+            return {**self._state, "stopping": self._stop.is_set() and self._state["state"] == "running"}

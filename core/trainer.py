@@ -39,7 +39,7 @@ from diffusers.optimization import get_scheduler
 from . import adapters
 from .base_model import BaseModel
 from .class_images import check_class_prompt, class_dir_for, class_min_size, ensure_class_images
-from .config import Config, TrainConfig, resolve_path
+from .config import Config, TrainConfig, adapter_name, resolve_path
 from .data import ImageSet, ScanReport, caption_prompts, scan_folder
 from .errors import ConfigError, DataError, UserError
 from .fileio import check_writable, disk_error_message, fsync, remove_stale_temps, write_text
@@ -616,7 +616,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     specs = adapters.specs_from_config(cfg)
     params = adapters.inject_all(base.parts, specs)
     n_params = sum(p.numel() for ps in params.values() for p in ps)
-    main_emit(Log(f"{cfg.adapter.type} adapter: {n_params:,} trainable parameters on {', '.join(params)}"))
+    main_emit(Log(f"{adapter_name(cfg.adapter.type)} adapter: {n_params:,} trainable parameters on {', '.join(params)}"))
     if acc.is_main_process:  # the adapter, the kept checkpoints (adapter + AdamW state) and one being written
         check_writable(run_dir.path, n_params * 4 * (1 + 3 * (t.keep_checkpoints + 1)) + 20 * 2 ** 20)
     train_te = "text_encoder" in params

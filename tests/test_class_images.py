@@ -16,7 +16,7 @@ from PIL import Image
 from core.class_images import MANIFEST, class_dir_for, class_min_size, ensure_class_images, read_manifest
 from core.config import Config
 from core.errors import DataError
-from core.events import ClassImagesProgress, Log
+from core.events import ClassImagesProgress, ClassImagesStep, Log
 from core.models import build_tiny_model
 
 PROMPT = "a photo of a dog"
@@ -46,13 +46,10 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB")).astype(np.int16)
 
 
-def stop_after(batches: int):
-    """A should_stop that lets `batches` batches run, then asks to stop."""
-    calls = {"n": 0}
-
+def stop_after(folder: Path, images: int):
+    """A should_stop that asks to stop once `images` images are saved in `folder` (it is asked every step too)."""
     def should_stop() -> bool:
-        calls["n"] += 1
-        return calls["n"] > batches
+        return folder.is_dir() and len(pngs(folder)) >= images
 
     return should_stop
 
@@ -110,6 +107,36 @@ def test_progress_events(reference):
     assert any(isinstance(e, Log) and PROMPT in e.message for e in events)
 
 
+def test_progress_for_every_denoising_step(reference):
+    _, _, events = reference
+    steps = [(e.done, e.total, e.batch, e.step, e.steps) for e in events if isinstance(e, ClassImagesStep)]
+    assert steps == [(0, 5, 2, 1, 2), (0, 5, 2, 2, 2), (2, 5, 2, 1, 2), (2, 5, 2, 2, 2), (4, 5, 1, 1, 2),
+                     (4, 5, 1, 2, 2)]
+
+
+def test_one_image_is_one_image_in_the_log(model, tmp_path):
+    events = []
+    ensure_class_images(make_cfg(tmp_path, tmp_path / "one", num_class_images=1), model, emit=events.append)
+    assert any(isinstance(e, Log) and e.message.startswith("Generating 1 class image for") for e in events)
+
+
+def test_stop_acts_within_a_batch_and_the_batch_is_made_again_later(model, tmp_path, reference):
+    """One batch of all five images: a stop after its first denoising step ends the generation there."""
+    folder = tmp_path / "class"
+    cfg = make_cfg(tmp_path, folder, class_batch_size=5)
+    events = []
+    stop = lambda: any(isinstance(e, ClassImagesStep) for e in events)  # noqa: E731 - as soon as one step is done
+    items = ensure_class_images(cfg, model, emit=events.append, should_stop=stop)
+    assert items == [] and pngs(folder) == []  # the unfinished batch is dropped, not saved half made
+    assert [e.step for e in events if isinstance(e, ClassImagesStep)] == [1]  # the second step never ran
+    assert any(isinstance(e, Log) and "stopped" in e.message for e in events)
+    assert not any(isinstance(e, ClassImagesProgress) for e in events)
+    ensure_class_images(cfg, model)  # continuing makes the same pictures from the same seeds
+    assert pngs(folder) == pngs(reference[0])
+    for name in pngs(folder):
+        assert np.abs(pixels(folder / name) - pixels(reference[0] / name)).max() <= 1, name  # batch-size rounding
+
+
 def test_generation_is_deterministic(model, tmp_path, reference):
     folder = tmp_path / "again"
     ensure_class_images(make_cfg(tmp_path, folder), model)
@@ -151,7 +178,7 @@ def test_stopped_generation_resumes_to_the_same_images(model, tmp_path, referenc
     folder = tmp_path / "class"
     cfg = make_cfg(tmp_path, folder)
     events = []
-    partial = ensure_class_images(cfg, model, emit=events.append, should_stop=stop_after(1))
+    partial = ensure_class_images(cfg, model, emit=events.append, should_stop=stop_after(folder, 2))
     assert pngs(folder) == ["class_00000.png", "class_00001.png"]
     assert len(partial) == 2
     assert any(isinstance(e, Log) and "stopped" in e.message for e in events)

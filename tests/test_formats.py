@@ -321,10 +321,10 @@ def test_describe_ours_and_community_files(tmp_path):
     ours = adapters.save_adapter(tmp_path / "star.safetensors", base.parts, specs,
                                  {"steps": 400, "instance_prompt": "a photo of tms star", "base_model": "demo"})
     text = community.describe(adapters.read_adapter(ours))
-    assert "LOKR rank 4" in text and "trigger: `a photo of tms star`" in text and "base model: demo" in text
+    assert "LoKr rank 4" in text and "trigger: `a photo of tms star`" in text and "base model: demo" in text
     kohya = formats.export_adapter(ours, tmp_path / "star-kohya.safetensors")
     text = community.describe(adapters.read_adapter(kohya))
-    assert "LOKR rank 4" in text and "UNet + text encoder" in text and "400 steps" in text
+    assert "LoKr rank 4" in text and "UNet + text encoder" in text and "400 steps" in text
     tags = json.dumps({"10_tms star": {"tms star": 5, "star": 2}})
     save_file(load_file(str(kohya)), str(tmp_path / "tagged.safetensors"), metadata={"ss_tag_frequency": tags})
     assert "trigger: `tms star, star`" in community.describe(adapters.read_adapter(tmp_path / "tagged.safetensors"))

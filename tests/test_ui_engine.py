@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import torch
 from conftest import draw_subject, tiny_config
 from PIL import Image
 
-from core import adapters
+from core import adapters, events as ev
 from core import datasets as ds
 from core.adapter_file import AdapterSpec
 from core.class_images import ensure_class_images, missing_indices, reject_class_images
@@ -136,6 +137,41 @@ def test_class_images_job_stops_and_continues(tmp_path, instance_dir):
     snap = job.snapshot()
     assert snap["total"] == 6 - done and snap["done"] == snap["total"]
     assert len(list(Path(snap["folder"]).glob("class_*.png"))) == 6
+
+
+def test_class_images_job_stopped_during_its_last_step_is_finished(tmp_path, instance_dir):
+    """Stop pressed while the last batch is in its final step: every image is made, so the job is done."""
+    from ui import class_tab
+
+    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, data={"num_class_images": 2, "class_batch_size": 2}))
+    job = ClassImagesJob()
+    on_event = job._on_event
+
+    def stop_in_last_step(e):
+        on_event(e)
+        if isinstance(e, ev.ClassImagesStep) and e.step == e.steps:
+            job.stop()
+
+    job._on_event = stop_in_last_step
+    job.start(cfg, base=build_tiny_model())
+    assert job.wait(60) == "finished"
+    snap = job.snapshot()
+    assert snap["done"] == snap["total"] == 2 and not snap["stopping"]
+    view = class_tab.job_view(SimpleNamespace(class_job=job))["class_progress"]
+    assert "Done" in view and "2 / 2 new images" in view and "press Generate" not in view
+
+
+def test_class_images_progress_moves_within_a_batch():
+    """A batch of 25 takes minutes: the bar and the text follow its denoising steps, and a stop shows at once."""
+    from ui import class_tab
+
+    snap = {"state": "running", "done": 0, "total": 20, "folder": "", "message": "Generating...", "error": "",
+            "batch": 20, "step": 15, "steps": 30, "stopping": False}
+    job = SimpleNamespace(snapshot=lambda: dict(snap), busy=True)
+    view = class_tab.job_view(SimpleNamespace(class_job=job))["class_progress"]
+    assert "width:50.0%" in view and "0 / 20 new images; making the next 20 images: step 15 / 30" in view
+    snap["stopping"] = True
+    assert "Stopping" in class_tab.job_view(SimpleNamespace(class_job=job))["class_progress"]
 
 
 # --------------------------------------------------------------------------- playground

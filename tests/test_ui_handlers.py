@@ -75,7 +75,9 @@ def test_dataset_tab(ui, client, photos):
     table = {"headers": ["file", "caption"],
              "data": [["photo0.png", "a photo of sks ball, red"], ["photo1.png", ""], ["photo2.png", ""],
                       ["wide.png", ""]]}
-    assert "2 caption files changed" in ui.call(client, "save_captions", dataset="ball", captions=table)["caption_msg"]
+    out = ui.call(client, "save_captions", dataset="ball", captions=table, resolution=32)
+    assert "2 caption files changed" in out["caption_msg"]
+    assert "(1 with their own caption, 3 use the instance prompt)" in out["report"]  # the report follows the save
     folder = ui.workspace / "datasets" / "ball"
     assert (folder / "photo0.txt").read_text() == "a photo of sks ball, red\n" and not (folder / "photo1.txt").exists()
 
@@ -249,8 +251,8 @@ def test_playground_mixes_run_adapters(ui, client, photos):
     assert "Imported" in out["import_msg"] and community.is_file()
     out = ui.call(client, "adapter_info", adapter_1=paths[0], adapter_2=str(community), adapter_3="live")
     lines = out["adapter_info"].splitlines()
-    assert len(lines) == 2 and "LOHA rank" in lines[0] and "mix-loha-kohya.safetensors" in lines[1]
-    assert "LOHA" in lines[1] and "steps" in lines[0]
+    assert len(lines) == 2 and "LoHa rank" in lines[0] and "mix-loha-kohya.safetensors" in lines[1]
+    assert "LoHa" in lines[1] and "steps" in lines[0]
 
     # Merge: the LoRA alone into one LoRA file (listed at once); LoHa + LoRA into a new model file.
     pg_base = dict(pg_base_choice="tiny", pg_base_other="")

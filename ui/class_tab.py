@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from core.class_images import class_dir_for, class_min_size, reject_class_images
+from core.class_images import class_dir_for, class_min_size, count, reject_class_images
 from core.data import scan_folder
 from core.errors import DataError, UserError
 
@@ -55,14 +55,18 @@ def job_view(ctx: Ctx) -> dict:
     elif state == "failed":
         progress = error_html(s["error"])
     else:
-        count = f"{s['done']} / {s['total']} new images"
+        made = f"{s['done']} / {s['total']} new images"
+        done = s["done"]
         if state == "running":
-            label, detail = "Generating", count if s["total"] else s["message"]
+            label, detail = ("Stopping" if s["stopping"] else "Generating"), made if s["total"] else s["message"]
+            if s["steps"]:  # a batch is being made: its denoising steps move the bar
+                detail += f"; making the next {count(s['batch'], 'image')}: step {s['step']} / {s['steps']}"
+                done += s["batch"] * s["step"] / s["steps"]
         elif state == "finished":
-            label, detail = "Done", count if s["total"] else "all the images were already there"
+            label, detail = "Done", made if s["total"] else "all the images were already there"
         else:
-            label, detail = "Stopped", f"{count}; press Generate to continue where it stopped"
-        progress = progress_html(label, s["done"], s["total"] or (1 if state == "finished" else 0), detail, state)
+            label, detail = "Stopped", f"{made}; press Generate to continue where it stopped"
+        progress = progress_html(label, done, s["total"] or (1 if state == "finished" else 0), detail, state)
     busy = ctx.class_job.busy
     return {"class_progress": progress, "class_generate_btn": gr.update(interactive=not busy),
             "class_stop_btn": gr.update(interactive=busy)}

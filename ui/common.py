@@ -204,7 +204,7 @@ STATE_WORDS = {
 }
 
 
-def progress_html(label: str, done: int, total: int, detail: str = "", state: str = "running") -> str:
+def progress_html(label: str, done: float, total: int, detail: str = "", state: str = "running") -> str:
     pct = 0 if not total else max(0.0, min(100.0, 100.0 * done / total))
     return (f'<div class="db-progress db-{html.escape(state)}"><div class="db-bar-outer">'
             f'<div class="db-bar" style="width:{pct:.1f}%"></div></div>'

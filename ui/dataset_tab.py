@@ -241,12 +241,14 @@ def use_suggestion(ctx: Ctx, dataset, suggestions, class_noun) -> dict:
     return {"identifier": suggestions, **prompt(ctx, dataset, suggestions, class_noun)}
 
 
-def save_captions(ctx: Ctx, dataset, captions) -> dict:
+def save_captions(ctx: Ctx, dataset, captions, resolution) -> dict:
     folder = ds.dataset_dir(ctx.workspace, dataset)
     rows = captions.to_dict("records") if hasattr(captions, "to_dict") else captions
     captions = {str(r["file"]): str(r.get("caption") or "") for r in rows if r.get("file")}
     changed = ds.write_captions(folder, captions)
-    return {"caption_msg": f"Saved: {changed} caption file{'s' if changed != 1 else ''} changed."}
+    # The report counts the images with their own caption: redraw it from the files just written.
+    return {"caption_msg": f"Saved: {changed} caption file{'s' if changed != 1 else ''} changed.",
+            **dataset_view(ctx, dataset, resolution)}
 
 
 # --------------------------------------------------------------------------- events
@@ -280,7 +282,8 @@ EVENTS = [  # (trigger, handler, inputs, outputs[, options])
     ("suggest_btn.click", suggest, ("suggest_seed",), ("suggestions", "suggest_seed"),
      {"api_name": "suggest_identifiers"}),
     ("suggestions.input", use_suggestion, ("dataset", "suggestions", "class_noun"), ("identifier",) + PROMPT_OUT),
-    ("save_captions_btn.click", save_captions, ("dataset", "captions"), ("caption_msg",), {"api_name": "save_captions"}),
+    ("save_captions_btn.click", save_captions, ("dataset", "captions", "resolution"), ("caption_msg",) + VIEW_OUT,
+     {"api_name": "save_captions"}),
 ]
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from core import vram
+from core.config import ADAPTER_NAMES
 from core.data import scan_folder
 from core.datasets import dataset_dir
 from core.errors import UserError
@@ -34,7 +35,7 @@ BUTTONS = {  # which controls make sense in each state
     "sample_btn": ("running", "paused"),
     "save_btn": ("running", "paused"),
 }
-ADAPTER_TYPES = [("LoRA", "lora"), ("LoHa", "loha"), ("LoKr", "lokr")]
+ADAPTER_TYPES = [(name, kind) for kind, name in ADAPTER_NAMES.items()]
 
 log = logging.getLogger(__name__)
 
