@@ -52,12 +52,23 @@ def page(running):
         page.set_default_timeout(TIMEOUT)
         page.errors = []
         page.on("pageerror", lambda e: page.errors.append(str(e)))
+        page.reloading = False  # requests a reload cuts off log "AbortError" / "Connection errored out": not faults
+        page.on("console", lambda m: page.errors.append(f"console: {m.text}")
+                if m.type == "error" and not page.reloading else None)
         yield page
         browser.close()
 
 
 def text_of(page, selector: str) -> str:
     return page.locator(selector).inner_text()
+
+
+def log_follows_newest_line(page) -> None:
+    """The Train tab's log is longer than its box and shows its last line ("Stopped at step N ...")."""
+    log = page.locator("#db-log textarea")
+    sync_api.expect(log).to_have_value(re.compile(r"Stopped at step \d+"), timeout=TIMEOUT)
+    page.wait_for_function("() => { const t = document.querySelector('#db-log textarea'); return t.scrollHeight > "
+                           "t.clientHeight && t.scrollTop + t.clientHeight >= t.scrollHeight - 4; }", timeout=10_000)
 
 
 def choose(page, elem_id: str, option: str) -> None:
@@ -160,14 +171,19 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     expect_text(page, "#tr-status", "Training")
     page.click("#tr-stop")
     expect_text(page, "#tr-status", "Stopped")
+    log_follows_newest_line(page)
     assert running.ctx.session.snapshot()["step"] > paused_at
+    page.reloading = True
     page.reload()
     page.wait_for_selector("#ds-create")
+    page.wait_for_timeout(1000)
+    page.reloading = False
     tab(page, "3. Train")
     expect_text(page, "#tr-status", "Stopped")
     sync_api.expect(page.locator("#tr-base input")).to_have_value(re.compile("^demo"))  # the run's settings
     sync_api.expect(page.locator("#tr-steps input")).to_have_value("100000")
     sync_api.expect(page.locator("#tr-loss .mark-line path")).to_have_count(2, timeout=TIMEOUT)
     sync_api.expect(page.locator("#tr-samples img").first).to_be_visible(timeout=TIMEOUT)
+    log_follows_newest_line(page)
     page.screenshot(path=shots / "5-after-reload.png", full_page=True)
     assert not page.errors, page.errors

@@ -108,10 +108,28 @@ def restore(ctx: Ctx) -> dict:
     return values
 
 
+# The Train tab's log follows its newest line, unless the reader has scrolled up to read an older one. (The
+# Textbox's own autoscroll left it at the top when the poll replaced its whole value.)
+FOLLOW_LOG_JS = """
+() => {
+  const seen = new WeakMap();  // textarea -> its scrollHeight at the last look
+  setInterval(() => {
+    for (const t of document.querySelectorAll('#db-log textarea')) {
+      const before = seen.get(t);
+      const wasAtEnd = before === undefined || t.scrollTop + t.clientHeight >= before - 4;
+      if (t.scrollHeight !== before && wasAtEnd) t.scrollTop = t.scrollHeight;
+      seen.set(t, t.scrollHeight);
+    }
+  }, 400);
+}
+"""
+
+
 def launch_kwargs(app: gr.Blocks) -> dict:
-    """What every launch passes: the theme and CSS (Gradio 6 takes them here), and files limited to the workspace."""
-    return {"theme": theme(), "css": CSS, "allowed_paths": [str(app.ctx.workspace)], "ssr_mode": False,
-            "footer_links": [], "show_error": True}
+    """What every launch passes: the theme, CSS and script (Gradio 6 takes them here), and files limited to the
+    workspace."""
+    return {"theme": theme(), "css": CSS, "js": FOLLOW_LOG_JS, "allowed_paths": [str(app.ctx.workspace)],
+            "ssr_mode": False, "footer_links": [], "show_error": True}
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
