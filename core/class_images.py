@@ -24,6 +24,7 @@ from .fileio import write_json
 from .events import ClassImagesProgress, ClassImagesStep, Emit, Log, ignore
 from .models import model_fingerprint
 from .sampling import generate, make_pipeline, save_png
+from .words import count
 
 MANIFEST = "manifest.json"
 REJECTED_DIR = "rejected"  # images the user rejected; their names are never generated again
@@ -172,8 +173,3 @@ def _on_step(emit: Emit, should_stop: Callable[[], bool], done: int, total: int,
             raise _Stopped
 
     return on_step
-
-
-def count(n: int, noun: str) -> str:
-    """`1 class image`, `2 class images`."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"

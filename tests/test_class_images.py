@@ -354,3 +354,9 @@ def test_cache_folder_is_filled_by_ensure(model, tmp_path):
     items = ensure_class_images(cfg, model)
     assert {i.path.parent for i in items} == {class_dir_for(cfg)}
     assert len(items) == 2
+
+
+def test_counts_say_one_image_and_two_images():
+    from core.words import count
+
+    assert [count(n, "class image") for n in (0, 1, 2)] == ["0 class images", "1 class image", "2 class images"]

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from core.class_images import class_dir_for, class_min_size, count, reject_class_images
+from core.class_images import class_dir_for, class_min_size, reject_class_images
 from core.data import scan_folder
 from core.errors import DataError, UserError
+from core.words import count
 
 from .common import Ctx, Handler, TabParts, bind_table, error_html, model_picker, pick, progress_html
 from .dataset_tab import names_of, on_select

@@ -8,6 +8,7 @@ from core import datasets as ds, demo
 from core.config import DataConfig
 from core.data import ImageSet, scan_folder
 from core.errors import DataError, UserError
+from core.words import count
 
 from .common import Ctx, Handler, TabParts, bind_table
 from .form import BY_NAME, to_number, widget
@@ -29,7 +30,7 @@ def dataset_view(ctx: Ctx, dataset: str, resolution) -> dict:
     res, problem = resolution_or_problem(resolution)
     n = len(scan.images)
     uncaptioned = [i for i in scan.images if not i.caption]
-    head = f"**{n} usable image{'s' if n != 1 else ''}** in `{folder}`"
+    head = f"**{count(n, 'usable image')}** in `{folder}`"
     if n:
         head += f" ({n - len(uncaptioned)} with their own caption, {len(uncaptioned)} use the instance prompt)."
     lines = [head]
@@ -247,7 +248,7 @@ def save_captions(ctx: Ctx, dataset, captions, resolution) -> dict:
     captions = {str(r["file"]): str(r.get("caption") or "") for r in rows if r.get("file")}
     changed = ds.write_captions(folder, captions)
     # The report counts the images with their own caption: redraw it from the files just written.
-    return {"caption_msg": f"Saved: {changed} caption file{'s' if changed != 1 else ''} changed.",
+    return {"caption_msg": f"Saved: {count(changed, 'caption file')} changed.",
             **dataset_view(ctx, dataset, resolution)}
 
 

@@ -13,9 +13,10 @@ from core.config import ADAPTER_NAMES
 from core.data import scan_folder
 from core.datasets import dataset_dir
 from core.errors import UserError
-from core.runs import measured_seconds_per_step
 from core.rundir import RunDir, list_runs
+from core.runs import measured_seconds_per_step
 from core.trainer import preflight
+from core.words import count
 
 from .common import (STATE_WORDS, Ctx, Handler, TabParts, bind_table, error_html, fmt_duration, model_picker, pick,
                      progress_html)
@@ -194,14 +195,14 @@ def step_maths(ctx: Ctx, dataset: str, values: dict) -> str:
         per_epoch = images * d.repeats
         epochs = t.max_steps * batch / per_epoch
         shown = f"{epochs:.0f}" if epochs >= 10 else f"{epochs:.1f}"
-        lines.append(f"**{images} images × {d.repeats} repeat{'s' if d.repeats != 1 else ''} × {shown} epochs "
+        lines.append(f"**{count(images, 'image')} × {count(d.repeats, 'repeat')} × {shown} epochs "
                      f"÷ batch {batch} = {t.max_steps} steps.** Each image is seen about "
                      f"{t.max_steps * batch / images:.0f} times.")
     else:
         lines.append(f"**{t.max_steps} steps** at batch {batch}. Pick a dataset with images on the Dataset tab.")
     if t.prior_preservation:
-        lines.append(f"Prior preservation: each step also trains on {t.batch_size} class image"
-                     f"{'s' if t.batch_size != 1 else ''} (*{d.class_prompt or 'no class prompt yet'}*); "
+        lines.append(f"Prior preservation: each step also trains on {count(t.batch_size, 'class image')} "
+                     f"(*{d.class_prompt or 'no class prompt yet'}*); "
                      f"{d.num_class_images} are needed.")
     cuda = torch.cuda.is_available()
     measured = measured_seconds_per_step(ctx.runs_dir, cfg.model.base, d.resolution, t.batch_size)
