@@ -136,6 +136,27 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     fill(page, "tr-sample-every", "8")
     fill(page, "tr-sample-steps", "2")
     expect_text(page, "#tr-maths", r"3 images × 1 repeat × \d+ epochs ÷ batch 1 = 100000 steps")
+    # Start says what it trains on; the choices survive a second tab and a reload (not the demo again).
+    said = r"Dataset: ball · instance prompt: a photo of sks ball · class prompt: a photo of a ball"
+    expect_text(page, "#tr-maths", said)
+    page.wait_for_timeout(1500)  # the last change reaches the app
+    second = page.context.browser.new_page()  # another tab (its own context: nothing shared in the browser)
+    second.goto(running.url)
+    sync_api.expect(second.locator("#ds-dataset input")).to_have_value("ball", timeout=TIMEOUT)
+    tab(second, "3. Train")
+    sync_api.expect(second.locator("#tr-steps input")).to_have_value("100000", timeout=TIMEOUT)
+    expect_text(second, "#tr-maths", said)
+    second.close()
+    page.reloading = True
+    page.reload()
+    page.wait_for_selector("#ds-create")
+    page.wait_for_timeout(1000)
+    page.reloading = False
+    sync_api.expect(page.locator("#ds-dataset input")).to_have_value("ball", timeout=TIMEOUT)
+    expect_text(page, "#ds-report", "3 usable images")
+    tab(page, "3. Train")
+    sync_api.expect(page.locator("#tr-steps input")).to_have_value("100000", timeout=TIMEOUT)
+    expect_text(page, "#tr-maths", said)
     page.click("#tr-start")
     expect_text(page, "#tr-status", r"step (1\d|[2-9]\d|\d{3,}) / 100000")  # at least 10 steps
     sync_api.expect(page.locator("#tr-samples img").first).to_be_visible(timeout=TIMEOUT)
@@ -182,6 +203,7 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     expect_text(page, "#tr-status", "Stopped")
     sync_api.expect(page.locator("#tr-base input")).to_have_value(re.compile("^demo"))  # the run's settings
     sync_api.expect(page.locator("#tr-steps input")).to_have_value("100000")
+    sync_api.expect(page.locator("#tr-preset input")).to_have_value("")  # the run's settings, not "demo-lora"
     sync_api.expect(page.locator("#tr-loss .mark-line path")).to_have_count(2, timeout=TIMEOUT)
     sync_api.expect(page.locator("#tr-samples img").first).to_be_visible(timeout=TIMEOUT)
     log_follows_newest_line(page)

@@ -428,3 +428,36 @@ def test_train_alone_still_works_with_the_session_loading_the_model(tmp_path, in
     run_dir = train(cfg)
     assert (run_dir / f"{run_dir.name}.safetensors").is_file()
     assert os.path.isfile(run_dir / "loss.csv")
+
+
+def test_a_loaded_page_gets_the_form_as_left_in_any_tab_or_a_later_runs_settings(tmp_path, instance_dir):
+    """What a reload or a second tab shows: the dataset, preset and settings last left in any tab; once a run starts
+    after that, the run's settings (and no preset name claiming them)."""
+    from ui import main
+    from ui.form import form_values
+
+    app = main.build_app(workspace=tmp_path / "ws")
+    ctx = app.ctx
+    folder = ds.create_dataset(ctx.workspace, "rex")
+    ds.add_images(folder, sorted(instance_dir.glob("*.png")))
+    ds.create_dataset(ctx.workspace, "other")
+    first = main.restore(ctx)  # nothing left yet and a workspace with datasets: the page's own start values
+    assert first == {}
+
+    left = {**{n: None for n in main.DRAFT}, "dataset": "rex", "preset": "sd15-loha", "max_steps": 123,
+            "resolution": 64, "instance_prompt": "a photo of zxq dog", "class_prompt": "a photo of a dog"}
+    main.remember(ctx, **left)
+    again = main.restore(ctx)
+    assert again["dataset"]["value"] == "rex" and again["preset"] == "sd15-loha" and again["max_steps"] == 123
+    assert again["instance_prompt"] == "a photo of zxq dog"  # as typed, over what the dataset remembers
+    assert "3 usable images" in again["report"]
+
+    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 2}))
+    ctx.session.start(cfg)
+    assert ctx.session.wait(120) == "finished"
+    after_run = main.restore(ctx)
+    assert after_run["preset"] is None and after_run["max_steps"] == form_values(cfg.to_dict())["max_steps"] == 2
+    assert "dataset" not in after_run  # the run's images are not one of the workspace's datasets
+
+    main.remember(ctx, **{**left, "dataset": "other"})  # edited after the run: the form wins again
+    assert main.restore(ctx)["dataset"]["value"] == "other"

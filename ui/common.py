@@ -31,6 +31,10 @@ class Ctx:
     allow_pickle: bool = False  # the app was started with --allow-pickle: pickled .ckpt base models may load
     api_outputs: dict[str, list] = field(default_factory=dict)  # api name -> [(output name, component)], in order
     train_view: Any = None  # the Train tab's live view (ui.train_tab.TrainView): its loss curve lives between polls
+    # The dataset, preset and settings as the user last left them in any browser tab, and when: a reloaded or a
+    # second tab shows them (they are process-wide, like the running job).
+    draft: dict[str, Any] = field(default_factory=dict)
+    draft_at: float = 0.0
 
     @property
     def runs_dir(self) -> Path:

@@ -6,9 +6,11 @@ class-image job, the playground), not in the browser: a reloaded page re-attache
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: no telemetry
@@ -76,35 +78,55 @@ def build_app(workspace: str | Path | None = None, session: Session | None = Non
             for handler in parts.refreshes:
                 bind_handler(ctx, app.load, handler)
                 bind_handler(ctx, tab.select, handler, show_progress="hidden")
-        form = pick(d | k | t, train_tab.FORM)
-        bind(ctx, app.load, restore, {}, form | pick(d, ("dataset",) + RESTORED_VIEW))
+        remembered = pick(d | k | t, DRAFT)
+        bind(ctx, functools.partial(gr.on, [c.change for c in remembered.values()]), remember, remembered, {},
+             api_name="remember_form", show_progress="hidden", trigger_mode="always_last")
+        bind(ctx, app.load, restore, {}, remembered | pick(d, RESTORED_VIEW))
 
     app.ctx = ctx
     app.api_outputs = ctx.api_outputs
     return app
 
 
-# What a reloaded page shows of the dataset the restored run trained on.
+# What a reloaded (or a second) tab gets back: the chosen dataset and preset and every setting.
+DRAFT = ("dataset", "preset") + train_tab.FORM
+# What it shows of that dataset.
 RESTORED_VIEW = ("gallery", "report", "crops", "captions", "identifier", "class_noun", "token_info", "selected",
                  "add_msg")
 
 
+def remember(ctx: Ctx, **values) -> dict:
+    """Keep the form as the user left it (any tab), so that a reload or a second tab shows the same."""
+    ctx.draft, ctx.draft_at = dict(values), time.time()
+    return {}
+
+
 def restore(ctx: Ctx) -> dict:
-    """A reloaded page shows the settings of the run this process is running (or ran last)."""
-    cfg = ctx.session.config
-    if cfg is None:
+    """A loaded page shows what the user last had: the form as left in any tab, or, when a run started after that,
+    the settings of that run (running or ended); on a first start, the demo subject."""
+    cfg, started = ctx.session.config, ctx.session.snapshot()["started_at"]
+    if ctx.draft and (cfg is None or ctx.draft_at >= started):
+        values = dict(ctx.draft)
+        dataset, resolution = values["dataset"], values.get("resolution")
+    elif cfg is not None:
+        values = form_values(cfg.to_dict())
+        values["preset"] = None  # the run's settings, whichever preset they came from
+        folder = Path(cfg.data.instance_dir)
+        own = folder.parent == datasets_root(ctx.workspace) and folder.is_dir()
+        dataset, resolution = (folder.name if own else None), cfg.data.resolution
+        values.update(instance_prompt=cfg.data.instance_prompt, class_prompt=cfg.data.class_prompt)
+    elif not list_datasets(ctx.workspace) and dataset_tab.DEMO_SUBJECT.is_dir():
         # First start (an empty workspace): the demo subject is set up and selected, so Start works at once.
-        if not list_datasets(ctx.workspace) and dataset_tab.DEMO_SUBJECT.is_dir():
-            return dataset_tab.demo_dataset(ctx, initial_config()["data"]["resolution"])
+        return dataset_tab.demo_dataset(ctx, initial_config()["data"]["resolution"])
+    else:
         return {}
-    values = form_values(cfg.to_dict())
-    folder = Path(cfg.data.instance_dir)
-    if folder.parent == datasets_root(ctx.workspace) and folder.is_dir():
-        values["dataset"] = gr.update(choices=list_datasets(ctx.workspace), value=folder.name)
-        values.update(dataset_tab.dataset_view(ctx, folder.name, cfg.data.resolution))
-        values.update(dataset_tab.dataset_settings(ctx, folder.name))
-        values["instance_prompt"] = cfg.data.instance_prompt
-        values["class_prompt"] = cfg.data.class_prompt
+    values.pop("dataset", None)
+    if dataset and dataset in list_datasets(ctx.workspace):
+        prompts = {k: values[k] for k in ("instance_prompt", "class_prompt") if k in values}
+        values.update(dataset_tab.dataset_view(ctx, dataset, resolution))
+        values.update(dataset_tab.dataset_settings(ctx, dataset))
+        values.update(prompts)  # as the user left them, over what the dataset remembers
+        values["dataset"] = gr.update(choices=list_datasets(ctx.workspace), value=dataset)
     return values
 
 

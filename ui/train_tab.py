@@ -176,6 +176,16 @@ def rough_seconds_per_step(base: str, resolution: int, batch: int, cuda: bool) -
     return (0.5 if cuda else 30.0) * pixels
 
 
+def trains_on(dataset: str | None, instance_prompt: str, class_prompt: str | None) -> str:
+    """What Start will train on, said beside it: the dataset and the prompts (from the Dataset and Class tabs)."""
+    if not dataset:
+        return "**Dataset:** none chosen yet (Dataset tab)."
+    text = f"**Dataset:** {dataset} · **instance prompt:** *{instance_prompt or 'none yet'}*"
+    if class_prompt is not None:
+        text += f" · **class prompt:** *{class_prompt or 'none yet'}*"
+    return text
+
+
 def step_maths(ctx: Ctx, dataset: str, values: dict) -> str:
     """images x repeats x epochs / batch = steps, in words, and an estimated time."""
     import torch
@@ -190,7 +200,7 @@ def step_maths(ctx: Ctx, dataset: str, values: dict) -> str:
     except UserError:
         images = 0
     batch = t.batch_size * t.gradient_accumulation_steps
-    lines = []
+    lines = [trains_on(dataset, d.instance_prompt, d.class_prompt if t.prior_preservation else None)]
     if images:
         per_epoch = images * d.repeats
         epochs = t.max_steps * batch / per_epoch
@@ -399,8 +409,8 @@ FORM = tuple(f.name for f in FIELDS) + ("base_choice", "base_other")
 LIVE_OUT = ("train_status", "loss_plot", "samples", "log", "train_error", "error_detail", *BUTTONS, "train_sent")
 # The step maths is redrawn when anything it depends on changes.
 MATHS_NAMES = ("max_steps", "batch_size", "repeats", "gradient_accumulation_steps", "prior_preservation",
-               "num_class_images", "class_prompt", "resolution", "base_choice", "base_other", "sample_every",
-               "adapter_type", "rank", "train_text_encoder", "text_encoder_rank", "mixed_precision", "optimizer",
+               "num_class_images", "class_prompt", "instance_prompt", "resolution", "base_choice", "base_other",
+               "sample_every", "adapter_type", "rank", "train_text_encoder", "text_encoder_rank", "mixed_precision", "optimizer",
                "gradient_checkpointing", "unet_targets", "text_encoder_targets", "dataset")
 # A preset sets everything except what belongs to a dataset.
 PRESET_OUT = tuple(n for n in FORM if n not in ("instance_prompt", "class_prompt", "run_name")) + ("preset_msg",)
