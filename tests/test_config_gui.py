@@ -61,6 +61,23 @@ def names_the_key(text: str, key: str) -> bool:
     return f"`{key}`" in text
 
 
+def names_the_field(text: str, key: str) -> bool:
+    """In the app: the field the user sees (its label), then the config key."""
+    from ui.form import LABELS
+
+    return names_the_key(text, key) and (key not in LABELS or f"{LABELS[key]} (`{key}`)" in text)
+
+
+def test_app_messages_name_the_field_then_the_key():
+    from ui.form import LABELS, in_field_names
+
+    LABELS.setdefault("train.learning_rate", "Learning rate")
+    assert in_field_names("`train.learning_rate` must be positive, got 0.") == \
+        "Learning rate (`train.learning_rate`) must be positive, got 0."
+    assert in_field_names("needs a class prompt (model.base).") == "needs a class prompt (Base model: `model.base`)."
+    assert in_field_names("`no.such_key` and `a photo of a dog` stay") == "`no.such_key` and `a photo of a dog` stay"
+
+
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     ws = tmp_path_factory.mktemp("workspace")
@@ -101,14 +118,14 @@ def test_a_bad_form_value_is_refused_naming_the_key(ui, client, bad, key):
     values = dict(BASE, **bad)
     with pytest.raises(AppError) as start:
         ui.call(client, "start_training", dataset="ball", **values)
-    assert names_the_key(str(start.value), key), str(start.value)
+    assert names_the_field(str(start.value), key), str(start.value)
     with pytest.raises(AppError) as save:
         ui.call(client, "save_preset", preset_name="bad", **values)
-    assert names_the_key(str(save.value), key), str(save.value)
+    assert names_the_field(str(save.value), key), str(save.value)
     # The step maths, redrawn while the user types, says what to fix instead of the sums (no pop-up: Start gives
     # the one pop-up).
     maths = ui.call(client, "step_maths", dataset="ball", **values)["maths"]
-    assert maths.startswith("**Check the settings:**") and names_the_key(maths, key), maths
+    assert maths.startswith("**Check the settings:**") and names_the_field(maths, key), maths
     assert "Something went wrong" not in str(start.value) + str(save.value)
     assert ui.ctx.session.snapshot()["state"] == "idle"
     assert listing(ui) == before  # no run folder, no preset file

@@ -415,7 +415,7 @@ def test_paths_and_names_from_the_browser_never_reach_outside_the_workspace(serv
             if api == "merge_adapters" and kwargs["adapter_1"] == str(served.ws / "adapters" / "real.safetensors"):
                 assert "cannot be a merged file name" in str(out), out  # refused for its name, the adapter was fine
             if api == "start_training":
-                assert "`output.name` must be a plain folder name" in str(out), out
+                assert "Run name (`output.name`) must be a plain folder name" in str(out), out
             if api == "save_captions" and kwargs["dataset"] == dataset:
                 assert "is not an image of this dataset" in str(out), out  # the handler's own check
             assert not (api in ("remove_images", "class_reject") and kwargs.get("dataset", dataset) == dataset), out
@@ -448,7 +448,7 @@ def test_a_run_name_cannot_put_the_run_outside_the_workspace(served, dataset):
     runs = served.ws / "runs"
     before = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
     for name in (f"../../escape-{TOKEN}", f"../escape-{TOKEN}", f"{served.outside}/escape-{TOKEN}", ".."):
-        with pytest.raises(AppError, match=r"`output\.name` must be a plain folder name"):
+        with pytest.raises(AppError, match=r"Run name \(`output\.name`\) must be a plain folder name"):
             served.call("start_training", **TINY, dataset=dataset, run_name=name, instance_prompt="a photo of sks ball",
                         prior_preservation=False, max_steps=1, sample_every=0)
     assert served.ctx.session.snapshot()["state"] == "idle"

@@ -8,7 +8,8 @@ from core.data import scan_folder
 from core.errors import DataError, UserError
 from core.words import count
 
-from .common import Ctx, Handler, TabParts, bind_table, error_html, model_picker, pick, progress_html
+from .common import (Ctx, Handler, TabParts, bind_table, error_html, model_picker, pick, progress_html,
+                     settings_problem)
 from .dataset_tab import names_of, on_select
 from .form import form_config, widget
 
@@ -34,7 +35,7 @@ def class_view(ctx: Ctx, values: dict) -> dict:
     try:
         cfg = class_config(ctx, values)
     except UserError as e:
-        return {"class_info": f"**Check the settings:** {e}", "class_gallery": []}
+        return {"class_info": settings_problem(e), "class_gallery": []}
     folder = class_dir_for(cfg)
     items = scan_folder(folder, min_size=class_min_size(cfg)).images if folder.is_dir() else []
     want = cfg.data.num_class_images

@@ -15,7 +15,7 @@ from core.errors import UserError
 from core.playground import Playground
 from core.session import ClassImagesJob, Session
 
-from .form import BASE_CHOICES, OTHER, SETTINGS
+from .form import BASE_CHOICES, OTHER, SETTINGS, in_field_names
 
 log = logging.getLogger("ui")
 
@@ -45,6 +45,11 @@ class Ctx:
         return self.workspace / "playground"
 
 
+def settings_problem(e: Exception) -> str:
+    """A view's line for settings it cannot use yet (shown while the user edits them; Start gives the pop-up)."""
+    return f"**Check the settings:** {in_field_names(str(e))}"
+
+
 def guarded(fn: Callable) -> Callable:
     """UserError -> a pop-up with its message; anything else -> a short message, traceback in the log."""
 
@@ -55,7 +60,7 @@ def guarded(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except UserError as e:
-            raise gr.Error(str(e), duration=None, print_exception=False) from None
+            raise gr.Error(in_field_names(str(e)), duration=None, print_exception=False) from None
         except Exception as e:  # noqa: BLE001 - a bug: tell the user briefly, keep the details for a report
             log.exception("Unexpected error in %s", getattr(fn, "__name__", fn))
             raise gr.Error(f"Something went wrong ({type(e).__name__}: {e}). The details are in the terminal "

@@ -11,7 +11,7 @@ from core.errors import DataError, UserError
 from core.words import count
 
 from .common import Ctx, Handler, TabParts, bind_table
-from .form import BY_NAME, to_number, widget
+from .form import BY_NAME, in_field_names, to_number, widget
 
 MIN_SIZE = DataConfig().min_image_size
 DEMO_DATASET = "demo-star"
@@ -42,7 +42,7 @@ def dataset_view(ctx: Ctx, dataset: str, resolution) -> dict:
         lines.append("**Rejected, not used for training:**\n" +
                      "\n".join(f"- `{r.path.name}`: {r.reason}" for r in scan.rejected))
     if problem:
-        lines.append(f"**Check the settings:** {problem}")
+        lines.append(f"**Check the settings:** {in_field_names(problem)}")
     elif n:
         changed = [i for i in scan.images if i.width != i.height or min(i.width, i.height) < res]
         plain = n - len(changed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,24 @@ def help_text(f: Field, meta: Mapping[str, Any]) -> str | None:
     return help or None
 
 
+# config key -> the label of its field in the app (filled as the widgets are built), so that messages name the field
+# a user sees; the key follows it.
+LABELS: dict[str, str] = {"model.base": "Base model", "data.instance_dir": "Dataset"}
+_KEY = re.compile(r"`([a-z_]+\.[a-z0-9_]+)`|\(([a-z_]+\.[a-z0-9_]+)\)")
+
+
+def in_field_names(message: str) -> str:
+    """A message for the app: "`train.learning_rate` must be positive" -> "Learning rate (`train.learning_rate`)
+    must be positive"; keys without a field in the app stay as they are."""
+    def named(m: re.Match) -> str:
+        key = m.group(1) or m.group(2)
+        if key not in LABELS:
+            return m.group(0)
+        return f"{LABELS[key]} (`{key}`)" if m.group(1) else f"({LABELS[key]}: `{key}`)"
+
+    return _KEY.sub(named, message)
+
+
 def widget(name: str, initial: dict[str, Any], component: type | None = None, **kwargs) -> gr.components.Component:
     """The field `name` as a Gradio widget holding `initial[name]`, with the range, choices and help of its config
     field; `kwargs` (label, layout, a choice's display names) are added and win."""
@@ -217,6 +236,8 @@ def widget(name: str, initial: dict[str, Any], component: type | None = None, **
         options["choices"] = list(typing.get_args(tp))
     else:
         component = component or gr.Textbox
+    if kwargs.get("label"):  # "Run name (optional)" -> "Run name"
+        LABELS[f.key] = re.sub(r"\s*\(.*\)$", "", kwargs["label"])
     return component(value=initial[name], **(options | kwargs))
 
 

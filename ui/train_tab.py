@@ -19,7 +19,7 @@ from core.trainer import preflight
 from core.words import count
 
 from .common import (STATE_WORDS, Ctx, Handler, TabParts, bind_table, error_html, fmt_duration, model_picker, pick,
-                     progress_html)
+                     progress_html, settings_problem)
 from .dataset_tab import MIN_SIZE
 from .form import (DEFAULT_PRESET, FIELDS, form_config, form_values, preset_config, preset_names, save_preset,
                    widget)
@@ -193,7 +193,7 @@ def step_maths(ctx: Ctx, dataset: str, values: dict) -> str:
     try:
         cfg = form_config(values, ctx.workspace, allow_pickle=ctx.allow_pickle)
     except UserError as e:
-        return f"**Check the settings:** {e}"
+        return settings_problem(e)
     t, d = cfg.train, cfg.data
     try:
         images = len(scan_folder(dataset_dir(ctx.workspace, dataset), min_size=MIN_SIZE).images) if dataset else 0
