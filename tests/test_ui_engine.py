@@ -461,3 +461,16 @@ def test_a_loaded_page_gets_the_form_as_left_in_any_tab_or_a_later_runs_settings
 
     main.remember(ctx, **{**left, "dataset": "other"})  # edited after the run: the form wins again
     assert main.restore(ctx)["dataset"]["value"] == "other"
+
+
+def test_samples_show_newest_first_then_the_baseline():
+    from ui.train_tab import SAMPLES_SHOWN, samples_value
+
+    samples = [(step, f"s{step}_{i}.png", p) for step in range(0, 50 * (SAMPLES_SHOWN + 2), 50)
+               for i, p in enumerate(("a photo of sks dog", "a photo of a dog"))]
+    shown = samples_value(samples)
+    captions = [caption for _, caption in shown]
+    newest = max(step for step, _, _ in samples)
+    assert captions[:2] == [f"step {newest}: a photo of sks dog", f"step {newest}: a photo of a dog"]
+    assert captions[-2:] == ["step 0: a photo of sks dog", "step 0: a photo of a dog"]
+    assert len(shown) == SAMPLES_SHOWN + 2

@@ -137,7 +137,8 @@ def test_train_tab_live_run_pause_test_resume_stop(ui, client, photos):
     poll = ui.call(client, "train_poll")
     assert len(poll["loss_plot"]["data"]) >= 12  # raw and smoothed points
     assert {row[2] for row in poll["loss_plot"]["data"]} == {"loss", "smoothed"}
-    assert poll["samples"][0]["caption"].startswith("step 0:")
+    steps = [int(g["caption"].split(":")[0].removeprefix("step ")) for g in poll["samples"]]
+    assert steps == sorted(steps, reverse=True) and steps[0] > 0 == steps[-1]  # newest first, the baseline last
     assert "step " in poll["train_status"] and "it/s" in poll["train_status"] or "s/step" in poll["train_status"]
 
     ui.call(client, "pause")

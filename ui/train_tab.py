@@ -121,10 +121,11 @@ def status_html(snap: dict) -> str:
 
 
 def samples_value(samples: list[tuple[int, str, str]]) -> list[tuple[str, str]]:
-    """Step-0 baseline first, then the newest samples, oldest to newest, each labelled with its step."""
+    """The newest samples first (the prompts of one step in their order), then the step-0 baseline to compare
+    with; each labelled with its step and prompt."""
     baseline = [s for s in samples if s[0] == 0]
-    later = [s for s in samples if s[0] != 0][-SAMPLES_SHOWN:]
-    return [(path, f"step {step}: {prompt}") for step, path, prompt in baseline + later]
+    later = sorted([s for s in samples if s[0] != 0][-SAMPLES_SHOWN:], key=lambda s: -s[0])  # stable within a step
+    return [(path, f"step {step}: {prompt}") for step, path, prompt in later + baseline]
 
 
 class TrainView:
@@ -314,7 +315,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
                                      color="curve", title="Loss", height=320, elem_id="tr-loss",
                                      color_map={"loss": "#a5b4fc", "smoothed": "#4338ca"},
                                      colors_in_legend=["loss", "smoothed"], scale=1)
-        c["samples"] = gr.Gallery(label="Samples (step 0 = before training)", columns=4, height=320,
+        c["samples"] = gr.Gallery(label="Samples, newest first (step 0 = before training)", columns=4, height=320,
                                   object_fit="contain", elem_id="tr-samples", scale=1)
     c["log"] = gr.Textbox("", label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="db-log")
     with gr.Accordion("Continue an earlier run", open=False):
