@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -346,6 +347,27 @@ def prior_preservation_loss(per_image: torch.Tensor, has_class: bool, weight: fl
     return inst + weight * prior, inst, prior
 
 
+class StepClock:
+    """The time left, from the wall time of the last `window` steps, their samples and checkpoints included and
+    pauses not: a machine that gets busier or freer shows within those steps, where an average over the whole
+    run would lag (the first steps, warming up, would weigh on the estimate for the rest of the run)."""
+
+    def __init__(self, window: int = 20):
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        """One more step took `seconds`."""
+        self.recent.append(seconds)
+
+    def add_to_last(self, seconds: float) -> None:
+        """What the last step did after it was counted (its samples, its checkpoint)."""
+        if self.recent:
+            self.recent[-1] += seconds
+
+    def seconds_left(self, steps_left: int) -> float:
+        return steps_left * sum(self.recent) / len(self.recent) if self.recent else 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Commands between steps
 # ----------------------------------------------------------------------------------------------
@@ -656,6 +678,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
 
     # 7. The loop: one iteration per optimizer step, of `gradient_accumulation_steps` micro-batches.
     start_step, train_seconds = run.step, 0.0
+    clock = StepClock()
     stopped = False
     while run.step < t.max_steps:
         if control.poll(run.step, run.sample, lambda: save_checkpoint(run)):
@@ -687,7 +710,9 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
         lr = lr_scheduler.get_last_lr()[0]
         lr_scheduler.step()
         run.step += 1
-        train_seconds += time.perf_counter() - tic
+        step_seconds = time.perf_counter() - tic
+        train_seconds += step_seconds
+        clock.add(step_seconds)
         if not all(math.isfinite(v) for v in sums):
             raise UserError(f"The loss became {sums[0]} at step {run.step}: training diverged. "
                             "Lower the learning rate, or use bf16 instead of fp16.")
@@ -695,11 +720,14 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
         prior_loss = sums[2] if data.klass is not None else None
         run.loss_rows.append([run.step, f"{sums[0]:.6g}", f"{sums[1]:.6g}", "" if prior_loss is None else f"{prior_loss:.6g}",
                               f"{lr:.6g}", f"{train_seconds:.3f}"])
-        main_emit(Progress(run.step, t.max_steps, sums[0], sums[1], prior_loss, lr, rate, (t.max_steps - run.step) / rate))
+        main_emit(Progress(run.step, t.max_steps, sums[0], sums[1], prior_loss, lr, rate,
+                           clock.seconds_left(t.max_steps - run.step)))
+        tic = time.perf_counter()
         if t.sample_every and run.step % t.sample_every == 0:
             run.sample()
         if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < t.max_steps:
             save_checkpoint(run)
+        clock.add_to_last(time.perf_counter() - tic)
         if len(run.loss_rows) >= 50:
             run.flush_losses()
 

@@ -260,3 +260,17 @@ def test_cli_unknown_preset_is_refused(tmp_path, capsys):
     code, err = run_cli(["train", "--preset", "no-such-preset", "--set", f"output.dir={tmp_path / 'runs'}"], capsys)
     assert code == 2 and re.search(r"No preset named 'no-such-preset'\. Presets: .*demo-lora", err), err
     assert not (tmp_path / "runs").exists()
+
+
+def test_step_maths_says_a_full_size_model_is_far_too_slow_on_the_cpu(ui, client, monkeypatch):
+    """Not 'about 3 minutes' for an SD 1.5 model on a CPU: hours, and a plain word that the CPU is far too slow."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sd = dict(BASE, base_choice="other", base_other="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
+              max_steps=400)
+    maths = ui.call(client, "step_maths", dataset="ball", **sd)["maths"]
+    assert re.search(r"Estimated training time: \*\*about \d+ h \d\d min\*\*", maths), maths
+    assert "No NVIDIA GPU was found" in maths and "far too slowly" in maths
+    demo = ui.call(client, "step_maths", dataset="ball", **dict(BASE, base_choice="demo", resolution=64))["maths"]
+    assert "far too slowly" not in demo and " h " not in demo.split("Estimated training time")[1].split(")")[0]

@@ -479,3 +479,22 @@ def test_train_checks_before_loading_the_model(tmp_path, instance_dir, monkeypat
     monkeypatch.setattr(core.trainer, "load_base_from_config", no_load)
     with pytest.raises(DataError, match="/no/such/folder"):
         run(tiny_config(tmp_path, instance_dir, data={"instance_dir": "/no/such/folder"}))
+
+
+def test_time_left_follows_the_recent_pace_with_samples_and_without_pauses():
+    from core.trainer import StepClock
+
+    clock = StepClock(window=4)
+    assert clock.seconds_left(10) == 0.0  # nothing measured yet
+    for seconds in (10.0, 10.0, 1.0, 1.0, 1.0, 1.0):  # slow first steps (a busy machine), then quick ones
+        clock.add(seconds)
+    assert clock.seconds_left(100) == pytest.approx(100.0)  # the last 4 steps: 1 s each, not the run's average
+    clock.add_to_last(4.0)  # that step also made samples
+    assert clock.seconds_left(100) == pytest.approx(200.0)
+
+
+def test_progress_reports_time_left_from_the_runs_own_steps(tmp_path, instance_dir):
+    _, events = run(tiny_config(tmp_path, instance_dir, train={"max_steps": 6}))
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [p.step for p in progress] == [1, 2, 3, 4, 5, 6]
+    assert progress[-1].eta_s == 0.0 and all(p.eta_s > 0 for p in progress[:-1])

@@ -168,13 +168,14 @@ class TrainView:
 # --------------------------------------------------------------------------- step maths
 
 def rough_seconds_per_step(base: str, resolution: int, batch: int, cuda: bool) -> float:
-    """A first guess before any run was measured: SD at 512 px is about 0.5 s per step on a consumer GPU."""
+    """A first guess before any run was measured: SD at 512 px is about 0.5 s per step on a consumer GPU; on a
+    CPU an SD 1.5-sized model took about 24 s per step at 128 px (README, Speed: 2 cores), growing with the pixels."""
     pixels = (resolution / 512) ** 2 * batch
     if base == "tiny":
         return 0.05
     if base == "demo":
         return (0.05 if cuda else 0.4) * max(pixels * 64, 1)
-    return (0.5 if cuda else 30.0) * pixels
+    return 0.5 * pixels if cuda else 24.0 * pixels * 16
 
 
 def trains_on(dataset: str | None, instance_prompt: str, class_prompt: str | None) -> str:
@@ -221,6 +222,9 @@ def step_maths(ctx: Ctx, dataset: str, values: dict) -> str:
     how = "measured on your last run with this model, size and batch" if measured else "a rough guess"
     extra = f"; plus the samples every {t.sample_every} steps" if t.sample_every else ""
     lines.append(f"Estimated training time: **about {fmt_duration(t.max_steps * per_step)}** ({how}{extra}).")
+    if not cuda and cfg.model.base not in ("demo", "tiny"):
+        lines.append("No NVIDIA GPU was found: a full-size Stable Diffusion model trains on the CPU far too slowly "
+                     "for real use. Train it on a computer with an NVIDIA GPU, or try the demo model here.")
     try:
         lines.append(vram.advice(cfg, vram.free_gpu_memory()))
     except Exception as e:  # noqa: BLE001 - a model the planner cannot read: the run itself will say why
