@@ -101,6 +101,10 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     sync_api.expect(page.locator("#ds-instance-prompt textarea")).to_have_value("a photo of tms star", timeout=TIMEOUT)
     demo_folder = running.workspace / "datasets" / "demo-star"
     assert sorted(p.name for p in demo_folder.glob("*.png")) == [f"star_{i}.png" for i in range(5)]
+    crops = page.locator("#ds-crops")
+    sync_api.expect(crops.locator("img")).to_have_count(5, timeout=TIMEOUT)
+    box, last = crops.bounding_box(), crops.locator("img").nth(4).bounding_box()
+    assert last["x"] + last["width"] <= box["x"] + box["width"] + 1, (last, box)  # the fifth crop is not cut off
     page.screenshot(path=str(shots / "00-first-start.png"), full_page=True)
 
     # 1. Dataset from sample images (upload), the prompt from identifier + class noun.

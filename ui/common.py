@@ -239,7 +239,9 @@ CSS = """
 .db-bottom { align-items: flex-end !important; }
 #pg-image img { min-width: min(256px, 100%); object-fit: contain; }
 #db-log textarea { font-family: var(--font-mono); font-size: 0.85em; }
-/* sample captions ("step 400: a photo of sks dog") wrap instead of being cut after a few words */
-#tr-samples .caption-label { white-space: normal; overflow-wrap: anywhere; max-width: calc(100% - 8px);
-                             font-size: 0.72em; line-height: 1.25; }
+/* captions (sample prompts, file names) wrap instead of being cut after a few characters */
+#tr-samples .caption-label, #ds-gallery .caption-label, #ds-crops .caption-label {
+  white-space: normal; overflow-wrap: anywhere; max-width: calc(100% - 8px); font-size: 0.72em; line-height: 1.25; }
+/* a long adapter name stops before the dropdown's arrow */
+[id^="pg-adapter-"] input { padding-right: 2.2em; text-overflow: ellipsis; }
 """

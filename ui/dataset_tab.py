@@ -139,15 +139,15 @@ def build(ctx: Ctx, initial: dict) -> dict:
     c["add_msg"] = gr.Markdown(elem_id="ds-add-msg")
     with gr.Row():
         with gr.Column(scale=3):
-            c["gallery"] = gr.Gallery(label="Images", columns=6, height=300, allow_preview=False, object_fit="cover",
+            c["gallery"] = gr.Gallery(label="Images", columns=6, height=300, allow_preview=False, object_fit="contain",
                                       elem_id="ds-gallery")
             with gr.Row(elem_classes="db-bottom"):
                 c["selected"] = gr.Textbox("", label="Selected (click images above)", scale=4, elem_id="ds-selected")
                 c["remove_btn"] = gr.Button("Remove selected", scale=0, min_width=200, elem_id="ds-remove")
         with gr.Column(scale=2):
             c["resolution"] = widget("resolution", initial, label="Training resolution (px)", elem_id="ds-resolution")
-            c["crops"] = gr.Gallery(label="What training sees (the crop at the training resolution)", columns=5,
-                                    height=260,
+            c["crops"] = gr.Gallery(label="What training sees (the crop at the training resolution)", columns=4,
+                                    height=300,
                                     allow_preview=True, elem_id="ds-crops")
     c["report"] = gr.Markdown(elem_id="ds-report")
     gr.Markdown("### Prompt")
