@@ -474,3 +474,19 @@ def test_samples_show_newest_first_then_the_baseline():
     assert captions[:2] == [f"step {newest}: a photo of sks dog", f"step {newest}: a photo of a dog"]
     assert captions[-2:] == ["step 0: a photo of sks dog", "step 0: a photo of a dog"]
     assert len(shown) == SAMPLES_SHOWN + 2
+
+
+def test_a_pasted_word_makes_the_instance_prompt_but_a_written_prompt_stays(tmp_path):
+    """Leaving the identifier / class-noun box (a paste fires no input event) makes the prompt from the words when
+    it is empty or still made from the earlier words; a prompt the user wrote is kept."""
+    from ui import dataset_tab, main
+
+    ctx = main.build_app(workspace=tmp_path / "ws").ctx
+    ds.create_dataset(ctx.workspace, "rex")
+    out = dataset_tab.follow_words(ctx, "rex", "sks", "dog", "")
+    assert out["instance_prompt"] == "a photo of sks dog" and out["class_prompt"] == "a photo of a dog"
+    assert dataset_tab.follow_words(ctx, "rex", "sks", "dog", "a photo of sks dog") == {}  # nothing changed
+    out = dataset_tab.follow_words(ctx, "rex", "sks", "cat", "a photo of sks dog")  # the noun replaced by a paste
+    assert out["instance_prompt"] == "a photo of sks cat"
+    assert dataset_tab.follow_words(ctx, "rex", "sks", "bird", "sks cat wearing a hat, studio light") == {}
+    assert ds.read_manifest(ds.dataset_dir(ctx.workspace, "rex"))["class_noun"] == "cat"

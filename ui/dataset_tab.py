@@ -225,6 +225,19 @@ def prompt(ctx: Ctx, dataset, identifier, class_noun) -> dict:
     return out
 
 
+def follow_words(ctx: Ctx, dataset, identifier, class_noun, instance_prompt) -> dict:
+    """On leaving the identifier or class-noun box: a word pasted or filled in there fires no input event, so the
+    instance prompt is made from the words here too, when it is empty or still the one made from the words before
+    (a prompt the user wrote is kept)."""
+    m = ds.read_manifest(ds.dataset_dir(ctx.workspace, dataset)) if dataset else {}
+    words_before = (str(m.get("identifier") or ""), str(m.get("class_noun") or ""))
+    written = instance_prompt.strip()
+    if written and (written != ds.instance_prompt(*words_before) or words_before == (identifier.strip(),
+                                                                                    class_noun.strip())):
+        return {}
+    return prompt(ctx, dataset, identifier, class_noun)
+
+
 def save_prompt(ctx: Ctx, dataset, instance_prompt) -> dict:
     if dataset and instance_prompt.strip():
         ds.update_manifest(ds.dataset_dir(ctx.workspace, dataset), instance_prompt=instance_prompt.strip())
@@ -279,6 +292,8 @@ EVENTS = [  # (trigger, handler, inputs, outputs[, options])
      {"api_name": "remove_images"}),
     ("identifier.input", prompt, PROMPT_IN, PROMPT_OUT, {"api_name": "build_prompt", **TYPING}),
     ("class_noun.input", prompt, PROMPT_IN, PROMPT_OUT, TYPING),
+    ("class_noun.blur", follow_words, PROMPT_IN + ("instance_prompt",), PROMPT_OUT, {"api_name": "follow_words"}),
+    ("identifier.blur", follow_words, PROMPT_IN + ("instance_prompt",), PROMPT_OUT),
     ("instance_prompt.blur", save_prompt, ("dataset", "instance_prompt"), ()),
     ("suggest_btn.click", suggest, ("suggest_seed",), ("suggestions", "suggest_seed"),
      {"api_name": "suggest_identifiers"}),
