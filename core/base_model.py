@@ -1,4 +1,4 @@
-"""The frozen parts of a Stable Diffusion 1.x / 2.x model, and the CLIP tokenizer shipped with the app.
+"""The frozen parts of a latent diffusion model (SD 1.x / 2.x, SDXL), and the CLIP tokenizer shipped with the app.
 
 A leaf module (no other core module imported), so that every module that handles a model (loading,
 single-file checkpoints, adapters, sampling) can name its type without importing the loaders.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -27,6 +28,9 @@ class BaseModel:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     scheduler: DDPMScheduler  # the training noise scheduler
+    # SDXL's second text encoder (OpenCLIP ViT-bigG, with projection) and its tokenizer; None for SD 1.x / 2.x
+    text_encoder_2: Any = None
+    tokenizer_2: CLIPTokenizer | None = None
 
     @property
     def prediction_type(self) -> str:
@@ -38,22 +42,32 @@ class BaseModel:
 
     @property
     def family(self) -> str:
-        """"sd1" or "sd2", from the text encoder width (768: CLIP ViT-L, 1024: OpenCLIP ViT-H)."""
+        """sdxl with a second text encoder, else sd1 or sd2 by the text encoder width (768: CLIP ViT-L, 1024: OpenCLIP ViT-H)."""
+        if self.text_encoder_2 is not None:
+            return "sdxl"
         return "sd2" if self.text_encoder.config.hidden_size == 1024 else "sd1"
 
     @property
     def parts(self):
         """The parts adapters attach to, by name."""
-        return {"unet": self.unet, "text_encoder": self.text_encoder}
+        parts = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            parts["text_encoder_2"] = self.text_encoder_2
+        return parts
+
+    @property
+    def modules(self) -> list:
+        """Every part with weights (the VAE too)."""
+        return [m for m in (self.text_encoder, self.text_encoder_2, self.vae, self.unet) if m is not None]
 
     def to(self, device, dtype=None) -> "BaseModel":
         kwargs = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
-        for m in (self.text_encoder, self.vae, self.unet):
+        for m in self.modules:
             m.to(**kwargs)
         return self
 
     def freeze(self) -> "BaseModel":
-        for m in (self.text_encoder, self.vae, self.unet):
+        for m in self.modules:
             m.requires_grad_(False)
             m.eval()
         return self
