@@ -9,6 +9,7 @@ test_cli.py::test_errors_are_plain_and_exit_2 runs `--set train.bogus=1` through
 """
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -267,6 +268,7 @@ def test_step_maths_says_a_full_size_model_is_far_too_slow_on_the_cpu(ui, client
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle CPU
     sd = dict(BASE, base_choice="other", base_other="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
               max_steps=400)
     maths = ui.call(client, "step_maths", dataset="ball", **sd)["maths"]
@@ -274,3 +276,18 @@ def test_step_maths_says_a_full_size_model_is_far_too_slow_on_the_cpu(ui, client
     assert "No NVIDIA GPU was found" in maths and "far too slowly" in maths
     demo = ui.call(client, "step_maths", dataset="ball", **dict(BASE, base_choice="demo", resolution=64))["maths"]
     assert "far too slowly" not in demo and " h " not in demo.split("Estimated training time")[1].split(")")[0]
+
+
+def test_step_maths_guess_allows_for_a_busy_cpu(ui, client, monkeypatch):
+    """The first estimate on a CPU (nothing measured yet) grows with what other programs take of it, and says so."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    demo = dict(BASE, base_choice="demo", resolution=64, max_steps=300)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    idle = ui.call(client, "step_maths", dataset="ball", **demo)["maths"]
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0 * (os.cpu_count() or 1),) * 3)  # 3 programs per core
+    busy = ui.call(client, "step_maths", dataset="ball", **demo)["maths"]
+    minutes = lambda text: int(re.search(r"about (\d+) min", text).group(1))  # noqa: E731
+    assert "busy with other programs (about 75% of it in use now)" in busy and "busy" not in idle
+    assert 3.5 * minutes(idle) <= minutes(busy) <= 4.5 * minutes(idle), (idle, busy)

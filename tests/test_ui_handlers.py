@@ -10,6 +10,8 @@ from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from ui import playground_tab  # noqa: E402
+
 TINY = dict(base_choice="tiny", resolution=32)
 CLASS = dict(class_prompt="a photo of a ball", num_class_images=2, class_steps=2, class_batch_size=2)
 TRAIN = dict(TINY, **CLASS, instance_prompt="a photo of sks ball", rank=4, alpha=4, learning_rate=1e-3,
@@ -77,7 +79,7 @@ def test_dataset_tab(ui, client, photos):
                       ["wide.png", ""]]}
     out = ui.call(client, "save_captions", dataset="ball", captions=table, resolution=32)
     assert "2 caption files changed" in out["caption_msg"]
-    assert "(1 with their own caption, 3 use the instance prompt)" in out["report"]  # the report follows the save
+    assert "(1 with their own caption, 3 without one: those train on the instance prompt below)" in out["report"]  # the report follows the save
     folder = ui.workspace / "datasets" / "ball"
     assert (folder / "photo0.txt").read_text() == "a photo of sks ball, red\n" and not (folder / "photo1.txt").exists()
 
@@ -148,6 +150,11 @@ def test_train_tab_live_run_pause_test_resume_stop(ui, client, photos):
     ui.call(client, "sample_now")
     wait_until(lambda: len(s.snapshot()["samples"]) > n_samples, what="sample now")
 
+    offered = {value: label for label, value in ui.call(client, "playground_adapters")["adapter_1"]["choices"]}
+    assert offered["live"] == "Live: the paused training run"  # offered while paused
+    polled = playground_tab.note(ui.ctx, ("running", 0))  # an open tab learns it from its poll
+    assert "paused at step" in polled["live_note"]
+    assert all(("Live: the paused training run", "live") in polled[slot]["choices"] for slot in playground_tab.SLOT_NAMES)
     pg = dict(pg_base_choice="tiny", pg_prompt="a photo of sks ball", pg_steps=2, pg_seed=5)
     out = ui.call(client, "playground_generate", **pg, adapter_1="live", weight_1=1.0)
     assert Path(out["pg_image"]).is_file() and "live run ×1" in out["pg_info"]
@@ -167,6 +174,8 @@ def test_train_tab_live_run_pause_test_resume_stop(ui, client, photos):
 
     ui.call(client, "resume")
     wait_until(lambda: s.snapshot()["step"] > paused_step + 2, what="training to go on")
+    polled = playground_tab.note(ui.ctx, ("paused", paused_step))
+    assert all(value != "live" for _, value in polled["adapter_1"]["choices"])  # withdrawn once it runs again
     ui.call(client, "save_now")
     wait_until(lambda: s.snapshot()["checkpoints"], what="save now")
     ui.call(client, "stop")
@@ -218,7 +227,8 @@ def test_playground_mixes_run_adapters(ui, client, photos):
         paths.append(s.snapshot()["adapter_path"])
     choices = ui.call(client, "playground_adapters")["adapter_1"]["choices"]
     offered = {value: label for label, value in choices}
-    assert all(p in offered for p in paths) and "LoHa" in offered[paths[0]] and offered["live"]
+    assert all(p in offered for p in paths) and "LoHa" in offered[paths[0]]
+    assert "live" not in offered  # nothing is paused: the live adapter is not offered
     pg = dict(pg_base_choice="tiny", pg_prompt="a photo of sks ball", pg_steps=2)
     ui.call(client, "playground_generate", **pg, adapter_1=paths[0], weight_1=0.5)
     out = ui.call(client, "playground_generate", **pg, adapter_1=paths[0], weight_1=0.5, adapter_2=paths[1],

@@ -32,7 +32,9 @@ def dataset_view(ctx: Ctx, dataset: str, resolution) -> dict:
     uncaptioned = [i for i in scan.images if not i.caption]
     head = f"**{count(n, 'usable image')}** in `{folder}`"
     if n:
-        head += f" ({n - len(uncaptioned)} with their own caption, {len(uncaptioned)} use the instance prompt)."
+        # a rule, not a claim that the prompt exists (a new dataset has none until its words are filled in)
+        head += (f" ({n - len(uncaptioned)} with their own caption, {len(uncaptioned)} without one: those train on "
+                 "the instance prompt below).")
     lines = [head]
     if not n:
         lines.append("Add 3-20 photos of your subject: varied angles, backgrounds and light help.")

@@ -26,7 +26,9 @@ LIVE_LABEL = "Live: the paused training run"
 
 
 def adapter_choices(ctx: Ctx) -> list[tuple[str, str]]:
-    return [("(none)", ""), (LIVE_LABEL, LIVE)] + [(e.label, e.path) for e in list_adapters(ctx.workspace)]
+    """(none), the paused run's live adapter while a run is paused, then the saved adapters."""
+    live = [(LIVE_LABEL, LIVE)] if ctx.session.snapshot()["state"] == "paused" else []
+    return [("(none)", "")] + live + [(e.label, e.path) for e in list_adapters(ctx.workspace)]
 
 
 def wanted_adapters(ctx: Ctx, spec: str, values: dict) -> list[tuple[str, Wanted]]:
@@ -89,8 +91,11 @@ def build(ctx: Ctx, initial: dict) -> dict:
             choices = adapter_choices(ctx)
             for i in range(1, SLOTS + 1):
                 with gr.Row(equal_height=True):
+                    # A custom value is allowed so that a slot still holding "live" after the run resumed (or a
+                    # client that knows the value) reaches the handler and gets its plain message, instead of
+                    # Gradio's refusal of a value missing from the choices this tab was last sent.
                     c[f"adapter_{i}"] = gr.Dropdown(choices, value="", label=f"Adapter {i}", scale=3,
-                                                    elem_id=f"pg-adapter-{i}")
+                                                    allow_custom_value=True, elem_id=f"pg-adapter-{i}")
                     c[f"weight_{i}"] = gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="Weight", scale=2,
                                                  elem_id=f"pg-weight-{i}")
             with gr.Row():
@@ -211,7 +216,8 @@ def merge(ctx: Ctx, merge_into, merge_name, merge_rank, **values) -> dict:
 
 
 def note(ctx: Ctx, live_state=None) -> dict:
-    """The line saying whether a paused run's live adapter can be tried here (sent only when it changes)."""
+    """The line saying whether a paused run's live adapter can be tried here, and the slots' choices offering it
+    only while a run is paused (both sent only when the state changes)."""
     snap = ctx.session.snapshot()
     state = snap["state"]
     signature = (state, snap["step"] if state == "paused" else 0)
@@ -224,7 +230,9 @@ def note(ctx: Ctx, live_state=None) -> dict:
         text = "Training is running: pause it on the Train tab to test its adapter here."
     else:
         text = ""
-    return {"live_note": text, "live_state": signature}
+    paused_changed = (live_state or (None,))[0] == "paused" or state == "paused"
+    lists = adapter_lists(ctx) if live_state is not None and paused_changed else {}
+    return {"live_note": text, "live_state": signature, **lists}
 
 
 # --------------------------------------------------------------------------- events
@@ -253,5 +261,5 @@ def wire(ctx: Ctx, c: dict) -> TabParts:
     events = bind_table(ctx, c, EVENTS)
     slots = pick(c, SLOT_NAMES)
     bind(ctx, events["merge_adapters"].success, adapter_lists, {}, slots)  # a new LoRA file joins the lists
-    return TabParts(c, polls=[Handler(note, pick(c, ("live_state",)), pick(c, ("live_note", "live_state")))],
+    return TabParts(c, polls=[Handler(note, pick(c, ("live_state",)), pick(c, ("live_note", "live_state") + SLOT_NAMES))],
                     refreshes=[Handler(adapter_lists, {}, slots)])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import gradio as gr
@@ -178,6 +179,16 @@ def rough_seconds_per_step(base: str, resolution: int, batch: int, cuda: bool) -
     return 0.5 * pixels if cuda else 24.0 * pixels * 16
 
 
+def cpu_share() -> float:
+    """The share of the CPU a run would get now (1.0 when idle): other programs' load slows a CPU run down."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return 1.0
+    cores = os.cpu_count() or 1
+    return min(1.0, cores / (cores + load))
+
+
 def trains_on(dataset: str | None, instance_prompt: str, class_prompt: str | None) -> str:
     """What Start will train on, said beside it: the dataset and the prompts (from the Dataset and Class tabs)."""
     if not dataset:
@@ -220,6 +231,10 @@ def step_maths(ctx: Ctx, dataset: str, values: dict) -> str:
     measured = measured_seconds_per_step(ctx.runs_dir, cfg.model.base, d.resolution, t.batch_size)
     per_step = measured or rough_seconds_per_step(cfg.model.base, d.resolution, batch, cuda)
     how = "measured on your last run with this model, size and batch" if measured else "a rough guess"
+    share = 1.0 if cuda or measured else cpu_share()
+    if share < 0.75:  # a guess for an idle CPU would promise far too little on a busy one
+        per_step /= share
+        how += f", for a CPU busy with other programs (about {1 - share:.0%} of it in use now)"
     extra = f"; plus the samples every {t.sample_every} steps" if t.sample_every else ""
     lines.append(f"Estimated training time: **about {fmt_duration(t.max_steps * per_step)}** ({how}{extra}).")
     if not cuda and cfg.model.base not in ("demo", "tiny"):
