@@ -2,7 +2,8 @@
 
 Make a dataset from sample images, generate class images, start a short training on the demo model, see loss
 points and samples appear, pause, generate in the playground with the live adapter, resume, stop, reload the
-page and find the run again. Screenshots of every step go to test-output/ui/.
+page and find the run again; then the stopped run's file in the playground (compare, export) and bad input on the
+Train tab. Screenshots of every step go to test-output/ui/.
 """
 from __future__ import annotations
 
@@ -212,4 +213,34 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     sync_api.expect(page.locator("#tr-samples img").first).to_be_visible(timeout=TIMEOUT)
     log_follows_newest_line(page)
     page.screenshot(path=shots / "5-after-reload.png", full_page=True)
+
+    # 6. Playground on the stopped run's file: no live adapter offered; a compare leaves the Result as it was.
+    tab(page, "4. Playground")
+    page.locator("#pg-adapter-1 input").click()
+    sync_api.expect(page.get_by_role("option", name=re.compile("Live: the paused"))).to_have_count(0)
+    page.get_by_role("option", name=re.compile("lora-")).first.click()
+    fill(page, "pg-weight-1", "0")
+    page.click("#pg-generate")
+    expect_text(page, "#pg-info", r"×0 ")
+    fill(page, "pg-weight-1", "1")
+    page.click("#pg-compare")
+    sync_api.expect(page.locator("#pg-grid img")).to_have_count(6, timeout=TIMEOUT)
+    expect_text(page, "#pg-grid-info", r"×1")
+    expect_text(page, "#pg-info", r"×0 ")  # the Result's caption belongs to the Result's image
+    page.click("#pg-export")
+    expect_text(page, "#pg-export-file", r"kohya\s*\.safetensors")
+    page.screenshot(path=shots / "6-compare-export.png", full_page=True)
+
+    # 7. Bad input on the Train tab: Steps 0 says so once in the step maths; Other is checked on Start only.
+    tab(page, "3. Train")
+    fill(page, "tr-steps", "0")
+    expect_text(page, "#tr-maths", "Steps")
+    sync_api.expect(page.locator(".toast-body")).to_have_count(0)  # no pop-up while typing
+    page.click("#tr-start")
+    sync_api.expect(page.locator(".toast-body")).to_have_count(1, timeout=TIMEOUT)
+    expect_text(page, ".toast-body", "Steps")
+    page.screenshot(path=shots / "7-bad-input.png", full_page=True)
+    choose(page, "tr-base", "Other")
+    page.wait_for_timeout(1500)
+    sync_api.expect(page.locator(".toast-body")).to_have_count(1)  # choosing Other raised nothing new
     assert not page.errors, page.errors
