@@ -326,8 +326,8 @@ def save_single_file(model: BaseModel, path: str | Path, dtype: torch.dtype | No
 
 
 def sdxl_prediction_markers(scheduler_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Empty `v_pred` / `ztsnr` tensors: how SDXL v-prediction (and zero-terminal-SNR) files tell ComfyUI and
-    Forge their prediction type, since an SDXL file's weights cannot show it."""
+    """Empty `v_pred` / `ztsnr` tensors: how SDXL v-prediction (and zero-terminal-SNR) files tell ComfyUI their
+    prediction type, since an SDXL file's weights cannot show it."""
     marks = {}
     if scheduler_config.get("prediction_type") == "v_prediction":
         marks["v_pred"] = torch.zeros(0)
