@@ -31,20 +31,25 @@ Parts = Mapping[str, torch.nn.Module]
 READERS: tuple[Reader, ...] = (read_ours, read_kohya, read_diffusers, refuse_checkpoint)
 
 
-def specs_from_config(cfg: Config) -> dict[str, AdapterSpec]:
+def specs_from_config(cfg: Config, text_encoders: tuple[str, ...] = ("text_encoder",),
+                      denoiser: str = "unet") -> dict[str, AdapterSpec]:
+    """The adapter of each part a run trains: the denoiser, and every text encoder of the model's family (its
+    `text_encoders`) when the text encoders train, each with the text-encoder settings."""
     a = cfg.adapter
     shared = dict(type=a.type, dropout=a.dropout, module_dropout=a.module_dropout, decompose_both=a.decompose_both,
                   decompose_factor=a.decompose_factor, use_effective_conv2d=a.use_effective_conv2d)
-    specs = {"unet": AdapterSpec(rank=a.rank, alpha=a.alpha, targets=list(a.unet_targets), **shared)}
+    specs = {denoiser: AdapterSpec(rank=a.rank, alpha=a.alpha, targets=list(a.unet_targets), **shared)}
     if a.train_text_encoder:
-        specs["text_encoder"] = AdapterSpec(rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
-                                            targets=list(a.text_encoder_targets), **shared)
+        for part in text_encoders:
+            specs[part] = AdapterSpec(rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
+                                      targets=list(a.text_encoder_targets), **shared)
     return specs
 
 
-def training_metadata(cfg: Config, step: int, base_name: str) -> dict[str, Any]:
-    """What a user (or another tool) wants to know about how the adapter was made."""
-    return {
+def training_metadata(cfg: Config, step: int, base_name: str, family: str | None = None) -> dict[str, Any]:
+    """What a user (or another tool) wants to know about how the adapter was made (`family`: the base model's,
+    which exports name their modules and architecture by)."""
+    return ({"family": family} if family else {}) | {
         "base_model": base_name, "adapter_type": cfg.adapter.type, "rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha,
         "unet_targets": cfg.adapter.unet_targets, "train_text_encoder": cfg.adapter.train_text_encoder,
         "instance_prompt": cfg.data.instance_prompt, "class_prompt": cfg.data.class_prompt, "steps": step,
