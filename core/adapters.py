@@ -25,6 +25,7 @@ from .adapter_file import AdapterFile, AdapterSpec, Reader, read_adapter_file, r
 from .community import read_diffusers, read_kohya, refuse_checkpoint, resolve_kohya
 from .config import Config
 from .errors import ModelLoadError
+from .families.base import Family
 
 Parts = Mapping[str, torch.nn.Module]
 # Which reader knows a file: ours (by its tag), then kohya / LyCORIS, then diffusers; a checkpoint is named as one.
@@ -108,15 +109,16 @@ def read_adapter(path: str | Path) -> AdapterFile:
     return read_adapter_file(path, READERS)
 
 
-def load_into(parts: Parts, adapter: AdapterFile, name: str) -> None:
-    """Inject `adapter` as `name` into the model's parts and load its weights (all or nothing).
+def load_into(parts: Parts, adapter: AdapterFile, name: str, family: Family | None = None) -> None:
+    """Inject `adapter` as `name` into the model's parts and load its weights (all or nothing); a kohya file's
+    names are read as `family` names them (by default the family with these parts).
 
     Every failure, in any part, removes what was already injected and becomes a ModelLoadError: peft's
     size-mismatch RuntimeError (an adapter from a differently shaped model) and its AttributeError (a LoRA on
     a layer already wrapped by LoHa/LoKr) would otherwise escape raw and leave a half-loaded adapter.
     """
     if adapter.layout == "kohya":
-        adapter = resolve_kohya(adapter, parts)  # names and ranks read against this model's layers
+        adapter = resolve_kohya(adapter, parts, family)  # names and ranks read against this model's layers
     try:
         for part, spec in adapter.specs.items():
             _load_part(parts[part], spec, adapter, part, name)
@@ -138,13 +140,13 @@ def load_into(parts: Parts, adapter: AdapterFile, name: str) -> None:
                              f"with other layer sizes or layers ({detail}).") from e
 
 
-def load_all(parts: Parts, files: Mapping[str, AdapterFile]) -> None:
+def load_all(parts: Parts, files: Mapping[str, AdapterFile], family: Family | None = None) -> None:
     """Load each file under its name (all or nothing), the LoRA files first: peft cannot put a LoRA on a layer
     that already holds a LoHa/LoKr, while a LoHa/LoKr wraps a LoRA layer fine."""
     loaded = []
     try:
         for name, adapter in sorted(files.items(), key=lambda item: item[1].type != "lora"):
-            load_into(parts, adapter, name)
+            load_into(parts, adapter, name, family)
             loaded.append(name)
     except Exception:
         for name in loaded:

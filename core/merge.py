@@ -27,7 +27,7 @@ def fuse_into(base: BaseModel, files: list[tuple[str | Path, float]]) -> BaseMod
         raise ModelLoadError("Choose at least one adapter to merge into the model.")
     loaded = {f"m{i}": (adapters.read_adapter(path), weight) for i, (path, weight) in enumerate(files)}
     names = {name: weight for name, (_, weight) in loaded.items()}
-    adapters.load_all(base.parts, {name: f for name, (f, _) in loaded.items()})
+    adapters.load_all(base.parts, {name: f for name, (f, _) in loaded.items()}, families.of(base))
     adapters.set_weights(base.parts, names)
     with torch.no_grad():
         for module in base.parts.values():

@@ -5,7 +5,6 @@ layout (core/single_file.py) read from the text encoder's config; here they diff
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
