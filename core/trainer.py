@@ -44,6 +44,7 @@ from .config import Config, TrainConfig, adapter_name, resolve_path
 from .data import Geometry, ImageSet, ScanReport, caption_prompts, scan_folder
 from .errors import ConfigError, DataError, UserError
 from .fileio import check_writable, disk_error_message, fsync, remove_stale_temps, write_text
+from .families.base import Conditioning
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, Emit, Failed, Finished, Log, Paused,
                      Progress, Resumed, RunStarted, SampleReady, ignore)
 from .models import load_base_from_config
@@ -219,9 +220,6 @@ def latent_sources(data: TrainData, vae, device, dtype, cache: bool) -> dict[str
 def encode_prompts(base: BaseModel, prompts: list[str], device) -> torch.Tensor:
     """The text embeddings the UNet cross-attends to (the "hidden" entry of the family's conditioning)."""
     return families.of(base).encode_prompts(base, prompts, device)["hidden"]
-
-
-Conditioning = dict[str, torch.Tensor]
 
 
 def prompt_encoder(base: BaseModel, device, fixed: list[str] | None = None) -> Callable[[list[str]], Conditioning]:
