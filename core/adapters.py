@@ -25,26 +25,32 @@ from .adapter_file import AdapterFile, AdapterSpec, Reader, read_adapter_file, r
 from .community import read_diffusers, read_kohya, refuse_checkpoint, resolve_kohya
 from .config import Config
 from .errors import ModelLoadError
+from .families.base import Family
 
 Parts = Mapping[str, torch.nn.Module]
 # Which reader knows a file: ours (by its tag), then kohya / LyCORIS, then diffusers; a checkpoint is named as one.
 READERS: tuple[Reader, ...] = (read_ours, read_kohya, read_diffusers, refuse_checkpoint)
 
 
-def specs_from_config(cfg: Config) -> dict[str, AdapterSpec]:
+def specs_from_config(cfg: Config, text_encoders: tuple[str, ...] = ("text_encoder",),
+                      denoiser: str = "unet") -> dict[str, AdapterSpec]:
+    """The adapter of each part a run trains: the denoiser, and every text encoder of the model's family (its
+    `text_encoders`) when the text encoders train, each with the text-encoder settings."""
     a = cfg.adapter
     shared = dict(type=a.type, dropout=a.dropout, module_dropout=a.module_dropout, decompose_both=a.decompose_both,
                   decompose_factor=a.decompose_factor, use_effective_conv2d=a.use_effective_conv2d)
-    specs = {"unet": AdapterSpec(rank=a.rank, alpha=a.alpha, targets=list(a.unet_targets), **shared)}
+    specs = {denoiser: AdapterSpec(rank=a.rank, alpha=a.alpha, targets=list(a.unet_targets), **shared)}
     if a.train_text_encoder:
-        specs["text_encoder"] = AdapterSpec(rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
-                                            targets=list(a.text_encoder_targets), **shared)
+        for part in text_encoders:
+            specs[part] = AdapterSpec(rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
+                                      targets=list(a.text_encoder_targets), **shared)
     return specs
 
 
-def training_metadata(cfg: Config, step: int, base_name: str) -> dict[str, Any]:
-    """What a user (or another tool) wants to know about how the adapter was made."""
-    return {
+def training_metadata(cfg: Config, step: int, base_name: str, family: str | None = None) -> dict[str, Any]:
+    """What a user (or another tool) wants to know about how the adapter was made (`family`: the base model's,
+    which exports name their modules and architecture by)."""
+    return ({"family": family} if family else {}) | {
         "base_model": base_name, "adapter_type": cfg.adapter.type, "rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha,
         "unet_targets": cfg.adapter.unet_targets, "train_text_encoder": cfg.adapter.train_text_encoder,
         "instance_prompt": cfg.data.instance_prompt, "class_prompt": cfg.data.class_prompt, "steps": step,
@@ -103,15 +109,16 @@ def read_adapter(path: str | Path) -> AdapterFile:
     return read_adapter_file(path, READERS)
 
 
-def load_into(parts: Parts, adapter: AdapterFile, name: str) -> None:
-    """Inject `adapter` as `name` into the model's parts and load its weights (all or nothing).
+def load_into(parts: Parts, adapter: AdapterFile, name: str, family: Family | None = None) -> None:
+    """Inject `adapter` as `name` into the model's parts and load its weights (all or nothing); a kohya file's
+    names are read as `family` names them (by default the family with these parts).
 
     Every failure, in any part, removes what was already injected and becomes a ModelLoadError: peft's
     size-mismatch RuntimeError (an adapter from a differently shaped model) and its AttributeError (a LoRA on
     a layer already wrapped by LoHa/LoKr) would otherwise escape raw and leave a half-loaded adapter.
     """
     if adapter.layout == "kohya":
-        adapter = resolve_kohya(adapter, parts)  # names and ranks read against this model's layers
+        adapter = resolve_kohya(adapter, parts, family)  # names and ranks read against this model's layers
     try:
         for part, spec in adapter.specs.items():
             _load_part(parts[part], spec, adapter, part, name)
@@ -133,13 +140,13 @@ def load_into(parts: Parts, adapter: AdapterFile, name: str) -> None:
                              f"with other layer sizes or layers ({detail}).") from e
 
 
-def load_all(parts: Parts, files: Mapping[str, AdapterFile]) -> None:
+def load_all(parts: Parts, files: Mapping[str, AdapterFile], family: Family | None = None) -> None:
     """Load each file under its name (all or nothing), the LoRA files first: peft cannot put a LoRA on a layer
     that already holds a LoHa/LoKr, while a LoHa/LoKr wraps a LoRA layer fine."""
     loaded = []
     try:
         for name, adapter in sorted(files.items(), key=lambda item: item[1].type != "lora"):
-            load_into(parts, adapter, name)
+            load_into(parts, adapter, name, family)
             loaded.append(name)
     except Exception:
         for name in loaded:

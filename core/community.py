@@ -14,30 +14,28 @@ from typing import Mapping
 
 import torch
 
+from . import families
 from .adapter_file import AdapterFile, AdapterSpec, split_key
 from .config import adapter_name
 from .errors import ModelLoadError
-from .single_file import unet_module_ldm_names
+from .families.base import Family
 
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-# transformers 5's CLIPTextModel names its modules without the `text_model.` level the tools expect
-TEXT_MODEL = "text_model."
+PART_NAMES = {"unet": "UNet", "text_encoder": "text encoder"}  # in messages; other parts by their own names
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
 
-def kohya_name(part: str, module: str) -> str:
-    if part == "text_encoder" and not module.startswith(TEXT_MODEL):
-        module = TEXT_MODEL + module
-    return KOHYA_PREFIX[part] + module.replace(".", "_")
+def kohya_name(part: str, module: str, family: Family | None = None) -> str:
+    """The kohya name of `module` of `part` in `family`'s files (by default the family that has such a part)."""
+    return (family or families.of_parts({part: None})).kohya_name(part, module)
 
 
 # --- readers (see core/adapter_file.py: each returns an AdapterFile, None when the file is not its kind, or
 # raises ModelLoadError saying what the file is) -------------------------------------------------------------------
 
 def read_kohya(path: Path, f, metadata: dict[str, str]) -> AdapterFile | None:
-    """A kohya / LyCORIS file (SD 1.x / 2.x); an SDXL one is refused in plain words."""
+    """A kohya / LyCORIS file of a family this app trains; an SDXL one is refused in plain words otherwise."""
     keys = list(f.keys())
-    if keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+    if keys and all(k.startswith(tuple(families.kohya_prefixes())) for k in keys):
         tensors = {k: f.get_tensor(k) for k in keys}
         return AdapterFile(path, {}, tensors, metadata, layout="kohya", kind=kohya_kind(path, kohya_groups(tensors)))
     if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
@@ -115,24 +113,27 @@ def _lokr_rank(g: dict[str, torch.Tensor]) -> tuple[int, bool]:
     return max(g["lokr_w2"].shape[:2]) * 2, False
 
 
-def kohya_layer_names(parts: Mapping[str, torch.nn.Module]) -> dict[str, tuple[str, str]]:
-    """Every kohya module name the layers of `parts` can have -> (part, module name)."""
+def kohya_layer_names(parts: Mapping[str, torch.nn.Module], family: Family | None = None) -> dict[str, tuple[str, str]]:
+    """Every kohya module name the layers of `parts` can have -> (part, module name), in `family`'s names (by
+    default the family whose parts these are)."""
+    family = family or families.of_parts(parts)
     names = {}
     for part, model in parts.items():
-        if part not in KOHYA_PREFIX:  # only the UNet and the text encoder have kohya names
+        if part not in family.kohya_prefixes:  # e.g. the VAE: no kohya names
             continue
         layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-        names.update({kohya_name(part, n): (part, n) for n in layers})
-        if part == "unet":  # older A1111-era files name UNet layers in the original SD layout (input_blocks ...)
-            ldm = unet_module_ldm_names(model, layers)
-            names.update({KOHYA_PREFIX["unet"] + ldm[n].replace(".", "_"): (part, n) for n in layers if n in ldm})
+        names.update({family.kohya_name(part, n): (part, n) for n in layers})
+        if part == family.denoiser:  # the other names a family's files give UNet layers (SD: the LDM layout)
+            other = family.extra_unet_names(model, layers)
+            prefix = family.kohya_prefixes[part]
+            names.update({prefix + other[n].replace(".", "_"): (part, n) for n in layers if n in other})
     return names
 
 
-def resolve_kohya(adapter: AdapterFile, parts: Mapping[str, torch.nn.Module]) -> AdapterFile:
+def resolve_kohya(adapter: AdapterFile, parts: Mapping[str, torch.nn.Module], family: Family | None = None) -> AdapterFile:
     """A kohya / LyCORIS file as one of ours, its layer names read against the model `parts` (all or nothing)."""
     kind = adapter.type
-    names = kohya_layer_names(parts)
+    names = kohya_layer_names(parts, family)
     groups = kohya_groups(adapter.tensors)
     unknown = sorted(m for m in groups if m not in names)
     if unknown:
@@ -175,13 +176,13 @@ def describe(adapter: AdapterFile) -> str:
         base = meta.get("ss_sd_model_name") or meta.get("ss_base_model_version") or "not recorded"
         trigger = meta.get("modelspec.trigger_phrase") or _top_tags(meta.get("ss_tag_frequency", ""))
         steps, lr = meta.get("ss_max_train_steps"), meta.get("ss_learning_rate")
-        parts = "UNet + text encoder" if any(k.startswith("lora_te_") for k in adapter.tensors) else "UNet"
+        parts = "UNet + text encoder" if any(k.startswith("lora_te") for k in adapter.tensors) else "UNet"
     else:
         spec = adapter.main_spec
         kind, rank, alpha = spec.type, spec.rank, f"{spec.alpha:g}"
         base = meta.get("base_model") or "not recorded"
         trigger, steps, lr = meta.get("instance_prompt", ""), meta.get("steps"), meta.get("learning_rate")
-        parts = " + ".join({"unet": "UNet", "text_encoder": "text encoder"}[p] for p in adapter.specs)
+        parts = " + ".join(PART_NAMES.get(p, p.replace("_", " ")) for p in adapter.specs)
     text = f"**{adapter.path.name}**: {adapter_name(kind)} rank {rank}, alpha {alpha}, on the {parts}; base model: {base}"
     if trigger:
         text += f"; trigger: `{trigger}`"

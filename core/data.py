@@ -333,6 +333,16 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 # --------------------------------------------------------------------------- dataset
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """How one training view was made from its image file, in pixels, (height, width) / (top, left) order."""
+
+    original: tuple[int, int]  # the file's size before resizing
+    crop: tuple[int, int]  # the crop's top-left corner in the resized image, mirrored when the view is flipped
+    target: tuple[int, int]  # the size of the view the model trains on
+    flipped: bool = False
+
+
 class ImageSet:
     """Decoded training images kept in memory (each already resized so its shorter side ==
     resolution), with one prompt each."""
@@ -353,7 +363,12 @@ class ImageSet:
         self.prompts = list(prompts)
         # Decode once up front: a bad file fails now, before any training time is spent, and
         # DreamBooth sets are small enough (tens of images) to keep resized in memory.
-        self._images = [resize_shorter_side(load_rgb(item.path), resolution) for item in items]
+        self._images: list[Image.Image] = []
+        self._original_sizes: list[tuple[int, int]] = []  # (height, width) of each file, for SDXL's size conditioning
+        for item in items:  # one full-size image in memory at a time
+            img = load_rgb(item.path)
+            self._original_sizes.append((img.height, img.width))
+            self._images.append(resize_shorter_side(img, resolution))
 
     def __len__(self) -> int:
         return len(self._images)
@@ -364,21 +379,39 @@ class ImageSet:
         With a generator: random crop (unless center_crop) and a coin-flip mirror (if
         random_flip), drawn only from `generator`. Without one: centre crop, no flip.
         """
+        tensor, prompt, _ = self.sample(index, generator)
+        return tensor, prompt
+
+    def sample(self, index: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, str, Geometry]:
+        """As `get`, with the geometry of the view it gives (what SDXL's size / crop conditioning is built from)."""
         img = self._images[index]
         box = crop_box(*img.size, self.resolution, self.center_crop, generator)
         tensor = to_tensor(img.crop(box))
-        if generator is not None and self.random_flip:
-            if torch.rand((), generator=generator).item() < 0.5:
-                tensor = torch.flip(tensor, dims=[2])
-        return tensor, self.prompts[index]
+        flipped = generator is not None and self.random_flip and torch.rand((), generator=generator).item() < 0.5
+        if flipped:
+            tensor = torch.flip(tensor, dims=[2])
+        return tensor, self.prompts[index], self.geometry(index, box, flipped)
+
+    def geometry(self, index: int, box: tuple[int, int, int, int], flipped: bool) -> Geometry:
+        """Where crop `box` (left, top, right, bottom) of the resized image sits, as the model sees it: a mirrored
+        view puts the crop's left edge at width - right (kohya's rule for SDXL's crop coordinates)."""
+        width = self._images[index].size[0]
+        left, top, right, bottom = box
+        x = width - right if flipped else left
+        return Geometry(self._original_sizes[index], (top, x), (bottom - top, right - left), flipped)
 
     def cached_variants(self, index: int) -> list[torch.Tensor]:
         """The deterministic views worth caching as latents: the centre crop, plus its mirror
         when random_flip is on. Random crops cannot be cached."""
-        centre, _ = self.get(index)
-        if self.random_flip:
-            return [centre, torch.flip(centre, dims=[2])]
-        return [centre]
+        return [tensor for tensor, _ in self.cached_views(index)]
+
+    def cached_views(self, index: int) -> list[tuple[torch.Tensor, Geometry]]:
+        """`cached_variants` with the geometry of each view."""
+        centre, _, geometry = self.sample(index)
+        if not self.random_flip:
+            return [(centre, geometry)]
+        box = crop_box(*self._images[index].size, self.resolution, center=True)
+        return [(centre, geometry), (torch.flip(centre, dims=[2]), self.geometry(index, box, True))]
 
     def preview(self, index: int) -> Image.Image:
         """The centre crop at training resolution, for the UI's crop preview."""

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from . import families
 from .adapter_file import AdapterFile, split_key
 from .adapters import read_adapter
-from .community import kohya_name
 from .config import adapter_name
 from .errors import ModelLoadError
 from .fileio import save_safetensors
@@ -51,10 +51,11 @@ def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
         part, module, suffix = split_key(key)
         modules.setdefault((part, module), {})[suffix] = tensor.float()
     modules.update(zero_out_proj(adapter, modules))
+    family = families.of_adapter(adapter.metadata, adapter.specs)
     out = {}
     for (part, module), tensors in sorted(modules.items()):
         spec = adapter.specs[part]
-        name = kohya_name(part, module)
+        name = family.kohya_name(part, module)
         alpha = float(spec.alpha)
         if spec.type == "lokr" and not ({"lokr_w1_a", "lokr_w2_a"} & tensors.keys()):
             tensors = dict(tensors, lokr_w1=tensors["lokr_w1"] * (spec.alpha / spec.rank))
@@ -84,13 +85,14 @@ def kohya_metadata(adapter: AdapterFile) -> dict[str, str]:
     info = adapter.metadata
     spec = adapter.main_spec
     lycoris = spec.type in ("loha", "lokr")
+    family = families.of_adapter(info, adapter.specs)
     meta = {
         "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(spec.rank), "ss_network_alpha": str(spec.alpha),
         "ss_network_args": json.dumps({"algo": spec.type} if lycoris else {}),
-        "ss_base_model_version": "sd_v1", "ss_output_name": adapter.path.stem,
-        "ss_text_encoder_trained": str("text_encoder" in adapter.specs).lower(),
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
+        "ss_output_name": adapter.path.stem,
+        "ss_text_encoder_trained": str(any(part in adapter.specs for part in family.text_encoders)).lower(),
+        "modelspec.sai_model_spec": "1.0.0", **family.adapter_metadata,
         "modelspec.implementation": "diffusers", "modelspec.title": adapter.path.stem,
     }
     for ours, theirs in (("steps", "ss_max_train_steps"), ("learning_rate", "ss_learning_rate"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from peft.utils.other import get_pattern_key
 
-from . import adapters
+from . import adapters, families
 from .adapter_file import AdapterFile, AdapterSpec, save_adapter_file, split_key
 from .base_model import BaseModel
 from .community import part_spec, resolve_kohya
@@ -27,7 +27,7 @@ def fuse_into(base: BaseModel, files: list[tuple[str | Path, float]]) -> BaseMod
         raise ModelLoadError("Choose at least one adapter to merge into the model.")
     loaded = {f"m{i}": (adapters.read_adapter(path), weight) for i, (path, weight) in enumerate(files)}
     names = {name: weight for name, (_, weight) in loaded.items()}
-    adapters.load_all(base.parts, {name: f for name, (f, _) in loaded.items()})
+    adapters.load_all(base.parts, {name: f for name, (f, _) in loaded.items()}, families.of(base))
     adapters.set_weights(base.parts, names)
     with torch.no_grad():
         for module in base.parts.values():
@@ -111,7 +111,7 @@ def merge_loras(files: list[tuple[str | Path, float]], out: str | Path, base_spe
                 raise ModelLoadError(f"{f.path.name} is a kohya / A1111 file: choose the base model it is for, so "
                                      "its layer names can be read.")
             base = base or load_base_model(base_spec, allow_pickle=allow_pickle)
-            f = resolve_kohya(f, base.parts)
+            f = resolve_kohya(f, base.parts, families.of(base))
         if f.type != "lora" or any(s.type != "lora" for s in f.specs.values()):
             raise ModelLoadError(f"{f.path.name} is a {adapter_name(f.type)}: only LoRAs merge into one LoRA exactly. "
                                  "Merge LoHa / LoKr adapters into the model instead.")
@@ -134,5 +134,5 @@ def merge_loras(files: list[tuple[str | Path, float]], out: str | Path, base_spe
     info = {"merged_from": " + ".join(f"{f.path.stem}×{w:g}" for f, w in infos),
             "base_model": first.get("base_model") or first.get("ss_sd_model_name", ""),
             "instance_prompt": ", ".join(dict.fromkeys(p for f, _ in infos if (p := f.metadata.get("instance_prompt")))),
-            "adapter_type": "lora"}
+            "adapter_type": "lora", "family": first.get("family", "")}  # exports name modules by the family
     return save_adapter_file(out, tensors, specs, {k: v for k, v in info.items() if v})

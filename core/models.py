@@ -1,4 +1,4 @@
-"""Base model loading: the parts of a Stable Diffusion 1.x / 2.x pipeline.
+"""Base model loading: the parts of a model of a family this app trains (core/families).
 
 `load_base_model(spec)` accepts:
 - "tiny": a tiny random model built in code (tests, smoke runs);
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -21,10 +20,10 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import DDPMScheduler
 
-from .base_model import ASSETS, PIPELINE_PARTS, BaseModel, clip_tokenizer
+from . import families
+from .base_model import ASSETS, BaseModel
 from .config import Config
 from .errors import ModelLoadError, first_line
 from .single_file import SINGLE_FILE_SUFFIXES, load_single_file
@@ -46,69 +45,31 @@ DEMO_MODEL_DIR = ASSETS / "demo_model"
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
-# what a Stable Diffusion repo needs for load_model_folder (not the .ckpt, fp16 or .bin copies beside it)
-_HUB_FILES = ["model_index.json", "scheduler/*", "tokenizer/*", "unet/config.json", "vae/config.json",
-              "text_encoder/config.json", "unet/diffusion_pytorch_model*.safetensors*",
-              "vae/diffusion_pytorch_model*.safetensors*", "text_encoder/model*.safetensors*"]
-_HUB_IGNORE = ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
 
 
-def build_tiny_model(seed: int = 0, prediction_type: str = "epsilon") -> BaseModel:
-    """A tiny random SD-shaped model (about 1 M parameters) with the real tokenizer; deterministic per seed."""
-    torch.manual_seed(seed)
-    tokenizer = clip_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-        sample_size=32,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type=prediction_type, clip_sample=False, steps_offset=1,
-    )
-    return BaseModel("tiny", tokenizer, text_encoder, vae, unet, scheduler)
+def build_tiny_model(seed: int = 0, prediction_type: str = "epsilon", family: str = "sd1") -> BaseModel:
+    """A tiny random model of `family`'s architecture with the real tokenizer; deterministic per seed."""
+    return families.get(family).build_tiny(seed, prediction_type)
 
 
-def parts_from_configs(configs: Mapping[str, dict]) -> tuple[UNet2DConditionModel, CLIPTextModel, AutoencoderKL]:
-    """UNet, text encoder and VAE with fresh (random) weights from diffusers-style configs, on the default device
-    (wrap the call in `with torch.device("meta"):` for shapes only, or a GPU to build there directly)."""
-    plain = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731  (drop "_class_name" ...)
-    unet = UNet2DConditionModel.from_config(plain(configs["unet"]))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**plain(configs["text_encoder"])))
-    vae = AutoencoderKL.from_config(plain(configs["vae"]))
-    return unet, text_encoder, vae
+def parts_from_configs(configs: Mapping[str, dict]) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """UNet, text encoder and VAE of an SD model with fresh (random) weights from diffusers-style configs, on the
+    default device (wrap the call in `with torch.device("meta"):` for shapes only, or a GPU to build there
+    directly). Other families: `families.<family>.parts_from_configs`, which gives every part by name."""
+    parts = families.get("sd1").parts_from_configs(configs)
+    return parts["unet"], parts["text_encoder"], parts["vae"]
 
 
 def save_model_folder(model: BaseModel, folder: str | Path) -> Path:
-    """Write `model` as a diffusers folder (model_index.json + one subfolder per part)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=model.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
+    """Write `model` as a diffusers folder (model_index.json + one subfolder per part), in its family's pipeline."""
+    families.of(model).make_pipeline(model).save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
 
 def load_model_folder(folder: str | Path, name: str | None = None, **kwargs) -> BaseModel:
-    """Load the parts from a diffusers folder (local, or a hub id with `local_files_only`)."""
-    folder = str(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True, **kwargs)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, **kwargs)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **kwargs)
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kwargs)
-    return BaseModel(name or folder, tokenizer, text_encoder, vae, unet, scheduler)
+    """Load the parts from a diffusers folder by its family (a hub id with `local_files_only`: as SD 1.x/2.x)."""
+    family = families.of_folder(Path(folder)) if Path(folder).is_dir() else families.get("sd1")
+    return family.load_folder(folder, name=name, **kwargs)
 
 
 def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool = False, **kwargs) -> BaseModel:
@@ -197,33 +158,10 @@ def looks_like_path(spec: str) -> bool:
 
 # --- diffusers folders and the hub -------------------------------------------------------------------------------
 
-def _check_sd_folder(folder: Path) -> None:
-    """Refuse, in plain words, a diffusers folder that is not a Stable Diffusion 1.x/2.x text-to-image model."""
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        raise ModelLoadError(f"{folder} is a folder but not a diffusers model (it has no model_index.json).")
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-        unet_file = folder / "unet" / "config.json"
-        unet = json.loads(unet_file.read_text(encoding="utf-8")) if unet_file.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"Cannot read the model configs in {folder}: {e}") from e
-    kind = index.get("_class_name", "an unknown pipeline")
-    if "text_encoder_2" in index or "XL" in kind or unet.get("addition_embed_type") == "text_time":
-        raise ModelLoadError(f"{folder} holds an SDXL model ({kind}); this app trains Stable Diffusion 1.x and 2.x only.")
-    missing = [p for p in PIPELINE_PARTS if p not in index]
-    if missing:
-        raise ModelLoadError(f"{folder} holds {kind}, not a Stable Diffusion 1.x/2.x model (it has no "
-                             f"{', '.join(missing)}).")
-    if unet.get("in_channels", 4) != 4:
-        raise ModelLoadError(f"{folder} holds a UNet with {unet['in_channels']} input channels (an inpainting or "
-                             "image-editing model); this app trains plain text-to-image SD 1.x/2.x models.")
-
-
 def _load_local_folder(folder: Path, name: str) -> BaseModel:
-    _check_sd_folder(folder)
+    family = families.of_folder(folder)
     try:
-        return load_model_folder(folder, name=name)
+        return family.load_folder(folder, name=name)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"Cannot load the diffusers model in {folder}: {first_line(e)}. It must hold unet, vae, "
                              "text_encoder (with .safetensors weights), tokenizer and scheduler.") from e
@@ -249,12 +187,14 @@ def hub_offline() -> bool:
 
 
 def load_from_hub(repo_id: str) -> BaseModel:
-    """Load a diffusers SD 1.x/2.x repo: from the local cache if it is there, else download it into the cache."""
+    """Load a diffusers repo of a family this app trains: from the local cache if it is there, else download it
+    into the cache."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
     cache = hf_cache_dir()
-    pattern_kw = dict(cache_dir=cache, allow_patterns=_HUB_FILES, ignore_patterns=_HUB_IGNORE)
+    allow, ignore = families.hub_patterns()
+    pattern_kw = dict(cache_dir=cache, allow_patterns=allow, ignore_patterns=ignore)
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=True, **pattern_kw))
     except IncompleteSnapshotError as e:  # try what is there; a download completes it otherwise
@@ -262,9 +202,9 @@ def load_from_hub(repo_id: str) -> BaseModel:
     except (LocalEntryNotFoundError, OSError, ValueError):
         folder = None
     if folder is not None and (folder / "model_index.json").is_file():
-        _check_sd_folder(folder)  # an SDXL repo in the cache is refused here, not downloaded again
+        family = families.of_folder(folder)  # a repo of another kind is refused here, not downloaded again
         try:
-            return load_model_folder(folder, name=repo_id)
+            return family.load_folder(folder, name=repo_id)
         except (OSError, ValueError) as e:
             log.info("cached copy of %s is incomplete (%s); trying a download", repo_id, first_line(e))
     if hub_offline():
@@ -276,8 +216,7 @@ def load_from_hub(repo_id: str) -> BaseModel:
             raise ModelLoadError(
                 f"The Hugging Face repo {repo_id!r} is not a diffusers model (it has no model_index.json). If it "
                 "offers a .safetensors checkpoint, download that file and point model.base at it.")
-        _check_sd_folder(folder)
-        return load_model_folder(folder, name=repo_id)
+        return families.of_folder(folder).load_folder(folder, name=repo_id)
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - any hub/network failure becomes one plain message

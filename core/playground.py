@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import adapters
+from . import adapters, families
 from .adapter_file import AdapterFile
 from .base_model import BaseModel
 from .errors import ModelLoadError, UserError
@@ -88,7 +88,7 @@ class Playground:
             adapters.remove_all(parts)
             self._loaded = {}
         named = {f"a{next(self._names)}": (key, f) for key, f in new}
-        adapters.load_all(parts, {name: f for name, (_, f) in named.items()})
+        adapters.load_all(parts, {name: f for name, (_, f) in named.items()}, families.of(self.base))
         self._loaded.update({key: (name, f) for name, (key, f) in named.items()})
         return {self._loaded[w.key][0]: w.weight for w in wanted}
 

@@ -6,24 +6,21 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, DiffusionPipeline
 from PIL import Image
 
+from . import families
 from .base_model import BaseModel
 from .fileio import atomic_path
 
 
-def make_pipeline(base: BaseModel, device: torch.device | str = "cpu", unet=None, text_encoder=None) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline over the given parts (no copies), with a fast multistep sampler.
+def make_pipeline(base: BaseModel, device: torch.device | str = "cpu", **parts) -> DiffusionPipeline:
+    """The family's text-to-image pipeline over the given parts (no copies), with a fast multistep sampler.
 
-    `unet` / `text_encoder` replace the base model's parts, e.g. the unwrapped training modules.
+    `parts` (e.g. unet=..., text_encoder=...) replace the base model's parts, e.g. the unwrapped training modules.
     """
     scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config)
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=text_encoder or base.text_encoder, tokenizer=base.tokenizer,
-        unet=unet or base.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = families.of(base).make_pipeline(base, scheduler, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -36,7 +33,7 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
+def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
              size: int | None = None, negative_prompt: str = "",
              on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
     """One image per (prompt, seed), in one batch; each image depends only on its own seed.
@@ -51,7 +48,8 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
     # Draw the starting noise on the CPU so an image is the same on every device for a given seed.
     shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-    modes = {m: m.training for m in (pipe.unet, pipe.text_encoder)}
+    # every model of the pipeline (one or two text encoders, the UNet, the VAE)
+    modes = {m: m.training for m in pipe.components.values() if isinstance(m, torch.nn.Module)}
     for m in modes:
         m.eval()  # no adapter dropout while sampling, even mid-training
     try:

@@ -172,7 +172,7 @@ class Session(Job):
         """
         from accelerate.utils import extract_model_from_parallel
 
-        from . import adapters
+        from . import adapters, families
         from .adapter_file import AdapterFile
 
         with self._live_lock:
@@ -181,10 +181,11 @@ class Session(Job):
                 state, step, run_dir = self._h.state, self._h.step, self._h.run_dir
             if state != "paused" or model is None or cfg is None:
                 raise UserError("No training run is paused. Pause the run on the Train tab first, then test it here.")
-            specs = adapters.specs_from_config(cfg)
+            family = families.of(model)
+            specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser)
             tensors = adapters.state_dict({part: extract_model_from_parallel(model.parts[part]) for part in specs})
         name = f"{Path(run_dir).name or 'run'} step {step} (live)"
-        info = adapters.training_metadata(cfg, step, cfg.model.base)
+        info = adapters.training_metadata(cfg, step, cfg.model.base, family.name)
         metadata = {k: v if isinstance(v, str) else str(v) for k, v in info.items()}
         return AdapterFile(Path(name), specs, tensors, metadata)
 

@@ -37,13 +37,14 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 
-from . import adapters
+from . import adapters, families
 from .base_model import BaseModel
 from .class_images import check_class_prompt, class_dir_for, class_min_size, ensure_class_images
 from .config import Config, TrainConfig, adapter_name, resolve_path
-from .data import ImageSet, ScanReport, caption_prompts, scan_folder
+from .data import Geometry, ImageSet, ScanReport, caption_prompts, scan_folder
 from .errors import ConfigError, DataError, UserError
 from .fileio import check_writable, disk_error_message, fsync, remove_stale_temps, write_text
+from .families.base import Conditioning
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, Emit, Failed, Finished, Log, Paused,
                      Progress, Resumed, RunStarted, SampleReady, ignore)
 from .models import load_base_from_config
@@ -167,8 +168,9 @@ def load_data(cfg: Config, report: ScanReport, base: BaseModel, acc: Accelerator
 
 
 class LatentSource(Protocol):
-    def draw(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, str]:
-        """A VAE latent (unscaled) of image `index` and its prompt; all randomness from `generator`."""
+    def draw(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, str, Geometry]:
+        """A VAE latent (unscaled) of image `index`, its prompt and the geometry of the view it was encoded from;
+        all randomness from `generator`. (A source may leave the geometry out: families that use none.)"""
 
 
 def posterior_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -182,16 +184,19 @@ class LatentCache:
     def __init__(self, vae, images: ImageSet, device, dtype, batch: int = 8):
         self.prompts = images.prompts
         self.entries: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        self.geometries: list[list[Geometry]] = []  # of each cached variant (the centre crop, its mirror)
         for i in range(len(images)):
-            variants = torch.stack(images.cached_variants(i)).to(device, dtype)
+            views = images.cached_views(i)
+            variants = torch.stack([tensor for tensor, _ in views]).to(device, dtype)
             with torch.no_grad():
                 dist = vae.encode(variants).latent_dist
             self.entries.append([(m.float(), s.float()) for m, s in zip(dist.mean, dist.std)])
+            self.geometries.append([geometry for _, geometry in views])
 
-    def draw(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, str]:
+    def draw(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, str, Geometry]:
         variants = self.entries[index]
         pick = int(torch.randint(len(variants), (1,), generator=generator)) if len(variants) > 1 else 0
-        return posterior_sample(*variants[pick], generator), self.prompts[index]
+        return posterior_sample(*variants[pick], generator), self.prompts[index], self.geometries[index][pick]
 
 
 class LatentEncoder:
@@ -200,11 +205,11 @@ class LatentEncoder:
     def __init__(self, vae, images: ImageSet, device, dtype):
         self.vae, self.images, self.device, self.dtype = vae, images, device, dtype
 
-    def draw(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, str]:
-        pixels, prompt = self.images.get(index, generator)  # the crop and flip come from the generator too
+    def draw(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, str, Geometry]:
+        pixels, prompt, geometry = self.images.sample(index, generator)  # the crop and flip come from the generator too
         with torch.no_grad():
             dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
-        return posterior_sample(dist.mean[0].float(), dist.std[0].float(), generator), prompt
+        return posterior_sample(dist.mean[0].float(), dist.std[0].float(), generator), prompt, geometry
 
 
 def latent_sources(data: TrainData, vae, device, dtype, cache: bool) -> dict[str, LatentSource]:
@@ -213,19 +218,21 @@ def latent_sources(data: TrainData, vae, device, dtype, cache: bool) -> dict[str
 
 
 def encode_prompts(base: BaseModel, prompts: list[str], device) -> torch.Tensor:
-    ids = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(device)
-    return base.text_encoder(ids)[0]
+    """The text embeddings the UNet cross-attends to (the "hidden" entry of the family's conditioning)."""
+    return families.of(base).encode_prompts(base, prompts, device)["hidden"]
 
 
-def prompt_encoder(base: BaseModel, device, fixed: list[str] | None = None) -> Callable[[list[str]], torch.Tensor]:
-    """prompts -> text embeddings. A frozen text encoder gives a prompt the same embedding every step, so the
-    `fixed` prompts are encoded once here and looked up; without them every batch goes through the encoder."""
+def prompt_encoder(base: BaseModel, device, fixed: list[str] | None = None) -> Callable[[list[str]], Conditioning]:
+    """prompts -> the family's conditioning ({"hidden": ..., and e.g. SDXL's "pooled"}, one row per prompt). Frozen
+    text encoders give a prompt the same conditioning every step, so the `fixed` prompts are encoded once here and
+    looked up; without them every batch goes through the encoders."""
+    family = families.of(base)
     if not fixed:
-        return lambda prompts: encode_prompts(base, prompts, device)
+        return lambda prompts: family.encode_prompts(base, prompts, device)
     with torch.no_grad():
-        table = {p: e for p, e in zip(fixed, encode_prompts(base, fixed, device))}
-    return lambda prompts: torch.stack([table[p] for p in prompts])
+        encoded = family.encode_prompts(base, fixed, device)
+    table = {p: {key: rows[i] for key, rows in encoded.items()} for i, p in enumerate(fixed)}
+    return lambda prompts: {key: torch.stack([table[p][key] for p in prompts]) for key in encoded}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,13 +272,19 @@ def batch_indices(data: TrainData, t: TrainConfig, step: int, micro: int, proces
 class Batch:
     latents: torch.Tensor  # VAE latents (unscaled) of the drawn images: instance images first, then class images
     prompts: list[str]
+    geometry: list[Geometry | None] = field(default_factory=list)  # each image's view (SDXL's size conditioning)
 
 
 def draw_batch(sources: Mapping[str, LatentSource], picks: Mapping[str, list[int]], generator: torch.Generator) -> Batch:
-    """The latents and prompts of the picked images, laid out [instance..., class...] as `picks` lists them
-    (prior preservation splits the loss on that layout; diffusers' DreamBooth example does the same)."""
+    """The latents, prompts and geometries of the picked images, laid out [instance..., class...] as `picks` lists
+    them (prior preservation splits the loss on that layout; diffusers' DreamBooth example does the same)."""
     drawn = [sources[key].draw(i, generator) for key, indices in picks.items() for i in indices]
-    return Batch(torch.stack([latent for latent, _ in drawn]), [prompt for _, prompt in drawn])
+    return Batch(torch.stack([d[0] for d in drawn]), [d[1] for d in drawn], [d[2] if len(d) > 2 else None for d in drawn])
+
+
+def as_conditioning(cond: Conditioning | torch.Tensor) -> Conditioning:
+    """A text encoder's output as conditioning: a bare tensor is the cross-attention input ("hidden")."""
+    return cond if isinstance(cond, Mapping) else {"hidden": cond}
 
 
 @dataclass
@@ -283,11 +296,11 @@ class Prediction:
     weights: torch.Tensor | None = None  # per-image loss weights (min-SNR); None: all images count the same
 
 
-def predict(base: BaseModel, batch: Batch, generator: torch.Generator, encode_text: Callable[[list[str]], torch.Tensor],
+def predict(base: BaseModel, batch: Batch, generator: torch.Generator, encode_text: Callable[[list[str]], Conditioning],
             weight_dtype: torch.dtype, t: TrainConfig) -> Prediction:
-    """The model-specific maths of a step (SD 1.x / 2.x): noise the latents at random timesteps, let the UNet
-    predict, and say what it should have predicted. The order of the random draws is part of the run's identity:
-    noise, offset noise, timesteps, all from `generator`."""
+    """The maths of a step: noise the latents at random timesteps, let the UNet predict (called as the model's
+    family calls it), and say what it should have predicted. The order of the random draws is part of the run's
+    identity: noise, offset noise, timesteps, all from `generator`."""
     sched = base.scheduler
     x0 = batch.latents * base.vae.config.scaling_factor
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -295,9 +308,10 @@ def predict(base: BaseModel, batch: Batch, generator: torch.Generator, encode_te
         noise = noise + t.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=generator).to(x0.device)
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
     noisy = sched.add_noise(x0, noise, timesteps)
-    cond = encode_text(batch.prompts)  # through the text encoder when it trains
+    cond = as_conditioning(encode_text(batch.prompts))  # through the text encoders when they train
     target = training_target(sched, x0, noise, timesteps)
-    pred = base.unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
+    pred = families.of(base).unet_forward(base.unet, noisy.to(weight_dtype), timesteps, cond, batch.geometry,
+                                          weight_dtype)
     weights = min_snr_weights(sched, timesteps, t.min_snr_gamma) if t.min_snr_gamma else None
     return Prediction(pred, target, weights)
 
@@ -468,7 +482,7 @@ class Run:
 
     def save_adapter(self, path: Path) -> Path:
         parts = {part: self.unwrapped(part) for part in self.specs}
-        info = adapters.training_metadata(self.cfg, self.step, self.base.name)
+        info = adapters.training_metadata(self.cfg, self.step, self.base.name, self.base.family)
         return adapters.save_adapter(path, parts, self.specs, info)
 
     def sample(self) -> None:
@@ -478,8 +492,7 @@ class Run:
         prompts = cfg.train.sample_prompts or [p for p in (cfg.data.instance_prompt, cfg.data.class_prompt) if p]
         if not prompts:
             return
-        pipe = make_pipeline(self.base, self.acc.device, unet=self.unwrapped("unet"),
-                             text_encoder=self.unwrapped("text_encoder"))
+        pipe = make_pipeline(self.base, self.acc.device, **{part: self.unwrapped(part) for part in self.base.parts})
         images = generate(pipe, prompts, [cfg.train.sample_seed + i for i in range(len(prompts))],
                           steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance, size=cfg.data.resolution)
         paths = [str(save_png(img, self.run_dir.sample(self.step, i),
@@ -544,6 +557,15 @@ def load_checkpoint(run: Run, ckpt: Checkpoint) -> None:
         write_text(path, "".join(",".join(r) + "\n" for r in keep))
 
 
+def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+    """diffusers models and transformers text encoders (5: activation_..., before: gradient_...) name the switch
+    differently: use the first spelling the module has."""
+    for switch in ("enable_gradient_checkpointing", "activation_checkpointing_enable", "gradient_checkpointing_enable"):
+        if hasattr(module, switch):
+            getattr(module, switch)()
+            return
+
+
 def optimizer_class(cfg: Config) -> type[torch.optim.Optimizer]:
     """AdamW, or bitsandbytes' 8-bit AdamW (its two moments in 8 bits instead of 32) where it can run."""
     if cfg.train.optimizer != "adamw8bit":
@@ -557,10 +579,10 @@ def optimizer_class(cfg: Config) -> type[torch.optim.Optimizer]:
     return bnb.optim.AdamW8bit
 
 
-def make_optimizer(cfg: Config, params: dict[str, list]) -> torch.optim.Optimizer:
-    groups = [{"params": params["unet"], "lr": cfg.train.learning_rate}]
-    if "text_encoder" in params:
-        groups.append({"params": params["text_encoder"], "lr": cfg.text_encoder_learning_rate})
+def make_optimizer(cfg: Config, params: dict[str, list], denoiser: str = "unet") -> torch.optim.Optimizer:
+    """One parameter group per part, in the order of `params`: the denoiser's learning rate, or the text encoders'."""
+    groups = [{"params": ps, "lr": cfg.train.learning_rate if part == denoiser else cfg.text_encoder_learning_rate}
+              for part, ps in params.items()]
     t = cfg.train
     kw = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
     return optimizer_class(cfg)(groups, **kw)
@@ -634,19 +656,18 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     main_emit(Log(f"Run folder: {run_dir}"))
     main_emit(RunStarted(str(run_dir)))
 
-    # 4. Adapters on the UNet (and text encoder): the only trainable parameters.
-    specs = adapters.specs_from_config(cfg)
+    # 4. Adapters on the UNet (and text encoders): the only trainable parameters.
+    family = families.of(base)
+    specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser)
     params = adapters.inject_all(base.parts, specs)
     n_params = sum(p.numel() for ps in params.values() for p in ps)
     main_emit(Log(f"{adapter_name(cfg.adapter.type)} adapter: {n_params:,} trainable parameters on {', '.join(params)}"))
     if acc.is_main_process:  # the adapter, the kept checkpoints (adapter + AdamW state) and one being written
         check_writable(run_dir.path, n_params * 4 * (1 + 3 * (t.keep_checkpoints + 1)) + 20 * 2 ** 20)
-    train_te = "text_encoder" in params
+    train_te = any(part in params for part in family.text_encoders)
     if t.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-        if train_te:
-            te = base.text_encoder  # transformers 5 renamed the switch; accept both spellings
-            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+        for part in params:
+            enable_gradient_checkpointing(getattr(base, part))
 
     # 5. Caches: VAE latents of the (fixed) training crops; text embeddings when the text encoder is frozen.
     cache_latents = t.cache_latents and cfg.data.center_crop
@@ -657,15 +678,14 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     encode_text = prompt_encoder(base, acc.device, fixed_prompts if not train_te and t.cache_text_embeddings else None)
 
     # 6. Optimizer and learning-rate schedule, kept on the run (checkpoints save and restore them).
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, params, family.denoiser)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.max_steps)
-    base.unet.train()
-    if train_te:
-        base.text_encoder.train()
-        base.unet, base.text_encoder, optimizer = acc.prepare(base.unet, base.text_encoder, optimizer)
-    else:
-        base.unet, optimizer = acc.prepare(base.unet, optimizer)
+    for part in params:  # the parts that train (the denoiser first), wrapped by accelerate
+        getattr(base, part).train()
+    *prepared, optimizer = acc.prepare(*(getattr(base, part) for part in params), optimizer)
+    for part, module in zip(params, prepared):
+        setattr(base, part, module)
     trainable = [p for ps in params.values() for p in ps]
 
     run = Run(cfg, acc, base, specs, run_dir, weight_dtype, main_emit, optimizer, lr_scheduler)

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import adapters
+from . import adapters, families
 from .adapter_file import AdapterSpec
 from .config import Config
-from .models import DEMO_MODEL_DIR, build_tiny_model, hf_cache_dir, looks_like_path, parts_from_configs
+from .families.base import Family
+from .models import DEMO_MODEL_DIR, build_tiny_model, hf_cache_dir, looks_like_path
 from .precision import DTYPES
-from .single_file import (detect_family, embedded_configs, read_config_folder, read_safetensors_header,
-                          shipped_config_folder)
+from .single_file import embedded_configs, read_config_folder, read_safetensors_header, shipped_config_folder
 
 GIB = 2 ** 30
 CUDA_CONTEXT = 0.4 * GIB  # what the CUDA context and kernels take on a card besides PyTorch's allocations
@@ -98,7 +98,9 @@ def model_configs(spec: str) -> tuple[dict[str, dict], str]:
     if looks_like_path(spec) and path.is_file() and path.suffix.lower() == ".safetensors":
         metadata, shapes = read_safetensors_header(path)
         configs = embedded_configs(metadata)
-        return configs or read_config_folder(shipped_config_folder(detect_family(shapes, path.name), "epsilon")), ""
+        if configs:
+            return configs, ""
+        return read_config_folder(shipped_config_folder(families.of_checkpoint(shapes, path.name).name, "epsilon")), ""
     snapshots = sorted((hf_cache_dir() / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/unet"))
     if snapshots:
         return read_config_folder(snapshots[-1].parent), ""
@@ -129,35 +131,41 @@ def _traced_bytes(module: torch.nn.Module, run) -> tuple[int, int]:
     return sum(sizes), max(sizes, default=0)
 
 
+def family_of(configs: dict[str, dict]) -> Family:
+    """The family of a model by its part configs (SD 1.x when no family claims them: the planner's assumption)."""
+    return families.of_configs(configs, configs.get("unet", {})) or families.get("sd1")
+
+
 @functools.lru_cache(maxsize=32)
 def _plan(configs_json: str, key: str) -> tuple[int, int, int, int]:
     configs = json.loads(configs_json)
     k = json.loads(key)
     dtype = DTYPES[k["precision"]]
+    family = family_of(configs)
     with torch.device("meta"):  # shapes only: no memory, no initialisation work
-        unet, text_encoder, vae = parts_from_configs(configs)
-    weights = sum(p.numel() for m in (unet, text_encoder, vae) for p in m.parameters()) * dtype.itemsize
-    for m in (unet, text_encoder):
+        models = family.parts_from_configs(configs)
+    weights = sum(p.numel() for m in models.values() for p in m.parameters()) * dtype.itemsize
+    parts = {part: models[part] for part in family.parts}
+    for m in parts.values():
         m.requires_grad_(False)
         m.to(dtype)
     specs = {part: AdapterSpec(**s) for part, s in k["specs"].items()}
-    params = adapters.inject_all({"unet": unet, "text_encoder": text_encoder}, specs)
+    params = adapters.inject_all(parts, specs)
     trainable = sum(p.numel() for ps in params.values() for p in ps)
     state_bytes = 4 + 4 + (2 if k["optimizer"] == "adamw8bit" else 8)  # weight, gradient, AdamW moments
+    unet = parts[family.denoiser]
     if k["checkpointing"]:
         unet.enable_gradient_checkpointing()
     unet.train()
     images = k["batch"]
     latent = k["resolution"] // (2 ** (len(configs["vae"]["block_out_channels"]) - 1))
-    tokens, width = 77, configs["text_encoder"]["hidden_size"]
-    sample = torch.empty((images, configs["unet"].get("in_channels", 4), latent, latent), device="meta", dtype=dtype)
-    cond = torch.empty((images, tokens, width), device="meta", dtype=dtype)
-    steps = torch.zeros(images, device="meta", dtype=torch.long)
-    act, largest = _traced_bytes(unet, lambda: unet(sample, steps, cond))
-    if "text_encoder" in specs:
+    args, kwargs = family.trace_inputs(configs, images, latent, dtype)  # what the family's UNet call gets
+    act, largest = _traced_bytes(unet, lambda: unet(*args, **kwargs))
+    for part in (p for p in family.text_encoders if p in specs):  # each text encoder that trains
+        text_encoder = parts[part]
         text_encoder.train()
-        ids = torch.zeros((images, tokens), device="meta", dtype=torch.long)
-        te_act, te_largest = _traced_bytes(text_encoder, lambda: text_encoder(ids))
+        ids = torch.zeros((images, 77), device="meta", dtype=torch.long)
+        te_act, te_largest = _traced_bytes(text_encoder, lambda: text_encoder(ids))  # noqa: B023 - called at once
         act, largest = act + te_act, max(largest, te_largest)
     return weights, trainable * state_bytes, act, 2 * largest
 
@@ -167,7 +175,8 @@ def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
     configs, assumed = model_configs(cfg.model.base)
     t = cfg.train
     precision = precision or (t.mixed_precision if t.mixed_precision in DTYPES else "fp16")  # auto: fp16 on a GPU
-    specs = adapters.specs_from_config(cfg)
+    family = family_of(configs)
+    specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser)
     key = json.dumps({
         "precision": precision, "optimizer": t.optimizer, "checkpointing": t.gradient_checkpointing,
         "batch": t.batch_size * (2 if t.prior_preservation else 1), "resolution": cfg.data.resolution,
