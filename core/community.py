@@ -130,13 +130,28 @@ def kohya_layer_names(parts: Mapping[str, torch.nn.Module], family: Family | Non
     return names
 
 
+def made_for(names: list[str], family: Family) -> Family | None:
+    """The other family whose own kohya prefixes (lora_te1_ ... that `family` lacks) these module names carry."""
+    ours = set(family.kohya_prefixes.values())
+    for other in families.FAMILIES.values():
+        own = tuple(set(other.kohya_prefixes.values()) - ours)
+        if other.name != family.name and own and any(n.startswith(own) for n in names):
+            return other
+    return None
+
+
 def resolve_kohya(adapter: AdapterFile, parts: Mapping[str, torch.nn.Module], family: Family | None = None) -> AdapterFile:
     """A kohya / LyCORIS file as one of ours, its layer names read against the model `parts` (all or nothing)."""
     kind = adapter.type
+    family = family or families.of_parts(parts)
     names = kohya_layer_names(parts, family)
     groups = kohya_groups(adapter.tensors)
     unknown = sorted(m for m in groups if m not in names)
     if unknown:
+        other = made_for(unknown, family)
+        if other is not None:
+            raise ModelLoadError(f"{adapter.path.name} is an adapter for {other.label} (its layer names say so); the "
+                                 f"base model here is {family.label}. Choose a {other.label} base model for it.")
         raise ModelLoadError(f"{adapter.path.name} has {len(unknown)} layer(s) this base model does not have (e.g. "
                              f"{', '.join(unknown[:3])}): it was made for another model family (SD 1.x and 2.x "
                              "differ in the text encoder, SDXL in everything).")

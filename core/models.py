@@ -1,7 +1,7 @@
 """Base model loading: the parts of a model of a family this app trains (core/families).
 
 `load_base_model(spec)` accepts:
-- "tiny": a tiny random model built in code (tests, smoke runs);
+- "tiny" / "tiny-sdxl": a tiny random SD 1.x / SDXL-architecture model built in code (tests, smoke runs);
 - "demo": the small demo model shipped in core/assets/demo_model (when installed);
 - a local diffusers folder (holds model_index.json);
 - a single-file checkpoint in the original Stable Diffusion layout (read by core/single_file.py);
@@ -26,7 +26,7 @@ from . import families
 from .base_model import ASSETS, BaseModel
 from .config import Config
 from .errors import ModelLoadError, first_line
-from .single_file import SINGLE_FILE_SUFFIXES, load_single_file
+from .single_file import SINGLE_FILE_SUFFIXES, embedded_configs, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class _EmptyFp32ListFilter(logging.Filter):
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32ListFilter())
 
 DEMO_MODEL_DIR = ASSETS / "demo_model"
+TINY = {"tiny": "sd1", "tiny-sdxl": "sdxl"}  # tiny random models built in code, by family
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
@@ -84,8 +85,8 @@ def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool
     path = Path(spec).expanduser()
     if not spec:
         raise ModelLoadError("No base model given: set model.base to a hub id, a diffusers folder or a checkpoint file.")
-    elif spec == "tiny":
-        model = build_tiny_model()
+    elif spec in TINY:
+        model = families.get(TINY[spec]).build_tiny()
     elif spec == "demo":
         if not DEMO_MODEL_DIR.is_dir():
             raise ModelLoadError(f"The demo model is not installed (expected in {DEMO_MODEL_DIR}). "
@@ -94,7 +95,7 @@ def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool
     elif path.is_dir():
         model = _load_local_folder(path, spec)
     elif path.is_file():
-        model = load_single_file(path, prediction_type, allow_pickle=allow_pickle, name=spec)
+        model = checkpoint_family(path).load_file(path, prediction_type, allow_pickle=allow_pickle, name=spec)
     elif looks_like_path(spec) or (path.parent != Path(".") and path.parent.is_dir()):  # "models/x": a local typo
         raise ModelLoadError(f"Base model file or folder not found: {path}. Check the path in model.base.")
     elif _HUB_ID.fullmatch(spec) and "--" not in spec and ".." not in spec:
@@ -106,6 +107,17 @@ def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool
     if prediction_type != "auto" and prediction_type != model.prediction_type:
         model.scheduler = DDPMScheduler.from_config(model.scheduler.config, prediction_type=prediction_type)
     return model.to("cpu", torch.float32).freeze()
+
+
+def checkpoint_family(path: Path) -> families.Family:
+    """The family of a single-file checkpoint, from the keys and shapes in its header. A pickled file is only
+    opened (with the user's permission) by the loader: its keys are read there, as SD 1.x/2.x or SDXL."""
+    if path.suffix.lower() != ".safetensors":
+        return families.get("sd1")
+    metadata, shapes = read_safetensors_header(path)
+    configs = embedded_configs(metadata)  # files this app wrote say what they hold (tiny models have no SD shapes)
+    family = families.of_configs(dict.fromkeys(configs, []), configs.get("unet", {})) if configs else None
+    return family or families.of_checkpoint(shapes, path.name)
 
 
 def load_base_from_config(cfg: Config) -> BaseModel:
@@ -123,7 +135,7 @@ def model_fingerprint(spec: str) -> str:
     """
     spec = str(spec).strip()
     root = DEMO_MODEL_DIR if spec == "demo" else Path(spec).expanduser()
-    if spec == "tiny" or not root.exists():
+    if spec in TINY or not root.exists():
         return ""
     files = [root] if root.is_file() else sorted(
         f for f in root.rglob("*") if f.is_file() and (f.suffix in SINGLE_FILE_SUFFIXES or f.name.endswith(".json")))

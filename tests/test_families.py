@@ -52,11 +52,17 @@ def test_folder_detection_asks_the_families(tmp_path):
     assert families.of_folder(sd2).name == "sd2"
     xl = tmp_path / "xl"
     (xl / "unet").mkdir(parents=True)
-    (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "unet": [],
-                                                     "text_encoder": [], "text_encoder_2": []}))
+    (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
+                                                     "unet": ["diffusers", "UNet2DConditionModel"],
+                                                     "text_encoder": ["transformers", "CLIPTextModel"],
+                                                     "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
     (xl / "unet" / "config.json").write_text(json.dumps({"addition_embed_type": "text_time"}))
-    with pytest.raises(ModelLoadError, match="an SDXL model"):
-        families.of_folder(xl)
+    assert families.of_folder(xl).name == "sdxl"
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": []}))
+    with pytest.raises(ModelLoadError, match="a FLUX model"):  # a known kind no family claims: named
+        families.of_folder(flux)
 
 
 def test_checkpoint_detection_asks_the_families():

@@ -250,7 +250,7 @@ def test_community_locon_with_its_own_ranks_matches_deltas_applied_by_hand(tmp_p
 
 
 @pytest.mark.parametrize("keys,message", [
-    (["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], "for SDXL"),
+    (["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], "an adapter for Stable Diffusion XL"),
     (["model.diffusion_model.input_blocks.0.0.weight"], "whole model checkpoint"),
     (["something.else"], "layout is unknown"),
     (["lora_unet_input_blocks_40_1_proj_in.lora_down.weight", "lora_unet_input_blocks_40_1_proj_in.lora_up.weight"],

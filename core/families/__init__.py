@@ -15,13 +15,14 @@ from ..errors import ModelLoadError
 from ..single_file import detect_family
 from .base import Family
 from .sd import SD1Family, SD2Family
+from .sdxl import SDXLFamily
 
 FAMILIES: dict[str, Family] = {}
 
 # kinds of folder that no registered family may claim, said by name instead of "not a Stable Diffusion model"
 KNOWN_KINDS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], bool]] = {
-    "an SDXL model": lambda index, unet: ("text_encoder_2" in index or "XL" in index.get("_class_name", "")
-                                          or unet.get("addition_embed_type") == "text_time"),
+    "a FLUX model": lambda index, unet: "Flux" in index.get("_class_name", ""),
+    "a Stable Diffusion 3 model": lambda index, unet: "StableDiffusion3" in index.get("_class_name", ""),
 }
 
 
@@ -32,6 +33,7 @@ def register(family: Family) -> Family:
 
 register(SD1Family())
 register(SD2Family())
+register(SDXLFamily())
 
 
 def trained() -> str:

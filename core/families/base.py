@@ -13,6 +13,7 @@ import diffusers
 import torch
 
 from ..base_model import BaseModel
+from ..single_file import load_single_file
 
 # transformers 5's CLIPTextModel names its modules without the `text_model.` level other tools expect
 TEXT_MODEL = "text_model."
@@ -59,6 +60,11 @@ class Family:
 
     def load_folder(self, folder: str | Path, name: str | None = None, **kwargs) -> BaseModel:
         raise NotImplementedError
+
+    def load_file(self, path: Path, prediction_type: str = "auto", allow_pickle: bool = False,
+                  name: str | None = None) -> BaseModel:
+        """A single-file checkpoint in the original layout (core/single_file.py reads it offline)."""
+        return load_single_file(path, prediction_type, allow_pickle=allow_pickle, name=name)
 
     def build_tiny(self, seed: int = 0, prediction_type: str = "epsilon") -> BaseModel:
         """A tiny random model of this family's architecture (tests, smoke runs)."""
