@@ -44,8 +44,8 @@ def _setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.M
 
 @dataclass
 class ModelConfig:
-    # "demo" (the small model shipped with the app), "tiny" (random, for tests), a hub id,
-    # a local diffusers folder or a single-file .safetensors checkpoint.
+    # "demo" (the small model shipped with the app), "tiny" / "tiny-sdxl" (random, for tests), a hub id,
+    # a local diffusers folder or a single-file .safetensors checkpoint (SD 1.x, 2.x or SDXL).
     base: str = "demo"
     # "auto" reads it from the model's scheduler; set it for single-file SD 2.x 768 checkpoints ("v_prediction").
     # "sample": the model predicts the clean image (x0), as some fine-tunes do.
@@ -64,7 +64,7 @@ class DataConfig:
     class_dir: str = ""
     class_prompt: str = ""
     num_class_images: int = _setting(100, min=0, help="100-200 for real photos.")
-    resolution: int = _setting(512, min=8, step=8, help="Demo model: 64. SD 1.x: 512. SD 2.x 768-v: 768.")
+    resolution: int = _setting(512, min=8, step=8, help="Demo model: 64. SD 1.x: 512. SD 2.x 768-v: 768. SDXL: 1024.")
     center_crop: bool = True
     random_flip: bool = False
     repeats: int = _setting(1, min=1)

@@ -291,3 +291,17 @@ def test_step_maths_guess_allows_for_a_busy_cpu(ui, client, monkeypatch):
     minutes = lambda text: int(re.search(r"about (\d+) min", text).group(1))  # noqa: E731
     assert "busy with other programs (about 75% of it in use now)" in busy and "busy" not in idle
     assert 3.5 * minutes(idle) <= minutes(busy) <= 4.5 * minutes(idle), (idle, busy)
+
+
+def test_step_maths_names_the_model_family_and_a_too_low_resolution(ui, client, tmp_path):
+    """A real SDXL base (here a folder with SDXL's configs) is named, and 512 px is called out as too low for it."""
+    from core.families.sdxl_parts import build_tiny_sdxl, save_sdxl_folder
+
+    folder = save_sdxl_folder(build_tiny_sdxl(), tmp_path / "my-sdxl")
+    xl = dict(BASE, base_choice="other", base_other=str(folder))
+    low = ui.call(client, "step_maths", dataset="ball", **dict(xl, resolution=512))["maths"]
+    assert "**Base model:** Stable Diffusion XL. It was trained at 1024 px" in low
+    right = ui.call(client, "step_maths", dataset="ball", **dict(xl, resolution=1024))["maths"]
+    assert "**Base model:** Stable Diffusion XL." in right and "draws poorly" not in right
+    demo = ui.call(client, "step_maths", dataset="ball", **dict(BASE, base_choice="demo", resolution=64))["maths"]
+    assert "Base model:" not in demo  # the demo's size is its own

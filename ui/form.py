@@ -27,6 +27,7 @@ OTHER = "other"  # the base-model picker's "other model" choice
 BASE_CHOICES = [
     ("demo: the small built-in model (default)", "demo"),
     ("tiny: random weights, for testing only", "tiny"),
+    ("tiny-sdxl: random SDXL-shaped weights, for testing only", "tiny-sdxl"),
     ("Other: a Hugging Face id, a model folder or a .safetensors file", OTHER),
 ]
 DEFAULT_PRESET = "demo-lora"
@@ -152,7 +153,8 @@ def base_spec(choice: str, other: str) -> str:
 
 def picker_values(spec: str) -> tuple[str, str]:
     """A config's model.base as the picker's (choice, other text)."""
-    return (spec, "") if spec in ("demo", "tiny") else (OTHER, spec)
+    listed = {value for _, value in BASE_CHOICES} - {OTHER}
+    return (spec, "") if spec in listed else (OTHER, spec)
 
 
 def form_dict(values: dict[str, Any], workspace: Path, dataset: str | None = None, allow_pickle: bool = False) -> dict:

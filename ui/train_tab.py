@@ -9,11 +9,12 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from core import vram
+from core import families, vram
 from core.config import ADAPTER_NAMES
 from core.data import scan_folder
 from core.datasets import dataset_dir
 from core.errors import UserError
+from core.models import TINY
 from core.rundir import RunDir, list_runs
 from core.runs import measured_seconds_per_step
 from core.trainer import preflight
@@ -172,7 +173,7 @@ def rough_seconds_per_step(base: str, resolution: int, batch: int, cuda: bool) -
     """A first guess before any run was measured: SD at 512 px is about 0.5 s per step on a consumer GPU; on a
     CPU an SD 1.5-sized model took about 24 s per step at 128 px (README, Speed: 2 cores), growing with the pixels."""
     pixels = (resolution / 512) ** 2 * batch
-    if base == "tiny":
+    if base in TINY:
         return 0.05
     if base == "demo":
         return (0.05 if cuda else 0.4) * max(pixels * 64, 1)
@@ -187,6 +188,24 @@ def cpu_share() -> float:
         return 1.0
     cores = os.cpu_count() or 1
     return min(1.0, cores / (cores + load))
+
+
+def family_notes(spec: str, resolution: int) -> list[str]:
+    """Which kind of model the base is (read from its configs, not loaded), and a word when the resolution is far
+    below the one it was trained at."""
+    try:
+        configs, assumed = vram.model_configs(spec)
+    except Exception as e:  # noqa: BLE001 - a model that cannot be read: Start says why
+        log.info("model family: %s", e)
+        return []
+    family = families.of_configs(dict.fromkeys(configs, []), configs.get("unet", {}))
+    if family is None or assumed or spec == "demo" or spec in TINY:
+        return []
+    notes = [f"**Base model:** {family.label}."]
+    if resolution < 0.75 * family.default_resolution:
+        notes[0] += (f" It was trained at {family.default_resolution} px: at {resolution} px it draws poorly, so "
+                     f"set the training resolution on the Dataset tab to {family.default_resolution}.")
+    return notes
 
 
 def trains_on(dataset: str | None, instance_prompt: str, class_prompt: str | None) -> str:
@@ -237,9 +256,10 @@ def step_maths(ctx: Ctx, dataset: str, values: dict) -> str:
         how += f", for a CPU busy with other programs (about {1 - share:.0%} of it in use now)"
     extra = f"; plus the samples every {t.sample_every} steps" if t.sample_every else ""
     lines.append(f"Estimated training time: **about {fmt_duration(t.max_steps * per_step)}** ({how}{extra}).")
-    if not cuda and cfg.model.base not in ("demo", "tiny"):
+    if not cuda and cfg.model.base != "demo" and cfg.model.base not in TINY:
         lines.append("No NVIDIA GPU was found: a full-size Stable Diffusion model trains on the CPU far too slowly "
                      "for real use. Train it on a computer with an NVIDIA GPU, or try the demo model here.")
+    lines += family_notes(cfg.model.base, d.resolution)
     try:
         lines.append(vram.advice(cfg, vram.free_gpu_memory()))
     except Exception as e:  # noqa: BLE001 - a model the planner cannot read: the run itself will say why
