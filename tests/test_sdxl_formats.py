@@ -298,8 +298,9 @@ def test_hand_written_sgm_file_imports_as_lycoris_applies_it(tmp_path, sgm_weigh
     theirs = tiny_xl()
     by_name = {}
     for part in PARTS:
-        layers = [n for n, m in theirs.parts[part].named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-        by_name.update({name: theirs.parts[part].get_submodule(m) for m, name in SDXL.export_names(part, layers).items()})
+        model = theirs.parts[part]
+        layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        by_name.update({name: model.get_submodule(m) for m, name in SDXL.export_names(part, layers).items()})
     for name in HAND:
         assert torch.equal(by_name[name].weight, sgm_weights[name])  # the layer the SGM name means
         kind, params = get_module(tensors, name)
@@ -308,7 +309,7 @@ def test_hand_written_sgm_file_imports_as_lycoris_applies_it(tmp_path, sgm_weigh
     assert_same_outputs(ours, theirs, atol=1e-4)
 
 
-def kohya_file(tmp_path, name: str, keys: list[str], **metadata) -> str:
+def kohya_file(tmp_path, name: str, keys: list[str], **metadata):
     path = tmp_path / f"{name}.safetensors"
     save_file({k: torch.zeros(2, 2) for k in keys}, str(path), metadata=metadata or None)
     return adapters.read_adapter(path)
@@ -319,8 +320,8 @@ def test_files_of_the_other_family_say_which_it_is(tmp_path):
 
     sdxl_te = kohya_file(tmp_path, "a", ["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
                                          "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"])
-    sdxl_unet = kohya_file(tmp_path, "b", ["lora_unet_input_blocks_8_1_transformer_blocks_1_attn1_to_q.lora_down.weight",
-                                           "lora_unet_input_blocks_8_1_transformer_blocks_1_attn1_to_q.lora_up.weight"],
+    deep = "lora_unet_input_blocks_8_1_transformer_blocks_1_attn1_to_q"  # no such block in SD 1.x
+    sdxl_unet = kohya_file(tmp_path, "b", [f"{deep}.lora_down.weight", f"{deep}.lora_up.weight"],
                            ss_base_model_version="sdxl_base_v1-0")
     sd = kohya_file(tmp_path, "c", ["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
                                     "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"])
