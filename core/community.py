@@ -33,22 +33,20 @@ def kohya_name(part: str, module: str, family: Family | None = None) -> str:
 # raises ModelLoadError saying what the file is) -------------------------------------------------------------------
 
 def read_kohya(path: Path, f, metadata: dict[str, str]) -> AdapterFile | None:
-    """A kohya / LyCORIS file of a family this app trains; an SDXL one is refused in plain words otherwise."""
+    """A kohya / LyCORIS file of a family this app trains (which one shows when it is resolved against a model)."""
     keys = list(f.keys())
     if keys and all(k.startswith(tuple(families.kohya_prefixes())) for k in keys):
         tensors = {k: f.get_tensor(k) for k in keys}
         return AdapterFile(path, {}, tensors, metadata, layout="kohya", kind=kohya_kind(path, kohya_groups(tensors)))
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-        raise ModelLoadError(f"{path.name} is an adapter for SDXL (it has two text encoders); this app uses "
-                             "Stable Diffusion 1.x / 2.x models.")
     return None
 
 
 def read_diffusers(path: Path, f, metadata: dict[str, str]) -> AdapterFile | None:
-    """A diffusers / peft LoRA file (unet. / text_encoder. prefixes, peft tensor names)."""
+    """A diffusers / peft LoRA file (a part's name as prefix: unet., text_encoder., text_encoder_2.; peft tensor
+    names)."""
     keys = list(f.keys())
-    if not (keys and all(k.startswith(("unet.", "text_encoder.")) and k.endswith(("lora_A.weight", "lora_B.weight"))
-                         for k in keys)):
+    prefixes = tuple({f"{part}." for family in families.FAMILIES.values() for part in family.kohya_prefixes})
+    if not (keys and all(k.startswith(prefixes) and k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)):
         return None
     return diffusers_lora(path, {k: f.get_tensor(k) for k in keys}, metadata)
 
@@ -130,14 +128,16 @@ def kohya_layer_names(parts: Mapping[str, torch.nn.Module], family: Family | Non
     return names
 
 
-def made_for(names: list[str], family: Family) -> Family | None:
-    """The other family whose own kohya prefixes (lora_te1_ ... that `family` lacks) these module names carry."""
+def made_for(names: list[str], family: Family, metadata: Mapping[str, str] | None = None) -> Family | None:
+    """The other family whose own kohya prefixes (lora_te1_ ... that `family` lacks) these module names carry, or
+    that the file's metadata names (a UNet-only file has no such prefix)."""
     ours = set(family.kohya_prefixes.values())
-    for other in families.FAMILIES.values():
+    others = [f for f in families.FAMILIES.values() if f.name != family.name]
+    for other in others:
         own = tuple(set(other.kohya_prefixes.values()) - ours)
-        if other.name != family.name and own and any(n.startswith(own) for n in names):
+        if own and any(n.startswith(own) for n in names):
             return other
-    return None
+    return next((other for other in others if other.claims_metadata(metadata or {})), None)
 
 
 def resolve_kohya(adapter: AdapterFile, parts: Mapping[str, torch.nn.Module], family: Family | None = None) -> AdapterFile:
@@ -148,7 +148,7 @@ def resolve_kohya(adapter: AdapterFile, parts: Mapping[str, torch.nn.Module], fa
     groups = kohya_groups(adapter.tensors)
     unknown = sorted(m for m in groups if m not in names)
     if unknown:
-        other = made_for(unknown, family)
+        other = made_for(unknown, family, adapter.metadata)
         if other is not None:
             raise ModelLoadError(f"{adapter.path.name} is an adapter for {other.label} (its layer names say so); the "
                                  f"base model here is {family.label}. Choose a {other.label} base model for it.")

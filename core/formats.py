@@ -14,6 +14,9 @@ layers_0_self_attn_q_proj`), kohya tensor names (`lora_down` / `lora_up`; LyCORI
 diffusers' `load_lora_weights` also reads kohya LoRA files, but it tells the text encoder's key style by an
 `out_proj` entry (kohya's own files always have one): a LoRA text encoder part on q/k/v_proj without out_proj
 gets one zero out_proj module (lora_down and lora_up zeros), which adds nothing in any tool.
+
+Module names are the family's (Family.export_names): SDXL's UNet modules by their original SGM names
+(`lora_unet_input_blocks_4_1_...`), its encoders `lora_te1_` (CLIP-L) and `lora_te2_` (OpenCLIP-G).
 """
 from __future__ import annotations
 
@@ -33,29 +36,52 @@ PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.
 FORMATS = ("kohya", "diffusers")
 
 
-def zero_out_proj(adapter: AdapterFile, modules: dict[tuple[str, str], dict[str, torch.Tensor]]):
-    """{(part, module): tensors} of the zero out_proj entry diffusers needs (see the module doc), or {}."""
-    te = [m for part, m in modules if part == "text_encoder"]
+def zero_out_proj(adapter: AdapterFile, modules: dict[tuple[str, str], dict[str, torch.Tensor]],
+                  part: str = "text_encoder") -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """{(part, module): tensors} of the zero out_proj entry diffusers needs in text encoder `part` (see the
+    module doc), or {}."""
+    te = [m for p, m in modules if p == part]
     attention = sorted(m for m in te if m.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj"))
-    if not attention or adapter.specs["text_encoder"].type != "lora" or any(m.endswith(".out_proj") for m in te):
+    if not attention or adapter.specs[part].type != "lora" or any(m.endswith(".out_proj") for m in te):
         return {}
-    like = modules[("text_encoder", attention[0])]  # out_proj maps the same width to itself as q/k/v_proj
+    like = modules[(part, attention[0])]  # out_proj maps the same width to itself as q/k/v_proj
     zeros = {suffix: torch.zeros_like(t) for suffix, t in like.items()}
-    return {("text_encoder", attention[0].rsplit(".", 1)[0] + ".out_proj"): zeros}
+    return {(part, attention[0].rsplit(".", 1)[0] + ".out_proj"): zeros}
+
+
+def recorded_unet_config(adapter: AdapterFile) -> dict | None:
+    """The config of the UNet the adapter was trained on, where its metadata records one (`unet_config`)."""
+    try:
+        config = json.loads(adapter.metadata.get("unet_config", "null"))
+    except ValueError:
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def kohya_names(adapter: AdapterFile, family, modules) -> dict[tuple[str, str], str]:
+    """(part, module) -> the module's name in the exported file, as the family names it for other tools."""
+    unet_config = recorded_unet_config(adapter)
+    names = {}
+    for part in dict.fromkeys(p for p, _ in modules):
+        ours = [m for p, m in modules if p == part]
+        names.update({(part, m): n for m, n in family.export_names(part, ours, unet_config).items()})
+    return names
 
 
 def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
     """The adapter's tensors under kohya / LyCORIS names, with an `.alpha` per module (see the module doc)."""
+    family = families.of_adapter(adapter.metadata, adapter.specs)
     modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in adapter.tensors.items():
         part, module, suffix = split_key(key)
         modules.setdefault((part, module), {})[suffix] = tensor.float()
-    modules.update(zero_out_proj(adapter, modules))
-    family = families.of_adapter(adapter.metadata, adapter.specs)
+    for part in family.text_encoders:
+        modules.update(zero_out_proj(adapter, modules, part))
+    names = kohya_names(adapter, family, modules)
     out = {}
     for (part, module), tensors in sorted(modules.items()):
         spec = adapter.specs[part]
-        name = family.kohya_name(part, module)
+        name = names[(part, module)]
         alpha = float(spec.alpha)
         if spec.type == "lokr" and not ({"lokr_w1_a", "lokr_w2_a"} & tensors.keys()):
             tensors = dict(tensors, lokr_w1=tensors["lokr_w1"] * (spec.alpha / spec.rank))

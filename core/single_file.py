@@ -157,11 +157,22 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
 def unet_module_ldm_names(unet, modules: list[str]) -> dict[str, str]:
     """diffusers UNet module name -> its LDM name, e.g. 'down_blocks.0.attentions.0.proj_in' ->
     'input_blocks.1.1.proj_in' (how older A1111-era LoRA files name their layers)."""
+    return unet_config_ldm_names(unet.config, modules)
+
+
+def unet_config_ldm_names(config: Mapping[str, Any], modules: list[str]) -> dict[str, str]:
+    """`unet_module_ldm_names` for a UNet known by its config only; modules without an LDM name are left out."""
     try:
-        renamed = _rename({f"{m}.weight": m for m in modules}, _unet_prefixes(unet.config))
-    except NotImplementedError:  # not an SD 1.x/2.x-shaped UNet: it has no LDM names
+        pairs = _unet_prefixes(config)
+    except NotImplementedError:  # not an SD / SDXL-shaped UNet: it has no LDM names
         return {}
-    return {m: key.removesuffix(".weight") for key, m in renamed.items()}
+    names = {}
+    for m in modules:
+        try:
+            names[m] = next(iter(_rename({f"{m}.weight": m}, pairs))).removesuffix(".weight")
+        except NotImplementedError:
+            continue
+    return names
 
 
 def vae_to_ldm(vae) -> dict[str, torch.Tensor]:

@@ -120,3 +120,18 @@ class Family:
     def extra_unet_names(self, unet, modules: list[str]) -> dict[str, str]:
         """diffusers UNet module name -> another name files of this family use for it (older layouts); {} if none."""
         return {}
+
+    def export_names(self, part: str, modules: Sequence[str],
+                     unet_config: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """Module name -> the kohya / A1111 / ComfyUI name an export gives it. `unet_config`: the config of the
+        UNet the adapter was trained on, for families whose exported UNet names follow it (None: the family's
+        standard model)."""
+        return {m: self.kohya_name(part, m) for m in modules}
+
+    def claims_metadata(self, metadata: Mapping[str, str]) -> bool:
+        """Whether a community file's metadata (kohya's ss_base_model_version, ModelSpec's architecture) says it
+        was made for this family."""
+        ours = self.adapter_metadata
+        version, arch = metadata.get("ss_base_model_version", ""), metadata.get("modelspec.architecture", "")
+        return bool((version and version == ours.get("ss_base_model_version"))
+                    or (arch and arch.split("/")[0] == ours.get("modelspec.architecture", "").split("/")[0]))

@@ -18,7 +18,8 @@ import torch
 
 from ..base_model import BaseModel
 from ..errors import ModelLoadError
-from ..single_file import detect_family, load_sdxl_single_file, unet_module_ldm_names
+from ..single_file import (detect_family, load_sdxl_single_file, read_config_folder, shipped_config_folder,
+                           unet_config_ldm_names, unet_module_ldm_names)
 from .base import Conditioning, Family
 from .sdxl_parts import (TIME_IDS, build_sdxl_from_configs, build_tiny_sdxl, check_sdxl_folder, load_sdxl_folder)
 
@@ -110,3 +111,18 @@ class SDXLFamily(Family):
     def extra_unet_names(self, unet, modules: list[str]) -> dict[str, str]:
         """kohya, A1111, Forge and ComfyUI name SDXL's UNet modules by the original SGM layout."""
         return unet_module_ldm_names(unet, modules)
+
+    def export_names(self, part, modules, unet_config=None) -> dict[str, str]:
+        """The UNet's modules by their SGM names, as Civitai's SDXL files have them (A1111's converter of
+        diffusers-style UNet names assumes SD 1.x's block layout). The SGM numbering follows the UNet's block
+        structure only (levels, layers per level, which up blocks have attention), which every SDXL base and
+        fine-tune shares; the shipped config stands in for a UNet the adapter did not record."""
+        if part != self.denoiser:
+            return super().export_names(part, modules)
+        config = unet_config or read_config_folder(shipped_config_folder(self.name, "epsilon"))["unet"]
+        sgm = unet_config_ldm_names(config, list(modules))
+        missing = [m for m in modules if m not in sgm]
+        if missing:
+            raise ModelLoadError(f"The UNet layers {', '.join(missing[:3])} have no name in the original SDXL layout, "
+                                 "so other tools could not load them: export this adapter with --format diffusers.")
+        return {m: self.kohya_prefixes[part] + sgm[m].replace(".", "_") for m in modules}
