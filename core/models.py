@@ -25,7 +25,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from . import families
 from .base_model import ASSETS, BaseModel
 from .config import Config
-from .errors import ModelLoadError, first_line
+from .errors import ConfigError, ModelLoadError, first_line
 from .single_file import SINGLE_FILE_SUFFIXES, embedded_configs, read_safetensors_header
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,9 @@ def load_base_from_config(cfg: Config) -> BaseModel:
     model = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type,
                             allow_pickle=cfg.model.allow_pickle)
     if cfg.model.zero_terminal_snr:
+        if model.prediction_type == "epsilon":  # at the pure-noise step the noise tells nothing about the image
+            raise ConfigError("model.zero_terminal_snr needs a v-prediction (or sample) model: set "
+                              "model.prediction_type: v_prediction, as NoobAI-XL v-pred and other zero-SNR models use.")
         with_zero_terminal_snr(model)
     if cfg.model.vae:
         model.vae = load_vae(cfg.model.vae, model.vae).to("cpu", torch.float32).requires_grad_(False).eval()

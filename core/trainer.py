@@ -338,7 +338,10 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     kind = scheduler.config.prediction_type
     if kind == "sample":
         return w
-    return w / (snr + 1) if kind == "v_prediction" else w / snr
+    if kind == "v_prediction":
+        return w / (snr + 1)
+    # min(snr, gamma) / snr written so that a zero-terminal-SNR schedule's last step (snr 0) weighs 1, not 0 / 0
+    return torch.clamp(gamma / snr, max=1.0)
 
 
 def batch_loss(p: Prediction, has_class: bool, prior_loss_weight: float):

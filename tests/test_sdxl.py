@@ -340,6 +340,27 @@ def test_zero_terminal_snr_option(tmp_path, instance_dir):
     assert len(generate(pipe, ["a ball"], [0], steps=2, size=32)) == 1
 
 
+def test_zero_terminal_snr_refuses_an_epsilon_model_and_weighs_its_last_step(tmp_path, instance_dir):
+    from core.errors import ConfigError
+    from core.trainer import min_snr_weights
+
+    with pytest.raises(ConfigError, match="v_prediction"):
+        load_base_from_config(Config.from_dict(xl_config(tmp_path, instance_dir, model={"zero_terminal_snr": True})))
+    sched = load_base_from_config(Config.from_dict(xl_config(
+        tmp_path, instance_dir, model={"prediction_type": "v_prediction", "zero_terminal_snr": True}))).scheduler
+    eps = type(sched).from_config(sched.config, prediction_type="epsilon")
+    weights = min_snr_weights(eps, torch.tensor([0, 999]), 5.0)  # snr at 999 is 0: the weight's limit there is 1
+    assert torch.isfinite(weights).all() and weights[1].item() == 1.0
+
+
+def test_class_image_cache_depends_on_model_vae(tmp_path, instance_dir):
+    from core.class_images import class_dir_for
+
+    own = class_dir_for(Config.from_dict(xl_config(tmp_path, instance_dir)))
+    other = class_dir_for(Config.from_dict(xl_config(tmp_path, instance_dir, model={"vae": "org/fp16-fix-vae"})))
+    assert own != other and own.parent.parent == other.parent.parent
+
+
 def test_v_prediction_file_marker_turns_zero_snr_on(tmp_path):
     """A v-prediction SDXL file (ComfyUI's v_pred marker) loads with the zero-terminal-SNR schedule although the
     option is off: the option and the file agree."""
