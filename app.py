@@ -94,13 +94,13 @@ def cmd_class_images(args) -> int:
 
     from core import events as ev
     from core.class_images import class_dir_for, ensure_class_images
-    from core.models import load_base_from_config
+    from core.models import load_base_from_config, place
     from core.precision import default_device, frozen_dtype, resolve_precision
 
     cfg = config_from_args(args)
     device = default_device()
     dtype = frozen_dtype(resolve_precision(cfg))  # before the slow load: fp16 without a GPU fails at once
-    base = load_base_from_config(cfg).to(device, dtype)
+    base = place(load_base_from_config(cfg), device, dtype)
     bar = tqdm(unit="image")
 
     def on_event(e):

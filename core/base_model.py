@@ -31,6 +31,8 @@ class BaseModel:
     # SDXL's second text encoder (OpenCLIP ViT-bigG, with projection) and its tokenizer; None for SD 1.x / 2.x
     text_encoder_2: Any = None
     tokenizer_2: CLIPTokenizer | None = None
+    # where a VAE that replaced the model's own came from (model.vae); "" for the model's own VAE
+    vae_source: str = ""
 
     @property
     def prediction_type(self) -> str:

@@ -51,6 +51,8 @@ def class_dir_for(cfg: Config) -> Path:
     workspace = Path(cfg.output.dir).expanduser().parent
     prompt_folder = f"{cache_name(cfg.data.class_prompt)}-{cfg.data.resolution}"
     weights = model_fingerprint(cfg.model.base)
+    if cfg.model.vae:  # another VAE decodes other images
+        weights += f"-vae{cache_name(cfg.model.vae)}{model_fingerprint(cfg.model.vae)}"
     model_folder = cache_name(cfg.model.base) + (f"-w{weights}" if weights else "")
     return workspace / "class_images" / model_folder / prompt_folder
 

@@ -53,6 +53,11 @@ class ModelConfig:
     revision: str | None = None
     # Refuse pickled .ckpt files unless the user says so; even then they load with weights_only=True.
     allow_pickle: bool = False
+    vae: str = _setting("", help="Another VAE instead of the model's own: a diffusers VAE folder, a .safetensors VAE "
+                                 "file or a hub id (e.g. the SDXL fp16-fix VAE). Empty: the model's own VAE.")
+    zero_terminal_snr: bool = _setting(
+        False, help="For models trained with zero terminal SNR (e.g. NoobAI-XL v-pred): the noise schedule reaches "
+                    "pure noise. On by itself when the model's file says so.")
 
 
 @dataclass

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler
 
 from . import families
 from .base_model import ASSETS, BaseModel
 from .config import Config
-from .errors import ModelLoadError, first_line
+from .errors import ConfigError, ModelLoadError, first_line
 from .single_file import SINGLE_FILE_SUFFIXES, embedded_configs, read_safetensors_header
 
 log = logging.getLogger(__name__)
@@ -121,9 +121,99 @@ def checkpoint_family(path: Path) -> families.Family:
 
 
 def load_base_from_config(cfg: Config) -> BaseModel:
-    """The base model a config names, with its prediction type and pickle permission (see load_base_model)."""
-    return load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type,
-                           allow_pickle=cfg.model.allow_pickle)
+    """The base model a config names, with its prediction type, pickle permission, noise schedule and VAE (see
+    load_base_model, with_zero_terminal_snr and load_vae)."""
+    model = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type,
+                            allow_pickle=cfg.model.allow_pickle)
+    if cfg.model.zero_terminal_snr:
+        if model.prediction_type == "epsilon":  # at the pure-noise step the noise tells nothing about the image
+            raise ConfigError("model.zero_terminal_snr needs a v-prediction (or sample) model: set "
+                              "model.prediction_type: v_prediction, as NoobAI-XL v-pred and other zero-SNR models use.")
+        with_zero_terminal_snr(model)
+    if cfg.model.vae:
+        model.vae = load_vae(cfg.model.vae, model.vae).to("cpu", torch.float32).requires_grad_(False).eval()
+        model.vae_source = cfg.model.vae
+    return model
+
+
+def place(model: BaseModel, device, dtype: torch.dtype | None) -> BaseModel:
+    """Move the frozen parts to `device` in `dtype` (None: keep float32), the VAE in the dtype its family trusts
+    it with (SDXL's own VAE stays float32: it overflows in fp16)."""
+    model.to(device, dtype)
+    vae_dtype = families.of(model).vae_dtype(model, dtype)
+    if vae_dtype != dtype:
+        model.vae.to(dtype=vae_dtype)
+    return model
+
+
+def with_zero_terminal_snr(model: BaseModel) -> BaseModel:
+    """Rescale the training schedule so its last step is pure noise (Lin et al. 2023, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed"): what zero-terminal-SNR models such as NoobAI-XL v-pred were trained
+    with. Samplers made from this scheduler follow (core/sampling.py)."""
+    model.scheduler = DDPMScheduler.from_config(model.scheduler.config, rescale_betas_zero_snr=True)
+    return model
+
+
+# --- another VAE (model.vae) ---------------------------------------------------------------------------------------
+
+def load_vae(spec: str, like: AutoencoderKL) -> AutoencoderKL:
+    """The VAE `spec` names (a diffusers VAE folder, a pipeline folder with vae/, a .safetensors VAE file in the
+    original or the diffusers layout, or a hub id), on the CPU in float32. A file has no config: it is read with
+    the config of `like` (the base model's VAE, which it replaces). Safetensors only; plain-words errors."""
+    spec = str(spec).strip()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _vae_from_folder(path / "vae" if (path / "vae" / "config.json").is_file() else path, spec)
+    if path.is_file():
+        return _vae_from_file(path, like)
+    if looks_like_path(spec) or not _HUB_ID.fullmatch(spec) or "--" in spec or ".." in spec:
+        raise ModelLoadError(f"VAE file or folder not found: {path}. Check the path in model.vae (or leave it empty "
+                             "to use the base model's own VAE).")
+    return _vae_from_hub(spec)
+
+
+def _vae_from_folder(folder: Path, label: str) -> AutoencoderKL:
+    try:
+        return AutoencoderKL.from_pretrained(str(folder), use_safetensors=True, torch_dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"Cannot load the VAE in {label}: {first_line(e)}. A VAE folder holds config.json and "
+                             "diffusion_pytorch_model.safetensors.") from e
+
+
+def _vae_from_file(path: Path, like: AutoencoderKL) -> AutoencoderKL:
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+
+    if path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{path.name}: a VAE file must be .safetensors (pickled files can run code when opened).")
+    read_safetensors_header(path)  # a damaged or renamed file, in plain words
+    state = load_file(str(path))
+    if not any(k.startswith("encoder.down_blocks.") for k in state):  # the original (LDM) layout
+        state = convert_ldm_vae_checkpoint(state, dict(like.config))
+    vae = AutoencoderKL.from_config(like.config)
+    try:
+        vae.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{path.name} is not a VAE that fits this base model ({first_line(e)[:200]}).") from e
+    return vae.to(torch.float32)
+
+
+def _vae_from_hub(repo_id: str) -> AutoencoderKL:
+    """A VAE repo from the local Hugging Face cache, downloaded into it unless HF_HUB_OFFLINE=1."""
+    cache = hf_cache_dir()
+    try:
+        return AutoencoderKL.from_pretrained(repo_id, use_safetensors=True, torch_dtype=torch.float32,
+                                             cache_dir=cache, local_files_only=True)
+    except (OSError, ValueError) as e:
+        if hub_offline():
+            raise ModelLoadError(f"Cannot load the VAE {repo_id!r}: it is not in the local Hugging Face cache "
+                                 f"({cache}) and offline mode is on (HF_HUB_OFFLINE=1). Point model.vae at a local "
+                                 "VAE folder or .safetensors file.") from e
+    try:
+        return AutoencoderKL.from_pretrained(repo_id, use_safetensors=True, torch_dtype=torch.float32, cache_dir=cache)
+    except Exception as e:  # noqa: BLE001 - any hub/network failure becomes one plain message
+        raise ModelLoadError(f"Cannot load the VAE {repo_id!r} ({_hub_reason(e)}). Point model.vae at a local VAE "
+                             "folder or .safetensors file.") from e
 
 
 def model_fingerprint(spec: str) -> str:

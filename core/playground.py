@@ -20,7 +20,7 @@ from . import adapters, families
 from .adapter_file import AdapterFile
 from .base_model import BaseModel
 from .errors import ModelLoadError, UserError
-from .models import load_base_model
+from .models import load_base_model, place
 from .precision import default_device, frozen_dtype
 from .sampling import generate, make_pipeline, save_png
 
@@ -70,7 +70,7 @@ class Playground:
             self.base = None  # free the old one first
             self._loaded = {}
             base = load_base_model(spec, allow_pickle=self.allow_pickle)
-            self.base = base.to(self.device, frozen_dtype(self.precision))
+            self.base = place(base, self.device, frozen_dtype(self.precision))
             self.base_spec = spec
             self.base_loads += 1
         return self.base

@@ -19,10 +19,23 @@ def make_pipeline(base: BaseModel, device: torch.device | str = "cpu", **parts) 
 
     `parts` (e.g. unet=..., text_encoder=...) replace the base model's parts, e.g. the unwrapped training modules.
     """
-    scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config)
+    # a zero-terminal-SNR schedule must start sampling at its last (pure-noise) step: "trailing" spacing does
+    trailing = {"timestep_spacing": "trailing"} if zero_terminal_snr(base.scheduler) else {}
+    scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config, **trailing)
     pipe = families.of(base).make_pipeline(base, scheduler, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def zero_terminal_snr(scheduler) -> bool:
+    """Whether a scheduler's noise schedule ends at pure noise (model.zero_terminal_snr, or the model says so)."""
+    return bool(scheduler.config.get("rescale_betas_zero_snr", False))
+
+
+def guidance_rescale(scheduler) -> float:
+    """Classifier-free guidance over-exposes images of a zero-terminal-SNR model; the diffusers docs advise
+    rescaling it by 0.7 there (Lin et al. 2023, section 3.4)."""
+    return 0.7 if zero_terminal_snr(scheduler) else 0.0
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype):
@@ -56,13 +69,31 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], step
         with autocast_for(device, dtype):
             out = pipe(prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
                        num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                       guidance_rescale=guidance_rescale(pipe.scheduler),
                        latents=latents.to(dtype),
-                       generator=generators, output_type="pil",
+                       generator=generators, output_type="latent",
                        callback_on_step_end=_step_callback(on_step) if on_step else None)
+        # outside autocast, in the VAE's own dtype: a VAE kept in float32 because it overflows in half precision
+        # (SDXL's) would otherwise decode in fp16 all the same
+        return decode(pipe, out.images)
     finally:
         for m, mode in modes.items():
             m.train(mode)
-    return out.images
+
+
+@torch.no_grad()
+def decode(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """Images from the pipeline's final (scaled) latents, as its own output_type="pil" step makes them."""
+    vae = pipe.vae
+    latents = latents.to(vae.dtype)
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is not None and std is not None:  # VAEs whose latents were normalised per channel
+        shape = (1, len(mean), 1, 1)
+        latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + \
+            torch.tensor(mean).view(shape).to(latents)
+    else:
+        latents = latents / vae.config.scaling_factor
+    return pipe.image_processor.postprocess(vae.decode(latents).sample, output_type="pil")
 
 
 def _step_callback(on_step: Callable[[int, int], None]):

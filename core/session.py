@@ -288,14 +288,14 @@ class ClassImagesJob(Job):
     def _generate(self, cfg: Config, base) -> bool:
         """Make the missing images; return whether the folder now holds all of them."""
         from .class_images import ensure_class_images
-        from .models import load_base_from_config
+        from .models import load_base_from_config, place
         from .precision import default_device, frozen_dtype, resolve_precision
 
         device = default_device()
         dtype = frozen_dtype(resolve_precision(cfg))  # before the slow load: fp16 without a GPU fails at once
         if base is None:
             base = load_base_from_config(cfg)
-        base.to(device, dtype)
+        place(base, device, dtype)
         with self._lock:
             self._state["message"] = "Generating..."
         items = ensure_class_images(cfg, base, device, emit=self._on_event, should_stop=self._stop.is_set)

@@ -47,7 +47,7 @@ from .fileio import check_writable, disk_error_message, fsync, remove_stale_temp
 from .families.base import Conditioning
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, Emit, Failed, Finished, Log, Paused,
                      Progress, Resumed, RunStarted, SampleReady, ignore)
-from .models import load_base_from_config
+from .models import load_base_from_config, place
 from .precision import DTYPES, frozen_dtype, resolve_precision
 from .rundir import Checkpoint, RunDir
 from .sampling import generate, make_pipeline, save_png
@@ -338,7 +338,10 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     kind = scheduler.config.prediction_type
     if kind == "sample":
         return w
-    return w / (snr + 1) if kind == "v_prediction" else w / snr
+    if kind == "v_prediction":
+        return w / (snr + 1)
+    # min(snr, gamma) / snr written so that a zero-terminal-SNR schedule's last step (snr 0) weighs 1, not 0 / 0
+    return torch.clamp(gamma / snr, max=1.0)
 
 
 def batch_loss(p: Prediction, has_class: bool, prior_loss_weight: float):
@@ -644,7 +647,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     if base is None:
         main_emit(Log(f"Loading base model {cfg.model.base}"))
         base = load_base_from_config(cfg)
-    base.freeze().to(acc.device, frozen_dtype(acc.mixed_precision))
+    place(base.freeze(), acc.device, frozen_dtype(acc.mixed_precision))
 
     # 3. Images; class images are generated now if prior preservation needs more.
     data = load_data(cfg, report, base, acc, main_emit, control.should_stop)
@@ -673,7 +676,8 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     cache_latents = t.cache_latents and cfg.data.center_crop
     if t.cache_latents and not cfg.data.center_crop:
         main_emit(Log("Random crops differ every step, so latents are not cached (data.center_crop is off)."))
-    sources = latent_sources(data, base.vae, acc.device, weight_dtype, cache_latents)
+    # in the VAE's own dtype: float32 for a VAE that overflows in half precision (SDXL's), see `place`
+    sources = latent_sources(data, base.vae, acc.device, base.vae.dtype, cache_latents)
     fixed_prompts = sorted({p for s in data.sets.values() for p in s.prompts})
     encode_text = prompt_encoder(base, acc.device, fixed_prompts if not train_te and t.cache_text_embeddings else None)
 

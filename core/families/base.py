@@ -30,6 +30,9 @@ class Family:
     # the parts adapters attach to -> the prefix of their module names in kohya / A1111 / ComfyUI files
     kohya_prefixes: Mapping[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     default_resolution = 512
+    # whether the model's own VAE encodes and decodes in fp16 without overflowing (SDXL's does not: it runs in
+    # float32 unless model.vae names another VAE, such as the fp16-fix one)
+    vae_fp16_safe = True
     # what a hub repo of this family must hold for `load_folder` (not the .ckpt, fp16 or .bin copies beside it)
     hub_files: tuple[str, ...] = ("model_index.json", "scheduler/*", "tokenizer/*", "unet/config.json",
                                   "vae/config.json", "text_encoder/config.json",
@@ -95,6 +98,12 @@ class Family:
         sample = torch.empty((images, configs["unet"].get("in_channels", 4), latent, latent), device=device, dtype=dtype)
         cond = torch.empty((images, 77, configs["text_encoder"]["hidden_size"]), device=device, dtype=dtype)
         return (sample, torch.zeros(images, device=device, dtype=torch.long), cond), {}
+
+    def vae_dtype(self, base: BaseModel, dtype: torch.dtype | None) -> torch.dtype | None:
+        """The dtype the VAE runs in when the frozen weights are `dtype` (None: as loaded, float32)."""
+        if dtype is None or self.vae_fp16_safe or base.vae_source:
+            return dtype
+        return torch.float32
 
     # --- pipelines --------------------------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ class SDXLFamily(Family):
     text_encoders = ("text_encoder", "text_encoder_2")
     kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     default_resolution = 1024
+    vae_fp16_safe = False  # SDXL's VAE overflows in fp16 (hence the community's fp16-fix VAE)
     hub_files = (*Family.hub_files, "tokenizer_2/*", "text_encoder_2/config.json",
                  "text_encoder_2/model*.safetensors*")
     pipeline = "StableDiffusionXLPipeline"
