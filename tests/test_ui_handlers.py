@@ -174,8 +174,9 @@ def test_train_tab_live_run_pause_test_resume_stop(ui, client, photos):
 
     ui.call(client, "resume")
     wait_until(lambda: s.snapshot()["step"] > paused_step + 2, what="training to go on")
-    polled = playground_tab.note(ui.ctx, ("paused", paused_step))
+    polled = playground_tab.note(ui.ctx, ("paused", paused_step), adapter_1="live", adapter_2="")
     assert all(value != "live" for _, value in polled["adapter_1"]["choices"])  # withdrawn once it runs again
+    assert polled["adapter_1"]["value"] == "" and "value" not in polled["adapter_2"]  # the slot holding it emptied
     ui.call(client, "save_now")
     wait_until(lambda: s.snapshot()["checkpoints"], what="save now")
     ui.call(client, "stop")

@@ -91,11 +91,8 @@ def build(ctx: Ctx, initial: dict) -> dict:
             choices = adapter_choices(ctx)
             for i in range(1, SLOTS + 1):
                 with gr.Row(equal_height=True):
-                    # A custom value is allowed so that a slot still holding "live" after the run resumed (or a
-                    # client that knows the value) reaches the handler and gets its plain message, instead of
-                    # Gradio's refusal of a value missing from the choices this tab was last sent.
                     c[f"adapter_{i}"] = gr.Dropdown(choices, value="", label=f"Adapter {i}", scale=3,
-                                                    allow_custom_value=True, elem_id=f"pg-adapter-{i}")
+                                                    elem_id=f"pg-adapter-{i}")
                     c[f"weight_{i}"] = gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="Weight", scale=2,
                                                  elem_id=f"pg-weight-{i}")
             with gr.Row():
@@ -215,9 +212,10 @@ def merge(ctx: Ctx, merge_into, merge_name, merge_rank, **values) -> dict:
                          "and give this path."}
 
 
-def note(ctx: Ctx, live_state=None) -> dict:
+def note(ctx: Ctx, live_state=None, **slots) -> dict:
     """The line saying whether a paused run's live adapter can be tried here, and the slots' choices offering it
-    only while a run is paused (both sent only when the state changes)."""
+    only while a run is paused (both sent only when the state changes). A slot holding the live adapter when it is
+    withdrawn is emptied: Gradio refuses a value missing from the choices a tab was sent, in its own words."""
     snap = ctx.session.snapshot()
     state = snap["state"]
     signature = (state, snap["step"] if state == "paused" else 0)
@@ -232,6 +230,9 @@ def note(ctx: Ctx, live_state=None) -> dict:
         text = ""
     paused_changed = (live_state or (None,))[0] == "paused" or state == "paused"
     lists = adapter_lists(ctx) if live_state is not None and paused_changed else {}
+    if lists and state != "paused":
+        lists |= {name: gr.update(choices=lists[name]["choices"], value="") for name, value in slots.items()
+                  if value == LIVE}
     return {"live_note": text, "live_state": signature, **lists}
 
 
@@ -261,5 +262,6 @@ def wire(ctx: Ctx, c: dict) -> TabParts:
     events = bind_table(ctx, c, EVENTS)
     slots = pick(c, SLOT_NAMES)
     bind(ctx, events["merge_adapters"].success, adapter_lists, {}, slots)  # a new LoRA file joins the lists
-    return TabParts(c, polls=[Handler(note, pick(c, ("live_state",)), pick(c, ("live_note", "live_state") + SLOT_NAMES))],
+    return TabParts(c, polls=[Handler(note, pick(c, ("live_state",) + SLOT_NAMES),
+                                              pick(c, ("live_note", "live_state") + SLOT_NAMES))],
                     refreshes=[Handler(adapter_lists, {}, slots)])

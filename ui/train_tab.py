@@ -319,6 +319,12 @@ def build(ctx: Ctx, initial: dict) -> dict:
             c["min_snr_gamma"] = widget("min_snr_gamma", initial, label="Min-SNR gamma")
             c["noise_offset"] = widget("noise_offset", initial, label="Noise offset")
         with gr.Row():
+            c["prediction_type"] = widget("prediction_type", initial, label="Prediction type",
+                                          info="auto: as the model says; v_prediction for SD 2.x 768 and v-pred SDXL "
+                                               "files that do not say.")
+            c["zero_terminal_snr"] = widget("zero_terminal_snr", initial, label="Zero terminal SNR")
+            c["vae"] = widget("vae", initial, label="VAE (optional)", placeholder="e.g. madebyollin/sdxl-vae-fp16-fix")
+        with gr.Row():
             c["gradient_checkpointing"] = widget("gradient_checkpointing", initial,
                                                  label="Gradient checkpointing (less memory, slower)")
             c["cache_latents"] = widget("cache_latents", initial, label="Cache latents")
