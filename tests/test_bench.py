@@ -33,6 +33,7 @@ def test_benchmark_prints_a_json_line_per_case_and_a_table(tmp_path):
     assert "ours-default" in table and "speed-up vs reference" in table and "class images:" in table and "preview" in table
 
 
+@pytest.mark.slow  # about 25 s on a 2-core CPU
 def test_sdxl_benchmark_runs_a_preset_case_and_the_sdxl_reference(tmp_path):
     out = tmp_path / "bench.jsonl"
     r = subprocess.run([sys.executable, "-m", "bench.train_step", "--model", "tiny-sdxl", "--steps", "1", "--warmup", "1",
