@@ -4,6 +4,9 @@ peft's `get_peft_model` on the UNet and the text encoder (r8, alpha 8, the full 
 text encoder's q/v), frozen weights in float32 under fp16 autocast with a GradScaler on a GPU (float32 on
 a CPU), the VAE encode and the text encoder run every step, plain AdamW, `loss.item()` every step; no
 caching, no compile, no checkpointing. Written for the benchmark only: the app never imports it.
+
+`reference_loop_sdxl` is the SDXL reference: what diffusers' train_dreambooth_lora_sdxl.py does per step with its
+README's settings (our own code, following the script's steps).
 """
 from __future__ import annotations
 
@@ -16,15 +19,15 @@ import torch.nn.functional as F
 from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
 from PIL import Image
 
-from core.config import TEXT_ENCODER_TARGETS, UNET_TARGETS_FULL
+from core.config import TEXT_ENCODER_TARGETS, UNET_TARGETS_ATTENTION, UNET_TARGETS_FULL
 
 
-def peft_config(kind: str, targets: list[str]):
+def peft_config(kind: str, targets: list[str], rank: int = 8):
     if kind == "lora":
-        return LoraConfig(r=8, lora_alpha=8, target_modules=targets)
+        return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
     if kind == "loha":
-        return LoHaConfig(r=8, alpha=8, target_modules=targets)
-    return LoKrConfig(r=8, alpha=8, target_modules=targets)
+        return LoHaConfig(r=rank, alpha=rank, target_modules=targets)
+    return LoKrConfig(r=rank, alpha=rank, target_modules=targets)
 
 
 def load_pixels(folder: Path, size: int) -> list[torch.Tensor]:
@@ -64,6 +67,63 @@ def reference_loop(base, kind: str, instance_dir: Path, class_dir: Path, size: i
             noise = torch.randn_like(latents)
             t = torch.randint(0, sched.config.num_train_timesteps, (2,), device=device)
             pred = unet(sched.add_noise(latents, noise, t), t, cond).sample
+            per_image = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = per_image[0] + 1.0 * per_image[1]
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        loss.item()
+        seconds.append(time.perf_counter() - tic)
+    return seconds
+
+
+def sdxl_prompt_embeddings(base, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(both encoders' penultimate hidden states side by side, the second encoder's projected pooled output)."""
+    states = []
+    with torch.no_grad():
+        for encoder, tokenizer in ((base.text_encoder, base.tokenizer), (base.text_encoder_2, base.tokenizer_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), out[0]
+
+
+def reference_loop_sdxl(base, kind: str, instance_dir: Path, class_dir: Path, size: int, steps: int,
+                        device: torch.device) -> list[float]:
+    """train_dreambooth_lora_sdxl.py's step on 1 instance + 1 class image: LoRA r4 on the UNet's attention (the
+    README's run), frozen weights in fp16 with the adapter in fp32, text encoders frozen with the prompt embeddings
+    computed once, the VAE in fp32 (SDXL's overflows in fp16) encoding every step, time ids of the square crop, fp16
+    autocast and a GradScaler, plain AdamW, no checkpointing; return each step's seconds."""
+    fp16 = device.type == "cuda"
+    weight_dtype = torch.float16 if fp16 else torch.float32
+    unet = base.unet.to(device, weight_dtype).requires_grad_(False)
+    unet.add_adapter(peft_config(kind, list(UNET_TARGETS_ATTENTION), rank=4))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # the adapter trains in fp32 beside the fp16 weights
+        p.data = p.data.float()
+    for encoder in (base.text_encoder, base.text_encoder_2):
+        encoder.to(device, weight_dtype).requires_grad_(False)
+    vae = base.vae.to(device, torch.float32).requires_grad_(False)
+    hidden, pooled = sdxl_prompt_embeddings(base, ["a photo of sks dog", "a photo of a dog"], device)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=weight_dtype)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    instance, klass = load_pixels(instance_dir, size), load_pixels(class_dir, size)
+    sched = base.scheduler
+    unet.train()
+    seconds = []
+    for step in range(steps):
+        tic = time.perf_counter()
+        pixels = torch.stack([instance[step % len(instance)], klass[step % len(klass)]]).to(device)
+        with torch.no_grad():
+            latents = (vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor).to(weight_dtype)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (2,), device=device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
+            pred = unet(sched.add_noise(latents, noise, t), t, hidden,
+                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
             per_image = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
             loss = per_image[0] + 1.0 * per_image[1]
         scaler.scale(loss).backward()

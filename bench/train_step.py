@@ -3,10 +3,12 @@
     python -m bench.train_step                      # GPU: SD 1.5-shaped model, 512 px; CPU: the demo model
     python -m bench.train_step --model tiny --steps 4 --warmup 1      # seconds, anywhere (what the tests run)
     python -m bench.train_step --only ours-default,reference-lora --steps 40 --warmup 10
+    python -m bench.train_step --model sdxl --steps 10 --warmup 3   # GPU: SDXL-shaped, 1024 px, the SDXL cases
 
 Every case trains on 4 instance + 4 class images (random pixels: speed does not depend on content) with
 prior preservation, so a step at batch 1 sees 1 instance + 1 class image. Models are built from configs
-with random weights (`sd15`: the shipped SD 1.5 configs; nothing is downloaded) or loaded (`demo`, `tiny`).
+with random weights (`sd15` / `sdxl`: the shipped SD 1.5 / SDXL 1.0 configs; nothing is downloaded) or loaded
+(`demo`, `tiny`, `tiny-sdxl`).
 
 Cases (adapters r8 on the full UNet target set + the text encoder's q/v, as the issue asks):
 - ours-default / ours-lowvram / ours-loha / ours-lokr: `core.trainer.train` with the sd15-lora,
@@ -15,6 +17,10 @@ Cases (adapters r8 on the full UNet target set + the text encoder's q/v, as the 
 - reference-lora / -loha / -lokr: the plain loop in bench/reference.py (peft get_peft_model, fp16 autocast
   on a GPU, VAE encode and text encoder every step, AdamW, loss.item() every step);
 - class-images: generation images/s, one at a time vs batched; preview: seconds per preview during training.
+SDXL models (`sdxl`, `tiny-sdxl`) run their own cases instead:
+- ours-24gb / ours-12gb / ours-8gb: `core.trainer.train` with the sdxl-lora-24gb / -12gb / -8gb preset settings as
+  they are (on a CPU 8-bit AdamW, which needs a GPU, becomes AdamW);
+- reference-lora: bench/reference.py's SDXL loop, what diffusers' train_dreambooth_lora_sdxl.py does per step.
 
 Output: one JSON line per case (stdout, and --out FILE), then a table with ours/reference ratios.
 Step times are medians after --warmup steps; memory is PyTorch's peak allocated / reserved on the GPU
@@ -42,6 +48,7 @@ from core import events as ev  # noqa: E402
 from core.config import Config, TEXT_ENCODER_TARGETS, UNET_TARGETS_FULL, preset_dict  # noqa: E402
 from core.base_model import BaseModel, clip_tokenizer  # noqa: E402
 from core.models import load_base_model, parts_from_configs  # noqa: E402
+from core.families.sdxl_parts import build_sdxl_from_configs  # noqa: E402
 from core.single_file import read_config_folder, shipped_config_folder  # noqa: E402
 
 GIB = 2 ** 30
@@ -52,32 +59,47 @@ OURS = {  # case -> (preset, overrides)
     "ours-lokr": ("sd15-lora", {"adapter": {"type": "lokr"}}),
     "ours-batch2": ("sd15-lora", {"train": {"batch_size": 2}}),
     "ours-batch8": ("sd15-lora", {"train": {"batch_size": 8}}),
+    "ours-24gb": ("sdxl-lora-24gb", {}),
+    "ours-12gb": ("sdxl-lora-12gb", {}),
+    "ours-8gb": ("sdxl-lora-8gb", {}),
 }
+PRESET_AS_IS = ("ours-24gb", "ours-12gb", "ours-8gb")  # the SDXL presets' own adapters, not the shared r8 one
 REFERENCE = {"reference-lora": "lora", "reference-loha": "loha", "reference-lokr": "lokr"}
 EXTRA = ("class-images", "preview")
 ALL = (*OURS, *REFERENCE, *EXTRA)
 CPU_DEFAULT = ("ours-default", "ours-loha", "ours-lokr", "ours-batch2", "ours-batch8", "reference-lora",
                "reference-loha", "reference-lokr", "class-images", "preview")
+SDXL_DEFAULT = ("ours-24gb", "ours-12gb", "ours-8gb", "reference-lora")
+SHAPED = {"sd15": "sd1", "sdxl": "sdxl"}  # models built at full size from the shipped configs, random weights
 
 
 # --------------------------------------------------------------------------- models and data
 
 def build_model(name: str, device: torch.device) -> BaseModel:
-    """`sd15`: SD 1.5-shaped, random weights, built on `device` directly; else core.models.load_base_model."""
-    if name != "sd15":
+    """`sd15` / `sdxl`: full-size, random weights, built on `device` directly; else core.models.load_base_model."""
+    if name not in SHAPED:
         return load_base_model(name)
     from diffusers import DDPMScheduler
 
-    cfg = read_config_folder(shipped_config_folder("sd1", "epsilon"))
+    cfg = read_config_folder(shipped_config_folder(SHAPED[name], "epsilon"))
     torch.manual_seed(0)
     with torch.device(device):
-        unet, text_encoder, vae = parts_from_configs(cfg)
-    for m in (unet, vae, text_encoder):  # random init can overflow fp16 in deep stacks; keep activations sane
+        if name == "sdxl":
+            base = build_sdxl_from_configs(cfg, "sdxl-random")
+        else:
+            unet, text_encoder, vae = parts_from_configs(cfg)
+            base = BaseModel("sd15-random", clip_tokenizer(), text_encoder, vae, unet,
+                             DDPMScheduler.from_config(cfg["scheduler"]))
+    for m in (*base.parts.values(), base.vae):  # random init can overflow fp16 in deep stacks; keep activations sane
         with torch.no_grad():
             for p in m.parameters():
                 if p.dim() > 1:
                     p.mul_(0.5)
-    return BaseModel("sd15-random", clip_tokenizer(), text_encoder, vae, unet, DDPMScheduler.from_config(cfg["scheduler"]))
+    return base
+
+
+def is_sdxl(model: str) -> bool:
+    return model in ("sdxl", "tiny-sdxl")
 
 
 def native_resolution(base: BaseModel) -> int:
@@ -92,17 +114,20 @@ def make_images(folder: Path, n: int, size: int, seed: int) -> Path:
     return folder
 
 
-def case_config(case: str, model: str, resolution: int, work: Path, steps: int) -> Config:
+def case_config(case: str, model: str, resolution: int, work: Path, steps: int, device: str = "cuda") -> Config:
     preset, overrides = OURS[case]
     d = preset_dict(preset)
     d.pop("description", None)
     d["model"] = {"base": model}
     d["data"].update(instance_dir=str(work / "instance"), instance_prompt="a photo of sks dog", class_dir=str(work / "class"),
                      class_prompt="a photo of a dog", num_class_images=4, resolution=resolution, min_image_size=8)
-    d["adapter"].update(rank=8, alpha=8, unet_targets=list(UNET_TARGETS_FULL), text_encoder_targets=list(TEXT_ENCODER_TARGETS),
-                        text_encoder_rank=8, text_encoder_alpha=8)
-    if not d["adapter"].get("train_text_encoder", False) and case != "ours-lowvram":
+    if case not in PRESET_AS_IS:
+        d["adapter"].update(rank=8, alpha=8, unet_targets=list(UNET_TARGETS_FULL),
+                            text_encoder_targets=list(TEXT_ENCODER_TARGETS), text_encoder_rank=8, text_encoder_alpha=8)
+    if not d["adapter"].get("train_text_encoder", False) and case not in ("ours-lowvram", *PRESET_AS_IS):
         d["adapter"]["train_text_encoder"] = True
+    if device == "cpu" and d["train"].get("optimizer") == "adamw8bit":
+        d["train"]["optimizer"] = "adamw"  # bitsandbytes' 8-bit AdamW runs on NVIDIA GPUs only
     d["train"].update(max_steps=steps, sample_every=0, checkpoint_every=0, prior_preservation=True, seed=0)
     d["output"] = {"dir": str(work / "runs"), "name": case}
     for section, values in overrides.items():
@@ -150,7 +175,7 @@ def run_ours(case: str, args, device: torch.device, work: Path) -> dict:
     from core import vram
     from core.trainer import train
 
-    cfg = case_config(case, args.model, args.resolution, work, args.warmup + args.steps + 1)
+    cfg = case_config(case, args.model, args.resolution, work, args.warmup + args.steps + 1, device.type)
     base = build_model(args.model, device)
     clock = Clock(args.warmup, device)
     memory_start(device)
@@ -165,12 +190,12 @@ def run_ours(case: str, args, device: torch.device, work: Path) -> dict:
 
 
 def run_reference(kind: str, args, device: torch.device, work: Path) -> dict:
-    from bench.reference import reference_loop
+    from bench.reference import reference_loop, reference_loop_sdxl
 
     base = build_model(args.model, device)
     memory_start(device)
-    seconds = reference_loop(base, kind, work / "instance", work / "class", args.resolution, args.warmup + args.steps + 1,
-                             device)
+    loop = reference_loop_sdxl if is_sdxl(args.model) else reference_loop
+    seconds = loop(base, kind, work / "instance", work / "class", args.resolution, args.warmup + args.steps + 1, device)
     out = {**summary(seconds[args.warmup + 1:], 2), **memory_peak(device)}  # as ours: the first step untimed
     del base
     return out
@@ -251,7 +276,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="sd15 (random weights, SD 1.5 shape), demo or tiny (default: sd15 on a GPU, else demo)")
+    p.add_argument("--model", help="sd15 / sdxl (random weights, SD 1.5 / SDXL 1.0 shape), demo, tiny or tiny-sdxl "
+                                   "(default: sd15 on a GPU, else demo)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resolution", type=int, default=0, help="pixels (default: the model's own, 512 for sd15)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per case")
@@ -265,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     args.model = args.model or ("sd15" if device.type == "cuda" else "demo")
     if not args.resolution:
-        args.resolution = 512 if args.model == "sd15" else native_resolution(load_base_model(args.model))
-    cases = args.only.split(",") if args.only else list(ALL if device.type == "cuda" else CPU_DEFAULT)
+        full = {"sd15": 512, "sdxl": 1024}
+        args.resolution = full.get(args.model) or native_resolution(load_base_model(args.model))
+    sd_cases = [c for c in ALL if c not in PRESET_AS_IS] if device.type == "cuda" else CPU_DEFAULT
+    cases = args.only.split(",") if args.only else list(SDXL_DEFAULT if is_sdxl(args.model) else sd_cases)
     unknown = [c for c in cases if c not in ALL]
     if unknown:
         p.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(ALL)}")

@@ -12,20 +12,23 @@ fused kernels behave on a GPU (they keep q, k, v and the output, never the atten
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import adapters, families
 from .adapter_file import AdapterSpec
-from .config import Config
+from .config import Config, list_presets, preset_dict
 from .families.base import Family
-from .models import DEMO_MODEL_DIR, build_tiny_model, hf_cache_dir, looks_like_path
+from .models import DEMO_MODEL_DIR, TINY, build_tiny_model, hf_cache_dir, looks_like_path
 from .precision import DTYPES
 from .single_file import embedded_configs, read_config_folder, read_safetensors_header, shipped_config_folder
 
@@ -40,14 +43,16 @@ class MemoryPlan:
     activations: int  # what one training step keeps for its backward pass
     transient: int  # buffers alive at the peak besides those (gradients of the largest activations)
     assumed: str = ""  # set when the model's shape was assumed (a hub id not downloaded yet)
+    encode: int = 0  # what the VAE encoding the images takes at its peak, besides the weights (no grad)
 
     @property
     def total(self) -> int:
-        return self.weights + self.adapter + self.activations + self.transient
+        # the encode peak comes before the training steps (latent cache) or between them, never inside one
+        return self.weights + self.adapter + max(self.activations + self.transient, self.encode)
 
     def text(self) -> str:
         parts = (f"weights {size(self.weights)}, adapters {size(self.adapter)}, "
-                 f"activations {size(self.activations + self.transient)}")
+                 f"activations {size(max(self.activations + self.transient, self.encode))}")
         return f"about {size(self.total)} ({parts})" + (f"; {self.assumed}" if self.assumed else "")
 
 
@@ -89,9 +94,10 @@ def model_configs(spec: str) -> tuple[dict[str, dict], str]:
     """The diffusers configs of base model `spec` without loading weights, and a note when they are assumed."""
     if spec == "demo":
         return read_config_folder(DEMO_MODEL_DIR), ""
-    if spec == "tiny":
-        m = build_tiny_model()
-        return {"unet": dict(m.unet.config), "vae": dict(m.vae.config), "text_encoder": m.text_encoder.config.to_dict()}, ""
+    if spec in TINY:
+        m = build_tiny_model(family=TINY[spec])
+        configs = {part: module.config for part, module in (*m.parts.items(), ("vae", m.vae), ("scheduler", m.scheduler))}
+        return {part: c.to_dict() if hasattr(c, "to_dict") else dict(c) for part, c in configs.items()}, ""
     path = Path(spec).expanduser()
     if looks_like_path(spec) and path.is_dir():
         return read_config_folder(path), ""
@@ -104,7 +110,25 @@ def model_configs(spec: str) -> tuple[dict[str, dict], str]:
     snapshots = sorted((hf_cache_dir() / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/unet"))
     if snapshots:
         return read_config_folder(snapshots[-1].parent), ""
+    family = next((f for f in families.FAMILIES.values() if spec in f.hub_ids), None)
+    if family is not None:  # a family's reference model, not downloaded yet: its shapes are the shipped configs
+        return read_config_folder(shipped_config_folder(family.name, "epsilon")), ""
     return read_config_folder(shipped_config_folder("sd1", "epsilon")), "model shape assumed to be SD 1.5"
+
+
+@contextlib.contextmanager
+def _fused_attention():
+    """While tracing in this thread, attention keeps and allocates what the GPU's fused kernels do (never the
+    attention matrix, which the meta device's fallback would build)."""
+    with _trace_lock:
+        original = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _attention_for(original)
+        _tracing.on = True
+        try:
+            yield
+        finally:
+            _tracing.on = False
+            F.scaled_dot_product_attention = original
 
 
 def _traced_bytes(module: torch.nn.Module, run) -> tuple[int, int]:
@@ -117,18 +141,46 @@ def _traced_bytes(module: torch.nn.Module, run) -> tuple[int, int]:
             kept[id(t)] = t  # by identity: a tensor saved by two operations is in memory once
         return t
 
-    with _trace_lock:
-        original = F.scaled_dot_product_attention
-        F.scaled_dot_product_attention = _attention_for(original)
-        _tracing.on = True
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # hooks are per thread too
-                run()
-        finally:
-            _tracing.on = False
-            F.scaled_dot_product_attention = original
+    with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # hooks are per thread
+        run()
     sizes = [t.numel() * t.element_size() for t in kept.values()]
     return sum(sizes), max(sizes, default=0)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by tensors that operations create, each counted until it is freed: what a
+    no-grad pass (the VAE encoding the latent cache) takes at its peak, besides the weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if all(r.alias_info is None for r in func._schema.returns):  # views and in-place results allocate nothing
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    n = t.untyped_storage().nbytes()
+                    self.live += n
+                    weakref.finalize(t, self._free, n)
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+def _encode_peak(vae: torch.nn.Module, images: int, pixels: int, dtype: torch.dtype) -> int:
+    """Bytes a no-grad VAE encode of `images` images takes at its peak, besides the VAE's weights."""
+    x = torch.empty((images, vae.config.in_channels, pixels, pixels), device="meta", dtype=dtype)
+    counter = _LiveBytes()
+    with torch.no_grad(), _fused_attention(), counter:
+        vae.encode(x).latent_dist.mean  # noqa: B018 - the pass is what is measured
+    return counter.peak
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def family_of(configs: dict[str, dict]) -> Family:
@@ -137,14 +189,15 @@ def family_of(configs: dict[str, dict]) -> Family:
 
 
 @functools.lru_cache(maxsize=32)
-def _plan(configs_json: str, key: str) -> tuple[int, int, int, int]:
+def _plan(configs_json: str, key: str) -> tuple[int, int, int, int, int]:
     configs = json.loads(configs_json)
     k = json.loads(key)
     dtype = DTYPES[k["precision"]]
     family = family_of(configs)
     with torch.device("meta"):  # shapes only: no memory, no initialisation work
         models = family.parts_from_configs(configs)
-    weights = sum(p.numel() for m in models.values() for p in m.parameters()) * dtype.itemsize
+    weights = sum(count(m) * (dtype.itemsize if part != "vae" or family.vae_fp16_safe else 4)
+                  for part, m in models.items())  # a VAE that overflows in half precision stays fp32
     parts = {part: models[part] for part in family.parts}
     for m in parts.values():
         m.requires_grad_(False)
@@ -167,7 +220,9 @@ def _plan(configs_json: str, key: str) -> tuple[int, int, int, int]:
         ids = torch.zeros((images, 77), device="meta", dtype=torch.long)
         te_act, te_largest = _traced_bytes(text_encoder, lambda: text_encoder(ids))  # noqa: B023 - called at once
         act, largest = act + te_act, max(largest, te_largest)
-    return weights, trainable * state_bytes, act, 2 * largest
+    vae = models["vae"].to(dtype if family.vae_fp16_safe else torch.float32)
+    encode = _encode_peak(vae, k["encoded"], k["resolution"], next(vae.parameters()).dtype)
+    return weights, trainable * state_bytes, act, 2 * largest, encode
 
 
 def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
@@ -180,10 +235,33 @@ def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
     key = json.dumps({
         "precision": precision, "optimizer": t.optimizer, "checkpointing": t.gradient_checkpointing,
         "batch": t.batch_size * (2 if t.prior_preservation else 1), "resolution": cfg.data.resolution,
-        "specs": {part: vars(s) for part, s in specs.items()},
+        "specs": {part: vars(s) for part, s in specs.items()}, "encoded": images_per_encode(cfg),
     }, sort_keys=True, default=str)
-    weights, adapter, act, transient = _plan(json.dumps(configs, sort_keys=True, default=str), key)
-    return MemoryPlan(weights, adapter, act, transient, assumed)
+    weights, adapter, act, transient, encode = _plan(json.dumps(configs, sort_keys=True, default=str), key)
+    return MemoryPlan(weights, adapter, act, transient, assumed, encode)
+
+
+def images_per_encode(cfg: Config) -> int:
+    """Images in one VAE encode: an image and its mirror when the latent cache holds both (core/trainer.py)."""
+    cached = cfg.train.cache_latents and cfg.data.center_crop
+    return 2 if cached and cfg.data.random_flip else 1
+
+
+def preset_config(name: str) -> Config:
+    return Config.from_dict(preset_dict(name))
+
+
+def suggest_preset(family: Family, free_bytes: int, adapter_type: str = "lora") -> str | None:
+    """The built-in preset for `family`'s reference models and `adapter_type` that plans the most memory while
+    fitting `free_bytes` (the CUDA context included), or None when none fits."""
+    fits = []
+    for name in list_presets():
+        cfg = preset_config(name)
+        if cfg.model.base in family.hub_ids and cfg.adapter.type == adapter_type:
+            need = plan(cfg).total + CUDA_CONTEXT
+            if need <= free_bytes:
+                fits.append((need, name))
+    return max(fits)[1] if fits else None
 
 
 def advice(cfg: Config, free_bytes: int | None) -> str:
@@ -196,8 +274,10 @@ def advice(cfg: Config, free_bytes: int | None) -> str:
     line += f" The GPU has {size(free_bytes)} free"
     if need <= free_bytes:
         return line + ": it fits."
-    return (line + ": **not enough**. Choose the low-VRAM preset, or lower the resolution or batch size, or turn "
-            "on gradient checkpointing.")
+    suggested = suggest_preset(family_of(model_configs(cfg.model.base)[0]), free_bytes, cfg.adapter.type)
+    choose = f"Use the {suggested} preset" if suggested else "Choose a low-VRAM preset"
+    return (line + f": **not enough**. {choose}, or lower the resolution or batch size, or turn on gradient "
+            "checkpointing.")
 
 
 def free_gpu_memory() -> int | None:

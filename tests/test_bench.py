@@ -33,6 +33,20 @@ def test_benchmark_prints_a_json_line_per_case_and_a_table(tmp_path):
     assert "ours-default" in table and "speed-up vs reference" in table and "class images:" in table and "preview" in table
 
 
+@pytest.mark.slow  # about 25 s on a 2-core CPU
+def test_sdxl_benchmark_runs_a_preset_case_and_the_sdxl_reference(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    r = subprocess.run([sys.executable, "-m", "bench.train_step", "--model", "tiny-sdxl", "--steps", "1", "--warmup", "1",
+                        "--only", "ours-8gb,reference-lora", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["case"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert list(rows) == ["ours-8gb", "reference-lora"]
+    assert all(row["steps_timed"] == 1 and row["median_step_s"] > 0 and row["model"] == "tiny-sdxl" for row in rows.values())
+    assert rows["ours-8gb"]["planner_gib"] > 0 and rows["ours-8gb"]["resolution"] == 64
+    assert "ours-8gb" in r.stdout.split("\n", len(rows))[-1]
+
+
 def test_benchmark_refuses_unknown_cases():
     r = subprocess.run([sys.executable, "-m", "bench.train_step", "--model", "tiny", "--only", "ours-fast"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -451,7 +451,7 @@ def test_preset_loads_and_is_consistent(name):
     assert isinstance(raw.get("description"), str) and raw["description"].strip()
     assert isinstance(raw.get("model", {}).get("base"), str) and raw["model"]["base"].strip()
     cfg = load_config(preset=name)
-    assert cfg.adapter.type == name.removesuffix("-lowvram").rsplit("-", 1)[-1]  # <model>-<type>[-lowvram]
+    assert cfg.adapter.type == re.sub(r"-(lowvram|\d+gb)$", "", name).rsplit("-", 1)[-1]  # <model>-<type>[-lowvram|-<N>gb]
     assert cfg.model.base == raw["model"]["base"]
     # every key the preset sets shows up in the config (nothing silently dropped)
     for section, values in raw.items():

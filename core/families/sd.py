@@ -26,6 +26,7 @@ class SD1Family(Family):
     name = "sd1"
     label = "Stable Diffusion 1.x"
     adapter_metadata = {"ss_base_model_version": "sd_v1", "modelspec.architecture": "stable-diffusion-v1/lora"}
+    hub_ids = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")
     cross_attention_width = 768  # the text encoder's width, which tells SD 1.x and 2.x folders apart
 
     def matches_folder(self, index, unet_config) -> bool:
@@ -101,4 +102,5 @@ class SD2Family(SD1Family):
     name = "sd2"
     label = "Stable Diffusion 2.x"
     adapter_metadata = {"ss_base_model_version": "sd_v2", "modelspec.architecture": "stable-diffusion-v2-512/lora"}
+    hub_ids = ()  # the 2.x repos differ in shape (768-v, 512-base): none is assumed before it is downloaded
     cross_attention_width = 1024
