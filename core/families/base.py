@@ -42,7 +42,6 @@ class Family:
     # hub repos of the family's reference models, shaped as its shipped configs: the built-in presets train them,
     # and the VRAM planner knows their size before they are downloaded
     hub_ids: tuple[str, ...] = ()
-    vae_fp16_safe = True  # whether the VAE encodes in half precision without overflowing (else it runs in fp32)
     pipeline: str = "StableDiffusionPipeline"  # the diffusers pipeline class for samples, class images, folders
     # kohya's `ss_base_model_version` and ModelSpec's architecture of an adapter for this family
     adapter_metadata: Mapping[str, str] = {}

@@ -40,7 +40,6 @@ class SDXLFamily(Family):
                  "text_encoder_2/model*.safetensors*")
     pipeline = "StableDiffusionXLPipeline"
     hub_ids = ("stabilityai/stable-diffusion-xl-base-1.0",)
-    vae_fp16_safe = False  # SDXL's VAE overflows in fp16 (the fp16-fix VAE is a separate, retrained one)
     adapter_metadata = {"ss_base_model_version": "sdxl_base_v1-0",
                         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
 
