@@ -152,6 +152,12 @@ def test_train_tab_live_run_pause_test_resume_stop(ui, client, photos):
 
     offered = {value: label for label, value in ui.call(client, "playground_adapters")["adapter_1"]["choices"]}
     assert offered["live"] == "Live: the paused training run"  # offered while paused
+    with pytest.raises(AppError, match="Choose a saved adapter"):  # ...for generating, not for files
+        ui.call(client, "export_adapter", adapter_1="live")
+    with pytest.raises(AppError, match="live run cannot be merged"):
+        ui.call(client, "merge_adapters", merge_into="lora", merge_name="x", merge_rank=0, pg_base_choice="tiny",
+                adapter_1="live", weight_1=1.0)
+    assert ui.call(client, "adapter_info", adapter_1="live")["adapter_info"] == ""  # nothing to describe yet
     polled = playground_tab.note(ui.ctx, ("running", 0))  # an open tab learns it from its poll
     assert "paused at step" in polled["live_note"]
     assert all(("Live: the paused training run", "live") in polled[slot]["choices"] for slot in playground_tab.SLOT_NAMES)
@@ -254,14 +260,14 @@ def test_playground_mixes_run_adapters(ui, client, photos):
     assert exported.is_file() and "Exported" in out["import_msg"]
     with safe_open(str(exported), "pt") as f:
         assert f.metadata()["ss_network_module"] == "lycoris.kohya"
-    with pytest.raises(AppError, match="Choose a saved adapter"):
+    with pytest.raises(AppError, match="not in the list of choices"):  # not offered while nothing is paused
         ui.call(client, "export_adapter", adapter_1="live")
 
     # A community-format file (the export) imports too; the playground says what each chosen adapter is.
     out = ui.call(client, "import_adapter", import_file=handle_file(str(exported)))
     community = ui.workspace / "adapters" / "mix-loha-kohya.safetensors"
     assert "Imported" in out["import_msg"] and community.is_file()
-    out = ui.call(client, "adapter_info", adapter_1=paths[0], adapter_2=str(community), adapter_3="live")
+    out = ui.call(client, "adapter_info", adapter_1=paths[0], adapter_2=str(community))
     lines = out["adapter_info"].splitlines()
     assert len(lines) == 2 and "LoHa rank" in lines[0] and "mix-loha-kohya.safetensors" in lines[1]
     assert "LoHa" in lines[1] and "steps" in lines[0]
@@ -282,12 +288,43 @@ def test_playground_mixes_run_adapters(ui, client, photos):
     with pytest.raises(AppError, match="cannot be a merged file name"):
         ui.call(client, "merge_adapters", merge_into="lora", merge_name="../up", merge_rank=0, **pg_base,
                 adapter_1=paths[1], weight_1=1.0)
-    with pytest.raises(AppError, match="live run cannot be merged"):
-        ui.call(client, "merge_adapters", merge_into="lora", merge_name="x", merge_rank=0, **pg_base,
-                adapter_1="live", weight_1=1.0)
     out = ui.call(client, "merge_adapters", merge_into="single", merge_name="tiny-mix", merge_rank=0, **pg_base,
                   adapter_1=paths[0], weight_1=0.5, adapter_2=paths[1], weight_2=1.0)
     model_file = ui.workspace / "models" / "tiny-mix.safetensors"
     assert model_file.is_file() and str(model_file) in out["merge_msg"]
     out = ui.call(client, "playground_generate", **dict(pg, pg_base_choice="other", pg_base_other=str(model_file)))
     assert Path(out["pg_image"]).is_file()  # the merged model works as a base model
+
+
+# --------------------------------------------------------------------------- SDXL through the same tabs
+
+def test_sdxl_base_through_the_tabs(ui, client, photos):
+    """An SDXL base in the app: class images, training with prior preservation and samples, pause and test in the
+    playground, export in the layout SDXL LoRAs use elsewhere (SGM UNet names, te1 / te2)."""
+    s = ui.ctx.session
+    xl = dict(TRAIN, base_choice="tiny-sdxl", prior_preservation=True, train_text_encoder=True)
+    make_dataset(ui, client, "xl-set", photos)
+    ui.call(client, "class_generate", base_choice="tiny-sdxl", resolution=32,
+            **dict(CLASS, class_prompt="a photo of an xl ball"))
+    assert ui.ctx.class_job.wait(120) == "finished"
+    ui.call(client, "start_training", dataset="xl-set", **dict(xl, class_prompt="a photo of an xl ball"),
+            max_steps=100000, sample_every=3, run_name="xl-run")
+    wait_until(lambda: s.snapshot()["step"] >= 4 and len(s.snapshot()["samples"]) >= 2, what="SDXL training")
+    ui.call(client, "pause")
+    wait_until(lambda: s.snapshot()["state"] == "paused", what="pause")
+    offered = {value for _, value in ui.call(client, "playground_adapters")["adapter_1"]["choices"]}
+    assert "live" in offered
+    pg = dict(pg_base_choice="tiny-sdxl", pg_prompt="a photo of sks ball", pg_steps=2, pg_seed=3)
+    out = ui.call(client, "playground_generate", **pg, adapter_1="live", weight_1=1.0)
+    assert Path(out["pg_image"]).is_file() and "live run ×1" in out["pg_info"]
+    ui.call(client, "stop")
+    assert s.wait(120) == "stopped"
+    adapter = s.snapshot()["adapter_path"]
+    ui.call(client, "playground_adapters")  # the lists, as opening the tab reads them
+    ui.call(client, "export_adapter", adapter_1=adapter)
+    exported = ui.workspace / "exports" / f"{Path(adapter).stem}-kohya.safetensors"
+    with safe_open(str(exported), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys) and not any("down_blocks" in k for k in keys)
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
