@@ -22,11 +22,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 
-# (Re)install when the requirement files change.
-want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+# (Re)install when the requirement files change. With an NVIDIA GPU, also what only a GPU uses (8-bit AdamW).
+REQS=(requirements.txt requirements-dev.txt)
+command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && REQS+=(requirements-gpu.txt)
+want=$(cat "${REQS[@]}" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -r requirements.txt -r requirements-dev.txt
+  "$VENV/bin/python" -m pip install "${REQS[@]/#/-r}"
   echo "$want" > "$STAMP"
 fi
 

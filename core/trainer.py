@@ -576,7 +576,8 @@ def optimizer_class(cfg: Config) -> type[torch.optim.Optimizer]:
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ConfigError("8-bit AdamW needs the bitsandbytes package (pip install bitsandbytes) and an NVIDIA GPU.") from None
+        raise ConfigError("8-bit AdamW needs the bitsandbytes package and an NVIDIA GPU: ./launch.sh installs it when "
+                          "it finds one (or run .venv/bin/pip install -r requirements-gpu.txt).") from None
     if not torch.cuda.is_available():
         raise ConfigError("8-bit AdamW needs an NVIDIA GPU; on the CPU use train.optimizer: adamw.")
     return bnb.optim.AdamW8bit
