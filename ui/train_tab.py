@@ -233,6 +233,7 @@ def step_maths(ctx: Ctx, dataset: str, values: dict) -> str:
         images = 0
     batch = t.batch_size * t.gradient_accumulation_steps
     lines = [trains_on(dataset, d.instance_prompt, d.class_prompt if t.prior_preservation else None)]
+    lines += family_notes(cfg.model.base, d.resolution)
     if images:
         per_epoch = images * d.repeats
         epochs = t.max_steps * batch / per_epoch
@@ -259,7 +260,6 @@ def step_maths(ctx: Ctx, dataset: str, values: dict) -> str:
     if not cuda and cfg.model.base != "demo" and cfg.model.base not in TINY:
         lines.append("No NVIDIA GPU was found: a full-size Stable Diffusion model trains on the CPU far too slowly "
                      "for real use. Train it on a computer with an NVIDIA GPU, or try the demo model here.")
-    lines += family_notes(cfg.model.base, d.resolution)
     try:
         lines.append(vram.advice(cfg, vram.free_gpu_memory()))
     except Exception as e:  # noqa: BLE001 - a model the planner cannot read: the run itself will say why
