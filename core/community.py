@@ -198,7 +198,11 @@ def describe(adapter: AdapterFile) -> str:
         base = meta.get("base_model") or "not recorded"
         trigger, steps, lr = meta.get("instance_prompt", ""), meta.get("steps"), meta.get("learning_rate")
         parts = " + ".join(PART_NAMES.get(p, p.replace("_", " ")) for p in adapter.specs)
-    text = f"**{adapter.path.name}**: {adapter_name(kind)} rank {rank}, alpha {alpha}, on the {parts}; base model: {base}"
+    made = next((f for f in families.FAMILIES.values() if meta.get("family") == f.name or f.claims_metadata(meta)),
+                None)
+    family = f", for {made.label}" if made else ""
+    text = (f"**{adapter.path.name}**: {adapter_name(kind)} rank {rank}, alpha {alpha}, on the {parts}{family}; "
+            f"base model: {base}")
     if trigger:
         text += f"; trigger: `{trigger}`"
     if steps:

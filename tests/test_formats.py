@@ -319,12 +319,15 @@ def test_files_with_original_sd_layer_names_load(tmp_path, adapter_type):
 def test_describe_ours_and_community_files(tmp_path):
     base, specs = adapted("lokr")
     ours = adapters.save_adapter(tmp_path / "star.safetensors", base.parts, specs,
-                                 {"steps": 400, "instance_prompt": "a photo of tms star", "base_model": "demo"})
+                                 {"steps": 400, "instance_prompt": "a photo of tms star", "base_model": "demo",
+                                  "family": "sd1"})  # as training_metadata records it
     text = community.describe(adapters.read_adapter(ours))
     assert "LoKr rank 4" in text and "trigger: `a photo of tms star`" in text and "base model: demo" in text
+    assert "text encoder, for Stable Diffusion 1.x;" in text  # the family the file records
     kohya = formats.export_adapter(ours, tmp_path / "star-kohya.safetensors")
     text = community.describe(adapters.read_adapter(kohya))
     assert "LoKr rank 4" in text and "UNet + text encoder" in text and "400 steps" in text
+    assert "for Stable Diffusion 1.x" in text  # from kohya's ss_base_model_version
     tags = json.dumps({"10_tms star": {"tms star": 5, "star": 2}})
     save_file(load_file(str(kohya)), str(tmp_path / "tagged.safetensors"), metadata={"ss_tag_frequency": tags})
     assert "trigger: `tms star, star`" in community.describe(adapters.read_adapter(tmp_path / "tagged.safetensors"))
