@@ -176,7 +176,9 @@ def run_ours(case: str, args, device: torch.device, work: Path) -> dict:
     from core.trainer import train
 
     cfg = case_config(case, args.model, args.resolution, work, args.warmup + args.steps + 1, device.type)
-    base = build_model(args.model, device)
+    # built on the device (fast), handed over in main memory: the trainer brings each part when a phase needs it,
+    # so the peak measured from here is the trainer's own
+    base = build_model(args.model, device).to("cpu")
     clock = Clock(args.warmup, device)
     memory_start(device)
     train(cfg, emit=clock, base=base)

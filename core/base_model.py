@@ -58,6 +58,11 @@ class BaseModel:
         return parts
 
     @property
+    def all_parts(self) -> dict:
+        """Every part with weights, by name: the adapter parts and the VAE."""
+        return {**self.parts, "vae": self.vae}
+
+    @property
     def modules(self) -> list:
         """Every part with weights (the VAE too)."""
         return [m for m in (self.text_encoder, self.text_encoder_2, self.vae, self.unet) if m is not None]

@@ -23,6 +23,7 @@ from .errors import DataError
 from .fileio import write_json
 from .events import ClassImagesProgress, ClassImagesStep, Emit, Log, ignore
 from .models import model_fingerprint
+from .placement import parts_on
 from .sampling import generate, make_pipeline, save_png
 from .words import count
 
@@ -129,7 +130,8 @@ def ensure_class_images(cfg: Config, base: BaseModel, device: torch.device | str
     todo = missing_indices(folder, len(have), want)
     if todo:
         emit(Log(f"Generating {count(len(todo), 'class image')} for '{cfg.data.class_prompt}' in {folder}"))
-        _generate(cfg, base, folder, todo, torch.device(device), emit, should_stop)
+        with parts_on(base, base.all_parts, device):  # the whole pipeline generates: all of it on the device
+            _generate(cfg, base, folder, todo, torch.device(device), emit, should_stop)
     return scan_folder(folder, min_size=class_min_size(cfg)).images[:want]
 
 

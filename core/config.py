@@ -141,6 +141,8 @@ class TrainConfig:
     noise_offset: float = _setting(0.0, min=0, step=0.01)
     cache_latents: bool = True
     cache_text_embeddings: bool = True  # only when the text encoder is not trained
+    offload_frozen: bool = _setting(True, help="Keep the VAE and frozen text encoders in main memory while training "
+                                    "when their outputs are cached: less GPU memory, samples take a little longer.")
     seed: int = 42
     # 0 turns samples off (the step-0 baseline is taken whenever samples are on)
     sample_every: int = _setting(100, min=0, help="0: no samples.")

@@ -48,6 +48,7 @@ from .families.base import Conditioning
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, Emit, Failed, Finished, Log, Paused,
                      Progress, Resumed, RunStarted, SampleReady, ignore)
 from .models import load_base_from_config, place
+from .placement import HOME, latents_cached, move_parts, offloaded_parts, parts_on, text_cached
 from .precision import DTYPES, frozen_dtype, resolve_precision
 from .rundir import Checkpoint, RunDir
 from .sampling import generate, make_pipeline, save_png
@@ -479,6 +480,7 @@ class Run:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped by us, once per optimizer step
     step: int = 0
     loss_rows: list = field(default_factory=list)
+    offloaded: tuple[str, ...] = ()  # frozen parts kept in main memory between samples (core/placement.py)
 
     def unwrapped(self, part: str):
         return self.acc.unwrap_model(getattr(self.base, part))
@@ -495,9 +497,10 @@ class Run:
         prompts = cfg.train.sample_prompts or [p for p in (cfg.data.instance_prompt, cfg.data.class_prompt) if p]
         if not prompts:
             return
-        pipe = make_pipeline(self.base, self.acc.device, **{part: self.unwrapped(part) for part in self.base.parts})
-        images = generate(pipe, prompts, [cfg.train.sample_seed + i for i in range(len(prompts))],
-                          steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance, size=cfg.data.resolution)
+        with parts_on(self.base, self.offloaded, self.acc.device):
+            pipe = make_pipeline(self.base, self.acc.device, **{part: self.unwrapped(part) for part in self.base.parts})
+            images = generate(pipe, prompts, [cfg.train.sample_seed + i for i in range(len(prompts))],
+                              steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance, size=cfg.data.resolution)
         paths = [str(save_png(img, self.run_dir.sample(self.step, i),
                               {"prompt": p, "step": self.step, "seed": cfg.train.sample_seed + i}))
                  for i, (img, p) in enumerate(zip(images, prompts))]
@@ -643,12 +646,13 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
         for folder in (run_dir.path, run_dir.checkpoints, run_dir.samples):
             remove_stale_temps(folder)
 
-    # 2. The frozen base model, in half precision under mixed precision (adapters stay float32).
+    # 2. The frozen base model, in half precision under mixed precision (adapters stay float32), in main memory:
+    # each part comes to the device when a phase needs it (steps 3, 5 and 6).
     weight_dtype = DTYPES[acc.mixed_precision]
     if base is None:
         main_emit(Log(f"Loading base model {cfg.model.base}"))
         base = load_base_from_config(cfg)
-    place(base.freeze(), acc.device, frozen_dtype(acc.mixed_precision))
+    place(base.freeze(), HOME, frozen_dtype(acc.mixed_precision))
 
     # 3. Images; class images are generated now if prior preservation needs more.
     data = load_data(cfg, report, base, acc, main_emit, control.should_stop)
@@ -668,19 +672,25 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     main_emit(Log(f"{adapter_name(cfg.adapter.type)} adapter: {n_params:,} trainable parameters on {', '.join(params)}"))
     if acc.is_main_process:  # the adapter, the kept checkpoints (adapter + AdamW state) and one being written
         check_writable(run_dir.path, n_params * 4 * (1 + 3 * (t.keep_checkpoints + 1)) + 20 * 2 ** 20)
-    train_te = any(part in params for part in family.text_encoders)
     if t.gradient_checkpointing:
         for part in params:
             enable_gradient_checkpointing(getattr(base, part))
 
-    # 5. Caches: VAE latents of the (fixed) training crops; text embeddings when the text encoder is frozen.
-    cache_latents = t.cache_latents and cfg.data.center_crop
+    # 5. Caches: VAE latents of the (fixed) training crops; text embeddings when the text encoders are frozen.
+    # Each encoder is on the device only with what stays there: the UNet comes after the caches.
     if t.cache_latents and not cfg.data.center_crop:
         main_emit(Log("Random crops differ every step, so latents are not cached (data.center_crop is off)."))
-    # in the VAE's own dtype: float32 for a VAE that overflows in half precision (SDXL's), see `place`
-    sources = latent_sources(data, base.vae, acc.device, base.vae.dtype, cache_latents)
+    offloaded = offloaded_parts(cfg, family.text_encoders, params)
+    with parts_on(base, ["vae"] if latents_cached(cfg) else [], acc.device):
+        # in the VAE's own dtype: float32 for a VAE that overflows in half precision (SDXL's), see `place`
+        sources = latent_sources(data, base.vae, acc.device, base.vae.dtype, latents_cached(cfg))
     fixed_prompts = sorted({p for s in data.sets.values() for p in s.prompts})
-    encode_text = prompt_encoder(base, acc.device, fixed_prompts if not train_te and t.cache_text_embeddings else None)
+    cache_text = text_cached(cfg, family.text_encoders, params)
+    with parts_on(base, family.text_encoders if cache_text else [], acc.device):
+        encode_text = prompt_encoder(base, acc.device, fixed_prompts if cache_text else None)
+    if offloaded and acc.device != HOME:
+        main_emit(Log(f"Kept in main memory while training (their outputs are cached): {', '.join(offloaded)}"))
+    move_parts(base, [part for part in base.all_parts if part not in offloaded], acc.device)
 
     # 6. Optimizer and learning-rate schedule, kept on the run (checkpoints save and restore them).
     optimizer = make_optimizer(cfg, params, family.denoiser)
@@ -693,7 +703,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
         setattr(base, part, module)
     trainable = [p for ps in params.values() for p in ps]
 
-    run = Run(cfg, acc, base, specs, run_dir, weight_dtype, main_emit, optimizer, lr_scheduler)
+    run = Run(cfg, acc, base, specs, run_dir, weight_dtype, main_emit, optimizer, lr_scheduler, offloaded=offloaded)
     if resume_dir:
         ckpt = run_dir.latest_checkpoint()  # there is one: `preflight` made sure
         load_checkpoint(run, ckpt)

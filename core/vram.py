@@ -1,8 +1,9 @@
 """VRAM planner: the GPU memory a training run will need, estimated before it starts.
 
-The peak of a run is the frozen weights + the adapters with their gradients and optimizer state + the
-activations the forward pass keeps for the backward pass + a few transient buffers. The first two are
-parameter counts. The activations are measured, not guessed: the UNet (and text encoder, when trained)
+The peak of a run is the frozen weights on the GPU + the adapters with their gradients and optimizer state +
+the activations the forward pass keeps for the backward pass + a few transient buffers, or, when it is larger,
+the VAE encoding the latent cache before training (the UNet not on the GPU yet). The first two are parameter
+counts; the parts kept in main memory while training (core/placement.py) count only in the phase they work in. The activations are measured, not guessed: the UNet (and text encoder, when trained)
 is built on PyTorch's "meta" device (shapes only, no memory, well under a second for SD 1.5), the
 adapters are injected as in training, and one forward pass at the run's batch and resolution is traced
 with autograd's saved-tensor hooks, which see every tensor kept for backward. Attention is traced as the
@@ -29,6 +30,7 @@ from .adapter_file import AdapterSpec
 from .config import Config, list_presets, preset_dict
 from .families.base import Family
 from .models import DEMO_MODEL_DIR, TINY, build_tiny_model, hf_cache_dir, looks_like_path
+from .placement import latents_cached, offloaded_parts
 from .precision import DTYPES
 from .single_file import embedded_configs, read_config_folder, read_safetensors_header, shipped_config_folder
 
@@ -38,22 +40,42 @@ CUDA_CONTEXT = 0.4 * GIB  # what the CUDA context and kernels take on a card bes
 
 @dataclass
 class MemoryPlan:
-    weights: int  # frozen UNet + text encoder + VAE, in the run's precision
+    weights: int  # every frozen part (UNet, text encoders, VAE), in the run's precision
     adapter: int  # adapter weights, their gradients and the optimizer state (float32)
     activations: int  # what one training step keeps for its backward pass
     transient: int  # buffers alive at the peak besides those (gradients of the largest activations)
     assumed: str = ""  # set when the model's shape was assumed (a hub id not downloaded yet)
     encode: int = 0  # what the VAE encoding the images takes at its peak, besides the weights (no grad)
+    offloaded: int = 0  # of `weights`, the parts kept in main memory while training (train.offload_frozen)
+    vae: int = 0  # of `weights`, the VAE's
+    cached: bool = False  # the latent cache is encoded before training; else the VAE encodes within each step
+
+    @property
+    def on_gpu(self) -> int:
+        """The frozen weights on the GPU while training."""
+        return self.weights - self.offloaded
+
+    @property
+    def training(self) -> int:
+        """The peak of the training steps: an encode within a step comes before its forward pass, never inside."""
+        encode = 0 if self.cached else self.encode
+        return self.on_gpu + self.adapter + max(self.activations + self.transient, encode)
+
+    @property
+    def caching(self) -> int:
+        """The peak of encoding the latent cache: the UNet comes to the GPU after it, so the VAE is there alone."""
+        return self.vae + self.encode if self.cached else 0
 
     @property
     def total(self) -> int:
-        # the encode peak comes before the training steps (latent cache) or between them, never inside one
-        return self.weights + self.adapter + max(self.activations + self.transient, self.encode)
+        return max(self.training, self.caching)
 
     def text(self) -> str:
-        parts = (f"weights {size(self.weights)}, adapters {size(self.adapter)}, "
-                 f"activations {size(max(self.activations + self.transient, self.encode))}")
-        return f"about {size(self.total)} ({parts})" + (f"; {self.assumed}" if self.assumed else "")
+        kept = f" ({size(self.offloaded)} more kept in main memory)" if self.offloaded else ""
+        parts = (f"weights {size(self.on_gpu)}{kept}, adapters {size(self.adapter)}, "
+                 f"activations {size(self.training - self.on_gpu - self.adapter)}")
+        caching = f"; {size(self.caching)} while the VAE encodes the images" if self.caching > self.training else ""
+        return f"about {size(self.total)} ({parts}{caching})" + (f"; {self.assumed}" if self.assumed else "")
 
 
 def size(n: int) -> str:
@@ -189,15 +211,16 @@ def family_of(configs: dict[str, dict]) -> Family:
 
 
 @functools.lru_cache(maxsize=32)
-def _plan(configs_json: str, key: str) -> tuple[int, int, int, int, int]:
+def _plan(configs_json: str, key: str) -> tuple[tuple[tuple[str, int], ...], int, int, int, int]:
+    """(bytes of each frozen part, adapter state, activations, transient, encode peak)."""
     configs = json.loads(configs_json)
     k = json.loads(key)
     dtype = DTYPES[k["precision"]]
     family = family_of(configs)
     with torch.device("meta"):  # shapes only: no memory, no initialisation work
         models = family.parts_from_configs(configs)
-    weights = sum(count(m) * (dtype.itemsize if part != "vae" or family.vae_fp16_safe else 4)
-                  for part, m in models.items())  # a VAE that overflows in half precision stays fp32
+    weights = tuple((part, count(m) * (dtype.itemsize if part != "vae" or family.vae_fp16_safe else 4))
+                    for part, m in models.items())  # a VAE that overflows in half precision stays fp32
     parts = {part: models[part] for part in family.parts}
     for m in parts.values():
         m.requires_grad_(False)
@@ -238,13 +261,15 @@ def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
         "specs": {part: vars(s) for part, s in specs.items()}, "encoded": images_per_encode(cfg),
     }, sort_keys=True, default=str)
     weights, adapter, act, transient, encode = _plan(json.dumps(configs, sort_keys=True, default=str), key)
-    return MemoryPlan(weights, adapter, act, transient, assumed, encode)
+    by_part = dict(weights)
+    offloaded = sum(by_part[part] for part in offloaded_parts(cfg, family.text_encoders, specs))
+    return MemoryPlan(sum(by_part.values()), adapter, act, transient, assumed, encode, offloaded, by_part["vae"],
+                      latents_cached(cfg))
 
 
 def images_per_encode(cfg: Config) -> int:
     """Images in one VAE encode: an image and its mirror when the latent cache holds both (core/trainer.py)."""
-    cached = cfg.train.cache_latents and cfg.data.center_crop
-    return 2 if cached and cfg.data.random_flip else 1
+    return 2 if latents_cached(cfg) and cfg.data.random_flip else 1
 
 
 def preset_config(name: str) -> Config:
