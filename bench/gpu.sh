@@ -19,3 +19,5 @@ PY=python3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -m bench.train_step --model sd15 --steps "${STEPS:-30}" --warmup "${WARMUP:-10}" --out "${OUT:-.}/bench-gpu.jsonl" "$@"
 "$PY" -m bench.train_step --model sdxl --steps "${SDXL_STEPS:-8}" --warmup "${SDXL_WARMUP:-3}" --out "${OUT:-.}/bench-gpu.jsonl" "$@"
+# The checks only a GPU can make (deselected on CPU machines): frozen parts really in main memory while training.
+"$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_placement.py 2>&1 | tail -5 | tee "${OUT:-.}/gpu-tests.txt"

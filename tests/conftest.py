@@ -96,3 +96,15 @@ def cli(capsys):
         return Result(code, out, err)
 
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need an NVIDIA GPU: without one they are left out (deselected), not skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]

@@ -137,7 +137,7 @@ def test_offloading_changes_no_result_and_samples_work(tmp_path, instance_dir, b
     assert all(torch.equal(tensors[True][k], tensors[False][k]) for k in tensors[True])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the parts really move there")
+@pytest.mark.gpu  # the parts really move there (bench/gpu.sh runs it)
 def test_on_a_gpu_the_offloaded_parts_are_in_main_memory_while_training(tmp_path, instance_dir):
     base = build_tiny_model(family="sdxl")
     seen = []

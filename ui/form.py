@@ -73,7 +73,7 @@ FIELDS = [Field(*f) for f in [
     ("decompose_both", "adapter.decompose_both"), ("decompose_factor", "adapter.decompose_factor", "int"),
     ("use_effective_conv2d", "adapter.use_effective_conv2d"), ("cache_latents", "train.cache_latents"),
     ("prediction_type", "model.prediction_type"), ("zero_terminal_snr", "model.zero_terminal_snr"),
-    ("vae", "model.vae"),
+    ("vae", "model.vae"), ("offload_frozen", "train.offload_frozen"),
 ]]
 BY_NAME = {f.name: f for f in FIELDS}
 # Every name whose value ends up in a config: the fields and the base-model picker.

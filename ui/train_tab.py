@@ -328,6 +328,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
             c["gradient_checkpointing"] = widget("gradient_checkpointing", initial,
                                                  label="Gradient checkpointing (less memory, slower)")
             c["cache_latents"] = widget("cache_latents", initial, label="Cache latents")
+            c["offload_frozen"] = widget("offload_frozen", initial, label="Frozen parts in main memory")
             c["center_crop"] = widget("center_crop", initial, label="Centre crop (off: random crops)")
             c["random_flip"] = widget("random_flip", initial, label="Random flips")
         with gr.Row():
