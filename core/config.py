@@ -72,6 +72,13 @@ class DataConfig:
     resolution: int = _setting(512, min=8, step=8, help="Demo model: 64. SD 1.x: 512. SD 2.x 768-v: 768. SDXL: 1024.")
     center_crop: bool = True
     random_flip: bool = False
+    # Aspect-ratio buckets (core/buckets.py): each image trains in the shape nearest its own, at about the pixel
+    # area of resolution x resolution; off: every image is cropped to a resolution x resolution square.
+    bucketing: bool = _setting(True, help="Photos keep their shape (portrait, landscape); off: square crops.")
+    bucket_step: int = _setting(64, min=8, step=8, help="Bucket sides are multiples of this; 64 for SD / SDXL.")
+    bucket_min_side: int = _setting(0, min=0, step=8, help="0: half the resolution.")
+    bucket_max_side: int = _setting(0, min=0, step=8, help="0: twice the resolution.")
+    bucket_no_upscale: bool = _setting(False, help="Small images train at their own size instead of being enlarged.")
     repeats: int = _setting(1, min=1)
     min_image_size: int = 64  # smaller images are rejected (the shorter side, in pixels)
     # Class-image generation with the base model (prior preservation).
@@ -189,6 +196,10 @@ class Config:
             problem = range_problem(value, meta)
             if problem:
                 raise ConfigError(f"`{key}` {problem}, got {value}.")
+        if self.data.bucket_step % 8:
+            raise ConfigError(f"`data.bucket_step` must be a multiple of 8, got {self.data.bucket_step}.")
+        if self.data.bucket_max_side and self.data.bucket_max_side < self.data.bucket_min_side:
+            raise ConfigError("`data.bucket_max_side` must not be smaller than `data.bucket_min_side`.")
         if self.data.resolution % 8:
             raise ConfigError(f"`data.resolution` must be a multiple of 8 (the VAE works on 8x8 blocks), got {self.data.resolution}.")
         if not self.adapter.unet_targets:

@@ -1,0 +1,95 @@
+"""Aspect-ratio buckets: training sizes of about the same pixel area in several shapes, so a portrait photo trains
+as a portrait instead of losing its head and feet to a square crop (kohya's sd-scripts, OneTrainer and ai-toolkit
+do the same).
+
+A bucket is a (width, height) in pixels, each side a multiple of `step` (64 for Stable Diffusion: the VAE divides
+by 8 and the UNet halves the latents three more times). Each image goes to the bucket nearest its aspect ratio, is
+scaled to cover it and cropped to it. Pure functions of sizes: no images are read here.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Iterable, Sequence
+
+Size = tuple[int, int]  # (width, height) in pixels
+
+STEP = 64
+
+
+def bucket_sizes(resolution: int, step: int = STEP, min_side: int = 0, max_side: int = 0) -> list[Size]:
+    """Every (width, height) with sides multiples of `step` between `min_side` and `max_side` (0: half and twice
+    the resolution) whose area is the closest such shape to resolution², in both orientations, squarest first.
+
+    For each shorter side the longer one is the multiple of `step` nearest resolution² / shorter, so every area
+    lies within about step / (2 * shorter side) of the target (a few percent at SD sizes); a shape whose longer
+    side would pass `max_side` is left out.
+    """
+    if resolution < step:
+        return [(resolution, resolution)]
+    area = resolution * resolution
+    low = max(step, min_side or _round_to(resolution // 2, step))
+    high = max(low, max_side or resolution * 2)
+    sizes: set[Size] = {(_round_to(resolution, step),) * 2}
+    for short in range(_round_to(low, step), resolution + 1, step):  # each shape by its shorter side
+        long = _round_to(area / short, step)
+        if short <= long <= high:
+            sizes |= {(short, long), (long, short)}
+    return sorted(sizes, key=lambda s: (round(abs(math.log(s[0] / s[1])), 9), s[0] < s[1], s))
+
+
+def _round_to(value: float, step: int) -> int:
+    return max(step, int(round(value / step)) * step)
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
+    """The bucket whose aspect ratio is nearest the image's (on a log scale: 2:1 and 1:2 are equally far from 1:1);
+    ties go to the squarer bucket (the list's order)."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
+
+
+def own_size_bucket(width: int, height: int, step: int = STEP) -> Size:
+    """A bucket no larger than the image itself: its sides rounded down to multiples of `step` (for "never
+    upscale": a small image trains at its own size instead of being enlarged)."""
+    return max(step, width // step * step), max(step, height // step * step)
+
+
+def assign(sizes: Iterable[Size], buckets: Sequence[Size], no_upscale: bool = False, step: int = STEP) -> list[Size]:
+    """The bucket of each image (width, height). With `no_upscale`, an image smaller than its bucket (it would have
+    to be enlarged to cover it) gets a bucket of its own size instead, as large as it fills."""
+    out = []
+    for width, height in sizes:
+        bucket = nearest_bucket(width, height, buckets)
+        if no_upscale and (width < bucket[0] or height < bucket[1]):
+            own = own_size_bucket(width, height, step)
+            bucket = own if own[0] * own[1] < bucket[0] * bucket[1] else bucket
+        out.append(bucket)
+    return out
+
+
+def cover_size(width: int, height: int, bucket: Size) -> Size:
+    """The size an image is scaled to so that it covers `bucket` exactly on one side and at least on the other."""
+    scale = max(bucket[0] / width, bucket[1] / height)
+    return max(bucket[0], round(width * scale)), max(bucket[1], round(height * scale))
+
+
+def counts(assigned: Iterable[Size]) -> list[tuple[Size, int]]:
+    """(bucket, number of images) for the buckets in use, the fullest first."""
+    return Counter(assigned).most_common()
+
+
+def describe(size: Size) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def for_settings(data) -> list[Size]:
+    """The bucket list of a config's `data` section (bucketing off: the one square)."""
+    if not data.bucketing:
+        return [(data.resolution, data.resolution)]
+    return bucket_sizes(data.resolution, data.bucket_step, data.bucket_min_side, data.bucket_max_side)
+
+
+def assign_for_settings(sizes: Iterable[Size], data) -> list[Size]:
+    """The bucket of each image (width, height) under a config's `data` section."""
+    return assign(sizes, for_settings(data), data.bucketing and data.bucket_no_upscale, data.bucket_step)
