@@ -70,8 +70,11 @@ def assign(sizes: Iterable[Size], buckets: Sequence[Size], no_upscale: bool = Fa
 
 def cover_size(width: int, height: int, bucket: Size) -> Size:
     """The size an image is scaled to so that it covers `bucket` exactly on one side and at least on the other."""
-    scale = max(bucket[0] / width, bucket[1] / height)
-    return max(bucket[0], round(width * scale)), max(bucket[1], round(height * scale))
+    # Which side is tight is decided in integers, and the other is scaled as width * side / height: a square bucket
+    # then gives exactly the shorter-side resize of the square pipeline (core/data.py resize_shorter_side).
+    if bucket[0] * height >= bucket[1] * width:  # the width is the tight side
+        return bucket[0], max(bucket[1], round(height * bucket[0] / width))
+    return max(bucket[0], round(width * bucket[1] / height)), bucket[1]
 
 
 def counts(assigned: Iterable[Size]) -> list[tuple[Size, int]]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .buckets import Size, cover_size
 from .errors import DataError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -284,15 +285,17 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     """Resize keeping the aspect ratio so that the shorter side is exactly `size` pixels."""
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    width, height = img.size
-    if width <= height:
-        new_size = (size, max(size, round(height * size / width)))
-    else:
-        new_size = (max(size, round(width * size / height)), size)
+    return resize_to_cover(img, (size, size))
+
+
+def resize_to_cover(img: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Resize keeping the aspect ratio so that the image covers `target` (width, height): one side exactly, the
+    other at least (a square target: the shorter side becomes its side)."""
+    new_size = cover_size(*img.size, target)
     if new_size == img.size:
         return img.copy()
     # LANCZOS is sharpest for shrinking; when enlarging it rings, BICUBIC is smoother.
-    upscaling = min(width, height) < size
+    upscaling = new_size[0] > img.size[0] or new_size[1] > img.size[1]
     resample = Image.Resampling.BICUBIC if upscaling else Image.Resampling.LANCZOS
     return img.resize(new_size, resample=resample)
 
@@ -300,24 +303,25 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
 def crop_box(
     width: int,
     height: int,
-    size: int,
+    size: int | tuple[int, int],
     center: bool,
     generator: torch.Generator | None = None,
 ) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a size x size square inside a width x height image.
+    """(left, top, right, bottom) of a `size` crop (a side, or (width, height)) inside a width x height image.
 
     Centred when `center` is true or no generator is given; otherwise the offset is drawn from
     `generator`, so a run with the same seed sees the same crops.
     """
-    if width < size or height < size:
-        raise ValueError(f"cannot crop {size}x{size} from a {width}x{height} image")
+    crop_w, crop_h = (size, size) if isinstance(size, int) else size
+    if width < crop_w or height < crop_h:
+        raise ValueError(f"cannot crop {crop_w}x{crop_h} from a {width}x{height} image")
     if center or generator is None:
-        left, top = (width - size) // 2, (height - size) // 2
+        left, top = (width - crop_w) // 2, (height - crop_h) // 2
     else:
         # Always draw both offsets so the generator advances the same way for every image.
-        left = int(torch.randint(0, width - size + 1, (1,), generator=generator).item())
-        top = int(torch.randint(0, height - size + 1, (1,), generator=generator).item())
-    return left, top, left + size, top + size
+        left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator).item())
+        top = int(torch.randint(0, height - crop_h + 1, (1,), generator=generator).item())
+    return left, top, left + crop_w, top + crop_h
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -344,8 +348,8 @@ class Geometry:
 
 
 class ImageSet:
-    """Decoded training images kept in memory (each already resized so its shorter side ==
-    resolution), with one prompt each."""
+    """Decoded training images kept in memory, each already scaled to cover its bucket (the training size: the
+    resolution's square without buckets), with one prompt each."""
 
     def __init__(
         self,
@@ -354,27 +358,31 @@ class ImageSet:
         resolution: int,
         center_crop: bool = True,
         random_flip: bool = False,
+        buckets: list[Size] | None = None,
     ) -> None:
         if len(items) != len(prompts):
             raise ValueError(f"got {len(items)} images but {len(prompts)} prompts")
+        if buckets is not None and len(buckets) != len(items):
+            raise ValueError(f"got {len(items)} images but {len(buckets)} buckets")
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.prompts = list(prompts)
+        self.buckets: list[Size] = list(buckets) if buckets is not None else [(resolution, resolution)] * len(items)
         # Decode once up front: a bad file fails now, before any training time is spent, and
         # DreamBooth sets are small enough (tens of images) to keep resized in memory.
         self._images: list[Image.Image] = []
         self._original_sizes: list[tuple[int, int]] = []  # (height, width) of each file, for SDXL's size conditioning
-        for item in items:  # one full-size image in memory at a time
+        for item, bucket in zip(items, self.buckets):  # one full-size image in memory at a time
             img = load_rgb(item.path)
             self._original_sizes.append((img.height, img.width))
-            self._images.append(resize_shorter_side(img, resolution))
+            self._images.append(resize_to_cover(img, bucket))
 
     def __len__(self) -> int:
         return len(self._images)
 
     def get(self, index: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, str]:
-        """A (3, R, R) tensor in [-1, 1] and its prompt.
+        """A (3, H, W) tensor in [-1, 1] (the image's bucket size) and its prompt.
 
         With a generator: random crop (unless center_crop) and a coin-flip mirror (if
         random_flip), drawn only from `generator`. Without one: centre crop, no flip.
@@ -385,7 +393,7 @@ class ImageSet:
     def sample(self, index: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, str, Geometry]:
         """As `get`, with the geometry of the view it gives (what SDXL's size / crop conditioning is built from)."""
         img = self._images[index]
-        box = crop_box(*img.size, self.resolution, self.center_crop, generator)
+        box = crop_box(*img.size, self.buckets[index], self.center_crop, generator)
         tensor = to_tensor(img.crop(box))
         flipped = generator is not None and self.random_flip and torch.rand((), generator=generator).item() < 0.5
         if flipped:
@@ -410,13 +418,13 @@ class ImageSet:
         centre, _, geometry = self.sample(index)
         if not self.random_flip:
             return [(centre, geometry)]
-        box = crop_box(*self._images[index].size, self.resolution, center=True)
+        box = crop_box(*self._images[index].size, self.buckets[index], center=True)
         return [(centre, geometry), (torch.flip(centre, dims=[2]), self.geometry(index, box, True))]
 
     def preview(self, index: int) -> Image.Image:
-        """The centre crop at training resolution, for the UI's crop preview."""
+        """The centre crop at the image's training size, for the UI's crop preview."""
         img = self._images[index]
-        return img.crop(crop_box(*img.size, self.resolution, center=True))
+        return img.crop(crop_box(*img.size, self.buckets[index], center=True))
 
 
 def caption_prompts(items: list[ImageItem], default_prompt: str) -> list[str]:
