@@ -96,3 +96,29 @@ def for_settings(data) -> list[Size]:
 def assign_for_settings(sizes: Iterable[Size], data) -> list[Size]:
     """The bucket of each image (width, height) under a config's `data` section."""
     return assign(sizes, for_settings(data), data.bucketing and data.bucket_no_upscale, data.bucket_step)
+
+
+def shares(used: Sequence[tuple[Size, int]], total: int) -> dict[Size, int]:
+    """How many of `total` items (class images) each used bucket gets: in proportion to its images (largest
+    remainders round up), at least one each, so every batch finds partners of its own size."""
+    images = sum(n for _, n in used)
+    exact = {bucket: total * n / images for bucket, n in used}
+    out = {bucket: max(1, int(x)) for bucket, x in exact.items()}
+    by_remainder = sorted(exact, key=lambda b: (int(exact[b]) - exact[b], b))
+    for bucket in by_remainder[:max(0, total - sum(out.values()))]:
+        out[bucket] += 1
+    return out
+
+
+def summary(assigned: Iterable[Size], batch_size: int = 1, repeats: int = 1) -> str:
+    """One line for the log, e.g. 'Buckets: 512x512: 3 images, 384x704: 2 images; 704x384 has 1 image (batches of
+    one)': the buckets whose images cannot fill a batch are pointed out."""
+    used = counts(assigned)
+    line = "Buckets: " + ", ".join(f"{describe(b)}: {n} image{'' if n == 1 else 's'}" for b, n in used)
+    small = [f"{describe(b)} has {n} image{'' if n == 1 else 's'} (batches of {_number(n * repeats)})"
+             for b, n in used if n * repeats < batch_size]
+    return "; ".join([line, *small])
+
+
+def _number(n: int) -> str:
+    return "one" if n == 1 else str(n)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from .base_model import BaseModel
+from .buckets import Size, describe
 from .config import Config, resolve_path
 from .data import ImageItem, scan_folder
 from .errors import DataError
@@ -45,12 +46,19 @@ def cache_name(text: str) -> str:
     return f"{slug(text)}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
 
 
-def class_dir_for(cfg: Config) -> Path:
-    """The user's class folder, or a cache folder per base model (its name and weights), prompt and resolution."""
+def class_dir_for(cfg: Config, size: Size | None = None) -> Path:
+    """The user's class folder, or a cache folder per base model (its name and weights), prompt and size.
+
+    `size` is the (width, height) the images are made at (None: the resolution's square). The square keeps the
+    plain folder name (so a run without buckets finds the images it always did); another bucket's images go to a
+    folder of their own: a sub-folder `WxH` of the user's folder, or a cache folder named with the size.
+    """
+    square = size is None or size == (cfg.data.resolution, cfg.data.resolution)
     if cfg.data.class_dir:
-        return resolve_path(cfg.data.class_dir)
+        folder = resolve_path(cfg.data.class_dir)
+        return folder if square else folder / describe(size)
     workspace = Path(cfg.output.dir).expanduser().parent
-    prompt_folder = f"{cache_name(cfg.data.class_prompt)}-{cfg.data.resolution}"
+    prompt_folder = f"{cache_name(cfg.data.class_prompt)}-{cfg.data.resolution if square else describe(size)}"
     weights = model_fingerprint(cfg.model.base)
     if cfg.model.vae:  # another VAE decodes other images
         weights += f"-vae{cache_name(cfg.model.vae)}{model_fingerprint(cfg.model.vae)}"
@@ -58,9 +66,10 @@ def class_dir_for(cfg: Config) -> Path:
     return workspace / "class_images" / model_folder / prompt_folder
 
 
-def class_min_size(cfg: Config) -> int:
-    """Generated images are exactly `resolution` pixels, so never reject them as too small."""
-    return min(cfg.data.min_image_size, cfg.data.resolution)
+def class_min_size(cfg: Config, size: Size | None = None) -> int:
+    """Generated images are exactly their size (the resolution's square, or `size`), so never reject them as too
+    small."""
+    return min(cfg.data.min_image_size, cfg.data.resolution, *(size or ()))
 
 
 def read_manifest(folder: Path) -> dict:
@@ -120,24 +129,28 @@ def check_class_prompt(cfg: Config) -> None:
 
 
 def ensure_class_images(cfg: Config, base: BaseModel, device: torch.device | str = "cpu", emit: Emit = ignore,
-                        should_stop: Callable[[], bool] = lambda: False) -> list[ImageItem]:
-    """Top the class folder up to `data.num_class_images` usable images; return them (sorted by name)."""
+                        should_stop: Callable[[], bool] = lambda: False, size: Size | None = None,
+                        want: int | None = None) -> list[ImageItem]:
+    """Top the class folder of `size` (width, height; None: the resolution's square) up to `want` usable images
+    (None: `data.num_class_images`); return them (sorted by name)."""
     check_class_prompt(cfg)
-    folder = class_dir_for(cfg)
+    folder = class_dir_for(cfg, size)
     folder.mkdir(parents=True, exist_ok=True)
-    want = cfg.data.num_class_images
-    have = scan_folder(folder, min_size=class_min_size(cfg)).images
+    want = cfg.data.num_class_images if want is None else want
+    have = scan_folder(folder, min_size=class_min_size(cfg, size)).images
     todo = missing_indices(folder, len(have), want)
     if todo:
-        emit(Log(f"Generating {count(len(todo), 'class image')} for '{cfg.data.class_prompt}' in {folder}"))
+        shape = f" at {describe(size)}" if size else ""
+        emit(Log(f"Generating {count(len(todo), 'class image')}{shape} for '{cfg.data.class_prompt}' in {folder}"))
         with parts_on(base, base.all_parts, device):  # the whole pipeline generates: all of it on the device
-            _generate(cfg, base, folder, todo, torch.device(device), emit, should_stop)
-    return scan_folder(folder, min_size=class_min_size(cfg)).images[:want]
+            _generate(cfg, base, folder, todo, torch.device(device), emit, should_stop, size)
+    return scan_folder(folder, min_size=class_min_size(cfg, size)).images[:want]
 
 
 def _generate(cfg: Config, base: BaseModel, folder: Path, todo: list[int], device: torch.device, emit: Emit,
-              should_stop: Callable[[], bool]) -> None:
+              should_stop: Callable[[], bool], size: Size | None) -> None:
     d = cfg.data
+    width, height = size or (d.resolution, d.resolution)
     pipe = make_pipeline(base, device)
     manifest = read_manifest(folder)
     manifest.update(model=cfg.model.base, prompt=d.class_prompt)
@@ -150,7 +163,7 @@ def _generate(cfg: Config, base: BaseModel, folder: Path, todo: list[int], devic
         seeds = [d.class_seed + i for i in batch]
         try:
             images = generate(pipe, [d.class_prompt] * len(batch), seeds, steps=d.class_steps,
-                              guidance=d.class_guidance, size=d.resolution, negative_prompt=d.class_negative_prompt,
+                              guidance=d.class_guidance, width=width, height=height, negative_prompt=d.class_negative_prompt,
                               on_step=_on_step(emit, should_stop, start, len(todo), len(batch)))
         except _Stopped:
             emit(stopped)

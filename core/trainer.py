@@ -37,8 +37,10 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 
-from . import adapters, families
+from . import adapters, buckets, families
 from .base_model import BaseModel
+from .batches import BucketBatches, epoch_index
+from .buckets import Size
 from .class_images import check_class_prompt, class_dir_for, class_min_size, ensure_class_images
 from .config import Config, TrainConfig, adapter_name, resolve_path
 from .data import Geometry, ImageSet, ScanReport, caption_prompts, scan_folder
@@ -143,6 +145,7 @@ class TrainData:
     instance: ImageSet
     klass: ImageSet | None  # None without prior preservation
     repeats: int = 1  # each instance image is drawn this many times per epoch
+    batches: BucketBatches | None = None  # batches one bucket at a time; None: the images are all of one size
 
     @property
     def sets(self) -> dict[str, ImageSet]:
@@ -150,22 +153,44 @@ class TrainData:
 
 
 def load_data(cfg: Config, report: ScanReport, base: BaseModel, acc: Accelerator, emit: Emit, stop) -> TrainData:
-    """The instance images `preflight` found, and the class images (generated now if prior preservation needs more)."""
-    d = cfg.data
+    """The instance images `preflight` found, each in its bucket, and the class images of those buckets (generated
+    now if prior preservation needs more)."""
+    d, t = cfg.data, cfg.train
     emit(Log(f"Instance images: {report.summary()}"))
     prompts = caption_prompts(report.images, d.instance_prompt)
-    instance = ImageSet(report.images, prompts, d.resolution, d.center_crop, d.random_flip)
-    klass = None
-    if cfg.train.prior_preservation:
-        # Generated on the main process only; the others wait and then read the same folder.
-        if acc.is_main_process:
-            ensure_class_images(cfg, base, acc.device, emit, should_stop=stop)
-        acc.wait_for_everyone()
-        items = scan_folder(class_dir_for(cfg), min_size=class_min_size(cfg)).images[: d.num_class_images]
-        if not items:
-            raise DataError("Prior preservation is on but there are no class images (class generation was stopped?).")
-        klass = ImageSet(items, [d.class_prompt] * len(items), d.resolution, d.center_crop, d.random_flip)
-    return TrainData(instance, klass, d.repeats)
+    assigned = buckets.assign_for_settings([(item.width, item.height) for item in report.images], d)
+    if d.bucketing:
+        emit(Log(buckets.summary(assigned, t.batch_size, d.repeats)))
+    instance = ImageSet(report.images, prompts, d.resolution, d.center_crop, d.random_flip, assigned)
+    klass = load_class_images(cfg, buckets.counts(assigned), base, acc, emit, stop) if t.prior_preservation else None
+    several = len(set(assigned)) > 1  # one size: today's draws, image by image (the same batches, bit for bit)
+    batches = BucketBatches(assigned, klass.buckets if klass else None, d.repeats, t.batch_size, t.seed) if several \
+        else None
+    return TrainData(instance, klass, d.repeats, batches)
+
+
+def load_class_images(cfg: Config, used: list[tuple[Size, int]], base: BaseModel, acc: Accelerator, emit: Emit,
+                      stop) -> ImageSet:
+    """The class images of each bucket the instance images use, `data.num_class_images` shared among them in
+    proportion (so a batch finds class images of its own size), generated where missing."""
+    d = cfg.data
+    wanted = buckets.shares(used, d.num_class_images)
+    # Generated on the main process only; the others wait and then read the same folders.
+    if acc.is_main_process:
+        for size, n in wanted.items():
+            if not stop():
+                ensure_class_images(cfg, base, acc.device, emit, should_stop=stop, size=size, want=n)
+    acc.wait_for_everyone()
+    items, sizes = [], []
+    for size, n in wanted.items():
+        found = scan_folder(class_dir_for(cfg, size), min_size=class_min_size(cfg, size)).images[:n]
+        if not found:
+            raise DataError("Prior preservation is on but there are no class images"
+                            f"{'' if len(wanted) == 1 else ' of ' + buckets.describe(size)} "
+                            "(class generation was stopped?).")
+        items += found
+        sizes += [size] * len(found)
+    return ImageSet(items, [d.class_prompt] * len(items), d.resolution, d.center_crop, d.random_flip, sizes)
 
 
 class LatentSource(Protocol):
@@ -244,13 +269,6 @@ def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Gene
     return torch.Generator().manual_seed(hash((seed, step, micro, process)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def epoch_index(seed: int, k: int, n: int, salt: int) -> int:
-    """The k-th draw of an endless sequence of shuffled epochs over n items (pure function of seed and k)."""
-    epoch, pos = divmod(k, n)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(hash((seed, salt, epoch)) & 0x7FFF_FFFF))
-    return int(perm[pos])
-
-
 def batch_indices(data: TrainData, t: TrainConfig, step: int, micro: int, process: int = 0,
                   num_processes: int = 1) -> dict[str, list[int]]:
     """Which images a micro-batch trains on: {"instance": [...], "class": [...]}, a pure function of the seed and
@@ -258,9 +276,13 @@ def batch_indices(data: TrainData, t: TrainConfig, step: int, micro: int, proces
 
     Draws are numbered across the whole run, micro-batch after micro-batch and process after process, so no two
     micro-batches share a draw. Each set is drawn in its own endless shuffled epochs (instance images `repeats`
-    times per epoch); the class image of draw k is paired with the instance image of draw k.
+    times per epoch); the class image of draw k is paired with the instance image of draw k. Images in several
+    buckets are drawn a batch at a time from one bucket (core/batches.py).
     """
-    first = ((step * t.gradient_accumulation_steps + micro) * num_processes + process) * t.batch_size
+    number = (step * t.gradient_accumulation_steps + micro) * num_processes + process
+    if data.batches is not None:
+        return data.batches.picks(number)
+    first = number * t.batch_size
     draws = range(first, first + t.batch_size)
     n = len(data.instance)
     picks = {"instance": [epoch_index(t.seed, k, n * data.repeats, 0) % n for k in draws]}
