@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import adapters, families
+from . import adapters, buckets, families
 from .adapter_file import AdapterSpec
+from .buckets import Size
 from .config import Config, list_presets, preset_dict
 from .families.base import Family
 from .models import DEMO_MODEL_DIR, TINY, build_tiny_model, hf_cache_dir, looks_like_path
@@ -49,6 +50,7 @@ class MemoryPlan:
     offloaded: int = 0  # of `weights`, the parts kept in main memory while training (train.offload_frozen)
     vae: int = 0  # of `weights`, the VAE's
     cached: bool = False  # the latent cache is encoded before training; else the VAE encodes within each step
+    bucket: str = ""  # the bucket planned for, when the images train in several (the largest)
 
     @property
     def on_gpu(self) -> int:
@@ -75,7 +77,8 @@ class MemoryPlan:
         parts = (f"weights {size(self.on_gpu)}{kept}, adapters {size(self.adapter)}, "
                  f"activations {size(self.training - self.on_gpu - self.adapter)}")
         caching = f"; {size(self.caching)} while the VAE encodes the images" if self.caching > self.training else ""
-        return f"about {size(self.total)} ({parts}{caching})" + (f"; {self.assumed}" if self.assumed else "")
+        at = f" at {self.bucket}, the largest bucket" if self.bucket else ""
+        return f"about {size(self.total)}{at} ({parts}{caching})" + (f"; {self.assumed}" if self.assumed else "")
 
 
 def size(n: int) -> str:
@@ -192,9 +195,10 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def _encode_peak(vae: torch.nn.Module, images: int, pixels: int, dtype: torch.dtype) -> int:
-    """Bytes a no-grad VAE encode of `images` images takes at its peak, besides the VAE's weights."""
-    x = torch.empty((images, vae.config.in_channels, pixels, pixels), device="meta", dtype=dtype)
+def _encode_peak(vae: torch.nn.Module, images: int, pixels: tuple[int, int], dtype: torch.dtype) -> int:
+    """Bytes a no-grad VAE encode of `images` images of `pixels` (height, width) takes at its peak, besides the
+    VAE's weights."""
+    x = torch.empty((images, vae.config.in_channels, *pixels), device="meta", dtype=dtype)
     counter = _LiveBytes()
     with torch.no_grad(), _fused_attention(), counter:
         vae.encode(x).latent_dist.mean  # noqa: B018 - the pass is what is measured
@@ -234,7 +238,8 @@ def _plan(configs_json: str, key: str) -> tuple[tuple[tuple[str, int], ...], int
         unet.enable_gradient_checkpointing()
     unet.train()
     images = k["batch"]
-    latent = k["resolution"] // (2 ** (len(configs["vae"]["block_out_channels"]) - 1))
+    factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    latent = (k["height"] // factor, k["width"] // factor)
     args, kwargs = family.trace_inputs(configs, images, latent, dtype)  # what the family's UNet call gets
     act, largest = _traced_bytes(unet, lambda: unet(*args, **kwargs))
     for part in (p for p in family.text_encoders if p in specs):  # each text encoder that trains
@@ -244,7 +249,7 @@ def _plan(configs_json: str, key: str) -> tuple[tuple[tuple[str, int], ...], int
         te_act, te_largest = _traced_bytes(text_encoder, lambda: text_encoder(ids))  # noqa: B023 - called at once
         act, largest = act + te_act, max(largest, te_largest)
     vae = models["vae"].to(dtype if family.vae_fp16_safe else torch.float32)
-    encode = _encode_peak(vae, k["encoded"], k["resolution"], next(vae.parameters()).dtype)
+    encode = _encode_peak(vae, k["encoded"], (k["height"], k["width"]), next(vae.parameters()).dtype)
     return weights, trainable * state_bytes, act, 2 * largest, encode
 
 
@@ -255,16 +260,24 @@ def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
     precision = precision or (t.mixed_precision if t.mixed_precision in DTYPES else "fp16")  # auto: fp16 on a GPU
     family = family_of(configs)
     specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser)
+    sizes = buckets.for_settings(cfg.data)
+    width, height = largest_bucket(sizes)
     key = json.dumps({
         "precision": precision, "optimizer": t.optimizer, "checkpointing": t.gradient_checkpointing,
-        "batch": t.batch_size * (2 if t.prior_preservation else 1), "resolution": cfg.data.resolution,
+        "batch": t.batch_size * (2 if t.prior_preservation else 1), "width": width, "height": height,
         "specs": {part: vars(s) for part, s in specs.items()}, "encoded": images_per_encode(cfg),
     }, sort_keys=True, default=str)
     weights, adapter, act, transient, encode = _plan(json.dumps(configs, sort_keys=True, default=str), key)
     by_part = dict(weights)
     offloaded = sum(by_part[part] for part in offloaded_parts(cfg, family.text_encoders, specs))
     return MemoryPlan(sum(by_part.values()), adapter, act, transient, assumed, encode, offloaded, by_part["vae"],
-                      latents_cached(cfg))
+                      latents_cached(cfg), buckets.describe((width, height)) if len(sizes) > 1 else "")
+
+
+def largest_bucket(sizes: list[Size]) -> Size:
+    """The bucket a step needs the most memory for: the most pixels (activations grow with the latent's area); among
+    equal areas the one with the longest side, so that the answer never depends on the list's order."""
+    return max(sizes, key=lambda s: (s[0] * s[1], max(s), s))
 
 
 def images_per_encode(cfg: Config) -> int:

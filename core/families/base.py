@@ -95,10 +95,11 @@ class Family:
         """The denoiser's prediction for a training batch (`geometry`: each image's, see core/data.py Geometry)."""
         return unet(noisy, timesteps, cond["hidden"].to(dtype)).sample
 
-    def trace_inputs(self, configs: Mapping[str, dict], images: int, latent: int, dtype: torch.dtype,
+    def trace_inputs(self, configs: Mapping[str, dict], images: int, latent: tuple[int, int], dtype: torch.dtype,
                      device: str = "meta") -> tuple[tuple, dict]:
-        """(args, kwargs) of one denoiser call at this batch and latent size, for the VRAM planner's trace."""
-        sample = torch.empty((images, configs["unet"].get("in_channels", 4), latent, latent), device=device, dtype=dtype)
+        """(args, kwargs) of one denoiser call at this batch and latent size (height, width), for the VRAM
+        planner's trace."""
+        sample = torch.empty((images, configs["unet"].get("in_channels", 4), *latent), device=device, dtype=dtype)
         cond = torch.empty((images, 77, configs["text_encoder"]["hidden_size"]), device=device, dtype=dtype)
         return (sample, torch.zeros(images, device=device, dtype=torch.long), cond), {}
 
