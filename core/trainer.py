@@ -163,16 +163,20 @@ def load_data(cfg: Config, report: ScanReport, base: BaseModel, acc: Accelerator
         emit(Log(buckets.summary(assigned, t.batch_size, d.repeats)))
     instance = ImageSet(report.images, prompts, d.resolution, d.center_crop, d.random_flip, assigned)
     klass = load_class_images(cfg, buckets.counts(assigned), base, acc, emit, stop) if t.prior_preservation else None
-    several = len(set(assigned)) > 1  # one size: today's draws, image by image (the same batches, bit for bit)
+    if t.prior_preservation and klass is None:
+        return TrainData(instance, None, d.repeats)  # stopped while generating: the trainer stops, nothing to plan
+    # One size: today's draws, image by image (the same batches, bit for bit).
+    several = len(set(assigned)) > 1
     batches = BucketBatches(assigned, klass.buckets if klass else None, d.repeats, t.batch_size, t.seed) if several \
         else None
     return TrainData(instance, klass, d.repeats, batches)
 
 
 def load_class_images(cfg: Config, used: list[tuple[Size, int]], base: BaseModel, acc: Accelerator, emit: Emit,
-                      stop) -> ImageSet:
+                      stop) -> ImageSet | None:
     """The class images of each bucket the instance images use, `data.num_class_images` shared among them in
-    proportion (so a batch finds class images of its own size), generated where missing."""
+    proportion (so a batch finds class images of its own size), generated where missing; None when a stop came
+    during generation (the trainer then stops)."""
     d = cfg.data
     wanted = buckets.shares(used, d.num_class_images)
     # Generated on the main process only; the others wait and then read the same folders.
@@ -181,6 +185,8 @@ def load_class_images(cfg: Config, used: list[tuple[Size, int]], base: BaseModel
             if not stop():
                 ensure_class_images(cfg, base, acc.device, emit, should_stop=stop, size=size, want=n)
     acc.wait_for_everyone()
+    if stop():
+        return None
     items, sizes = [], []
     for size, n in wanted.items():
         found = scan_folder(class_dir_for(cfg, size), min_size=class_min_size(cfg, size)).images[:n]

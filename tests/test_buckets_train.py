@@ -258,3 +258,13 @@ def test_planner_plans_for_the_largest_bucket():
     planned, square = plan(on), plan(off)
     assert "at 704x384, the largest bucket" in planned.text() and "largest bucket" not in square.text()
     assert planned.activations > square.activations
+
+
+def test_a_stop_while_class_images_generate_stops_in_plain_words(tmp_path, mixed_dir):
+    from core.errors import UserError
+
+    commands = queue.Queue()
+    commands.put(STOP)
+    cfg = tiny_config(tmp_path, mixed_dir, data=BUCKETS, train={"prior_preservation": True})
+    with pytest.raises(UserError, match="Stopped before training started"):
+        train(Config.from_dict(cfg), commands=commands, base=build_tiny_model())
