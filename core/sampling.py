@@ -48,18 +48,21 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
 @torch.no_grad()
 def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
              size: int | None = None, negative_prompt: str = "",
-             on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+             on_step: Callable[[int, int], None] | None = None, width: int | None = None,
+             height: int | None = None) -> list[Image.Image]:
     """One image per (prompt, seed), in one batch; each image depends only on its own seed.
+
+    The image is `width` x `height` pixels; `size` is the square shortcut, and a side left out is the model's own.
 
     `on_step(steps_done, steps)` is called after every denoising step; an exception it raises abandons the batch
     (that is how a stop acts within seconds instead of after a batch of many minutes).
     """
     device = pipe.unet.device
     dtype = next(pipe.unet.parameters()).dtype
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width, height = image_size(pipe, width or size, height or size)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     # Draw the starting noise on the CPU so an image is the same on every device for a given seed.
-    shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
     # every model of the pipeline (one or two text encoders, the UNet, the VAE)
     modes = {m: m.training for m in pipe.components.values() if isinstance(m, torch.nn.Module)}
@@ -68,7 +71,7 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], step
     try:
         with autocast_for(device, dtype):
             out = pipe(prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-                       num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                       num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                        guidance_rescale=guidance_rescale(pipe.scheduler),
                        latents=latents.to(dtype),
                        generator=generators, output_type="latent",
@@ -79,6 +82,12 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], step
     finally:
         for m, mode in modes.items():
             m.train(mode)
+
+
+def image_size(pipe: DiffusionPipeline, width: int | None, height: int | None) -> tuple[int, int]:
+    """(width, height) in pixels: as given, a side not given being the model's own size."""
+    own = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return width or own, height or own
 
 
 @torch.no_grad()
