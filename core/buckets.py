@@ -122,6 +122,11 @@ def lonely(assigned: Iterable[Size]) -> list[Size]:
     return [size for size, n in tally if n == 1] if len(tally) > 1 else []
 
 
-def summary(assigned: Iterable[Size], resolution: int) -> str:
-    """'Buckets at 512 px: 512x512: 3, 384x704: 2' (the fullest first)."""
-    return f"Buckets at {resolution} px: " + ", ".join(f"{describe(size)}: {n}" for size, n in counts(assigned))
+def counts_text(assigned: Iterable[Size]) -> str:
+    """'512x512: 3, 384x704: 2': the images per bucket, the fullest first."""
+    return ", ".join(f"{describe(size)}: {n}" for size, n in counts(assigned))
+
+
+def reshaped(width: int, height: int, bucket: Size) -> bool:
+    """Whether an image loses part of itself (a crop) or is enlarged on its way to `bucket`."""
+    return cover_size(width, height, bucket) != tuple(bucket) or width < bucket[0] or height < bucket[1]

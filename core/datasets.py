@@ -13,8 +13,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import (IMAGE_EXTENSIONS, LINK_REASON, ImageItem, check_image_file, list_folder_files, scan_folder,
-                   shown_name)
+from PIL import Image
+
+from .buckets import Size, cover_size, describe
+from .data import (IMAGE_EXTENSIONS, LINK_REASON, ImageItem, check_image_file, list_folder_files, load_rgb,
+                   scan_folder, shown_name)
 from .errors import DataError
 from .fileio import atomic_path, write_json, write_text
 
@@ -274,8 +277,27 @@ def write_captions(folder: str | Path, captions: dict[str, str]) -> int:
 
 # --------------------------------------------------------------------------- crops
 
-def crop_note(item: ImageItem, resolution: int, center: bool = True) -> str:
-    """What training does to one image, in words: '800x600: centre 600x600 square, scaled down to 512'."""
+def crop_note(item: ImageItem, resolution: int, center: bool = True, bucket: Size | None = None) -> str:
+    """What training does to one image, in words: '800x600: the centre 600x600 square, scaled down to 512x512', or
+    at a bucket of another shape '1200x1600: scaled to 528x704, the centre 384x704 kept'. No bucket: the square."""
+    width, height = bucket or (resolution, resolution)
+    if width == height:
+        return square_note(item, width, center)
+    w, h = item.width, item.height
+    cover = cover_size(w, h, (width, height))
+    if cover == (w, h):
+        scale = "used at its own size"
+    elif cover[0] > w:
+        scale = f"scaled UP to {describe(cover)} (it will look soft; a larger photo is better)"
+    else:
+        scale = f"scaled to {describe(cover)}"
+    if cover == (width, height):
+        return f"{w}x{h}: {scale}"
+    return f"{w}x{h}: {scale}, {'the centre' if center else 'a random'} {width}x{height} kept"
+
+
+def square_note(item: ImageItem, resolution: int, center: bool = True) -> str:
+    """crop_note at a square of `resolution` px: the square crop first, then the scale."""
     w, h = item.width, item.height
     side = min(w, h)
     what = "the centre" if center else "a random"
@@ -287,6 +309,18 @@ def crop_note(item: ImageItem, resolution: int, center: bool = True) -> str:
     else:
         scale = "used as it is" if w == h else f"kept at {resolution}x{resolution}"
     return f"{w}x{h}: {crop}{scale}"
+
+
+def bucket_view(item: ImageItem, bucket: Size) -> Image.Image:
+    """The centre view of one image at its bucket, as training crops it: scaled to cover the bucket, then cut."""
+    img = load_rgb(item.path)
+    size = cover_size(img.width, img.height, bucket)
+    if size != img.size:
+        # LANCZOS is sharpest for shrinking; when enlarging it rings, BICUBIC is smoother (as core/data does).
+        enlarge = size[0] > img.width
+        img = img.resize(size, Image.Resampling.BICUBIC if enlarge else Image.Resampling.LANCZOS)
+    left, top = (size[0] - bucket[0]) // 2, (size[1] - bucket[1]) // 2
+    return img.crop((left, top, left + bucket[0], top + bucket[1]))
 
 
 # --------------------------------------------------------------------------- prompts
