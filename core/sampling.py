@@ -52,14 +52,13 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], step
              height: int | None = None) -> list[Image.Image]:
     """One image per (prompt, seed), in one batch; each image depends only on its own seed.
 
-    The image is `width` x `height` pixels; `size` is the square shortcut, and a side left out is the model's own.
-
     `on_step(steps_done, steps)` is called after every denoising step; an exception it raises abandons the batch
     (that is how a stop acts within seconds instead of after a batch of many minutes).
     """
     device = pipe.unet.device
     dtype = next(pipe.unet.parameters()).dtype
-    width, height = image_size(pipe, width or size, height or size)
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width, height = width or size, height or size  # a square `size` unless a side is given
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     # Draw the starting noise on the CPU so an image is the same on every device for a given seed.
     shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
@@ -82,12 +81,6 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], step
     finally:
         for m, mode in modes.items():
             m.train(mode)
-
-
-def image_size(pipe: DiffusionPipeline, width: int | None, height: int | None) -> tuple[int, int]:
-    """(width, height) in pixels: as given, a side not given being the model's own size."""
-    own = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return width or own, height or own
 
 
 @torch.no_grad()
