@@ -3,7 +3,7 @@
     python app.py [--port 7860] [--listen|--host H|--share --auth user:pw] [--workspace DIR]   start the GUI
     python app.py train --config FILE.yaml [--preset NAME] [--set key=value ...] [--resume RUN_DIR]
     python app.py class-images --config FILE.yaml [--set key=value ...]
-    python app.py sample --base MODEL [--adapter FILE[@WEIGHT] ...] --prompt TEXT --out FILE.png
+    python app.py sample --base MODEL [--adapter FILE[@WEIGHT] ...] --prompt TEXT [--width W --height H] --out FILE.png
 """
 from __future__ import annotations
 
@@ -134,9 +134,12 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
 def cmd_sample(args) -> int:
     from core import adapters
     from core.models import load_base_model
+    from core.playground import check_sides
     from core.precision import default_device
     from core.sampling import generate, make_pipeline, save_png
 
+    width, height = args.width or args.size, args.height or args.size
+    check_sides(width=width, height=height)  # before the slow load
     device = default_device()
     base = load_base_model(args.base, allow_pickle=args.allow_pickle).to(device)
     weights = {}
@@ -147,9 +150,8 @@ def cmd_sample(args) -> int:
     if weights:
         adapters.set_weights(base.parts, weights)
     pipe = make_pipeline(base, device)
-    size = args.size or None
-    (image,) = generate(pipe, [args.prompt], [args.seed], steps=args.steps, guidance=args.guidance, size=size,
-                        negative_prompt=args.negative or "")
+    (image,) = generate(pipe, [args.prompt], [args.seed], steps=args.steps, guidance=args.guidance,
+                        width=width or None, height=height or None, negative_prompt=args.negative or "")
     info = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps, "base": args.base,
             "adapters": ", ".join(args.adapter or [])}
     out = save_png(image, args.out, info)
@@ -233,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=7.5)
-    s.add_argument("--size", type=int, default=0, help="image size in pixels (default: the model's own)")
+    s.add_argument("--width", type=int, default=0, help="image width in pixels, a multiple of 8 (default: --size)")
+    s.add_argument("--height", type=int, default=0, help="image height in pixels, a multiple of 8 (default: --size)")
+    s.add_argument("--size", type=int, default=0, help="a square image's side in pixels (default: the model's own)")
     s.add_argument("--allow-pickle", action="store_true", default=argparse.SUPPRESS,
                    help="allow loading a pickled .ckpt base model")
     s.add_argument("--out", required=True, help="output .png")

@@ -35,7 +35,12 @@ def bucket_sizes(resolution: int, step: int = STEP, min_side: int = 0, max_side:
         long = _round_to(area / short, step)
         if short <= long <= high:
             sizes |= {(short, long), (long, short)}
-    return sorted(sizes, key=lambda s: (round(abs(math.log(s[0] / s[1])), 9), s[0] < s[1], s))
+    return sorted(sizes, key=squarest_first)
+
+
+def squarest_first(size: Size) -> tuple:
+    """Sort key: the squarest shape first, a landscape before its portrait (so every order of ties is fixed)."""
+    return round(abs(math.log(size[0] / size[1])), 9), size[0] < size[1], size
 
 
 def _round_to(value: float, step: int) -> int:
@@ -122,3 +127,35 @@ def summary(assigned: Iterable[Size], batch_size: int = 1, repeats: int = 1) -> 
 
 def _number(n: int) -> str:
     return "one" if n == 1 else str(n)
+
+
+def most_common(assigned: Iterable[Size]) -> Size:
+    """The bucket holding the most images; ties go to the squarer one (then landscape), so the same dataset always
+    gives the same answer whatever the order of its files."""
+    tally = Counter(assigned)
+    if not tally:
+        raise ValueError("no images to choose a bucket from")
+    return min(tally, key=lambda size: (-tally[size], squarest_first(size)))
+
+
+def sample_size(sizes: Iterable[Size], data) -> Size:
+    """The (width, height) of previews for a dataset of images (width, height): its most common bucket, so samples
+    come out in the dataset's shape (bucketing off: the training square)."""
+    return most_common(assign_for_settings(sizes, data))
+
+
+def lonely(assigned: Iterable[Size]) -> list[Size]:
+    """The buckets holding a single image, when more than one bucket is in use: such an image always trains in a
+    batch of its own (batches never mix sizes)."""
+    tally = counts(assigned)
+    return [size for size, n in tally if n == 1] if len(tally) > 1 else []
+
+
+def counts_text(assigned: Iterable[Size]) -> str:
+    """'512x512: 3, 384x704: 2': the images per bucket, the fullest first."""
+    return ", ".join(f"{describe(size)}: {n}" for size, n in counts(assigned))
+
+
+def reshaped(width: int, height: int, bucket: Size) -> bool:
+    """Whether an image loses part of itself (a crop) or is enlarged on its way to `bucket`."""
+    return cover_size(width, height, bucket) != tuple(bucket) or width < bucket[0] or height < bucket[1]

@@ -13,6 +13,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
+from .buckets import Size, cover_size, describe
 from .data import (IMAGE_EXTENSIONS, LINK_REASON, ImageItem, check_image_file, list_folder_files, scan_folder,
                    shown_name)
 from .errors import DataError
@@ -274,8 +277,27 @@ def write_captions(folder: str | Path, captions: dict[str, str]) -> int:
 
 # --------------------------------------------------------------------------- crops
 
-def crop_note(item: ImageItem, resolution: int, center: bool = True) -> str:
-    """What training does to one image, in words: '800x600: centre 600x600 square, scaled down to 512'."""
+def crop_note(item: ImageItem, resolution: int, center: bool = True, bucket: Size | None = None) -> str:
+    """What training does to one image, in words: '800x600: the centre 600x600 square, scaled down to 512x512', or
+    at a bucket of another shape '1200x1600: scaled to 528x704, the centre 384x704 kept'. No bucket: the square."""
+    width, height = bucket or (resolution, resolution)
+    if width == height:
+        return square_note(item, width, center)
+    w, h = item.width, item.height
+    cover = cover_size(w, h, (width, height))
+    if cover == (w, h):
+        scale = "used at its own size"
+    elif cover[0] > w:
+        scale = f"scaled UP to {describe(cover)} (it will look soft; a larger photo is better)"
+    else:
+        scale = f"scaled to {describe(cover)}"
+    if cover == (width, height):
+        return f"{w}x{h}: {scale}"
+    return f"{w}x{h}: {scale}, {'the centre' if center else 'a random'} {width}x{height} kept"
+
+
+def square_note(item: ImageItem, resolution: int, center: bool = True) -> str:
+    """crop_note at a square of `resolution` px: the square crop first, then the scale."""
     w, h = item.width, item.height
     side = min(w, h)
     what = "the centre" if center else "a random"

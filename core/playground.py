@@ -49,6 +49,13 @@ def from_file(path: str | Path, weight: float = 1.0) -> Wanted:
     return Wanted(file_key(path), lambda: adapters.read_adapter(path), weight)
 
 
+def check_sides(**sides: int | None) -> None:
+    """Refuse an image side that is not a multiple of 8 (the VAE works on 8x8 blocks); None or 0: the model's own."""
+    for name, value in sides.items():
+        if value and (value < 0 or value % 8):
+            raise UserError(f"The image {name} must be a multiple of 8 pixels (or 0 for the model's own), got {value}.")
+
+
 class Playground:
     """Thread-safe: one generation at a time."""
 
@@ -98,12 +105,13 @@ class Playground:
     # -- generation ----------------------------------------------------------------------------------------------
     def generate(self, base_spec: str, wanted: list[Wanted], prompt: str, negative_prompt: str = "", seed: int = 0,
                  steps: int = 25, guidance: float = 7.5, size: int | None = None,
-                 strengths: tuple[float, ...] = (1.0,)) -> list:
-        """One image per strength (a multiplier on every adapter's weight), all from the same seed."""
+                 strengths: tuple[float, ...] = (1.0,), width: int | None = None, height: int | None = None) -> list:
+        """One image per strength (a multiplier on every adapter's weight), all from the same seed; `width` x
+        `height` pixels (`size`: a square; a side not given: the model's own)."""
         if not prompt.strip():
             raise UserError("Write a prompt first, e.g. 'a photo of sks dog on the beach'.")
-        if size and size % 8:
-            raise UserError(f"The image size must be a multiple of 8, got {size}.")
+        width, height = width or size, height or size
+        check_sides(width=width, height=height)
         with self._lock:
             base = self._ensure_base(base_spec)
             weights = self._ensure_adapters(wanted)
@@ -113,7 +121,7 @@ class Playground:
                 for s in strengths:
                     adapters.set_weights(base.parts, {n: w * s for n, w in weights.items()})
                     images += generate(pipe, [prompt], [int(seed)], steps=int(steps), guidance=float(guidance),
-                                       size=size or None, negative_prompt=negative_prompt)
+                                       width=width or None, height=height or None, negative_prompt=negative_prompt)
             finally:
                 adapters.set_weights(base.parts, weights)
         return images

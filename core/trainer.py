@@ -509,6 +509,7 @@ class Run:
     step: int = 0
     loss_rows: list = field(default_factory=list)
     offloaded: tuple[str, ...] = ()  # frozen parts kept in main memory between samples (core/placement.py)
+    sample_size: tuple[int, int] | None = None  # (width, height) of the samples; None: the training square
 
     def unwrapped(self, part: str):
         return self.acc.unwrap_model(getattr(self.base, part))
@@ -527,8 +528,10 @@ class Run:
             return
         with parts_on(self.base, self.offloaded, self.acc.device):
             pipe = make_pipeline(self.base, self.acc.device, **{part: self.unwrapped(part) for part in self.base.parts})
+            width, height = self.sample_size or (cfg.data.resolution, cfg.data.resolution)
             images = generate(pipe, prompts, [cfg.train.sample_seed + i for i in range(len(prompts))],
-                              steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance, size=cfg.data.resolution)
+                              steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance, width=width,
+                              height=height)
         paths = [str(save_png(img, self.run_dir.sample(self.step, i),
                               {"prompt": p, "step": self.step, "seed": cfg.train.sample_seed + i}))
                  for i, (img, p) in enumerate(zip(images, prompts))]
@@ -731,7 +734,10 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
         setattr(base, part, module)
     trainable = [p for ps in params.values() for p in ps]
 
-    run = Run(cfg, acc, base, specs, run_dir, weight_dtype, main_emit, optimizer, lr_scheduler, offloaded=offloaded)
+    # Samples come out in the dataset's most common shape; the same images give the same shape on a resume.
+    shape = buckets.most_common(data.instance.buckets)
+    run = Run(cfg, acc, base, specs, run_dir, weight_dtype, main_emit, optimizer, lr_scheduler, offloaded=offloaded,
+              sample_size=shape)
     if resume_dir:
         ckpt = run_dir.latest_checkpoint()  # there is one: `preflight` made sure
         load_checkpoint(run, ckpt)

@@ -241,7 +241,7 @@ def test_refused_serving_flags_start_nothing(argv, monkeypatch, capsys):
 # --------------------------------------------------------------------------- what it serves
 
 def test_the_workspace_files_are_served(served, dataset):
-    pg = dict(pg_base_choice="tiny", pg_prompt="a photo of sks ball", pg_steps=2, pg_seed=1, pg_size=32)
+    pg = dict(pg_base_choice="tiny", pg_prompt="a photo of sks ball", pg_steps=2, pg_seed=1, pg_width=32, pg_height=32)
     made = Path(served.call("playground_generate", **pg)["pg_info"].split("saved as `")[1].rstrip("`"))
     assert made.parent == served.ws / "playground" and made.is_file()
     sample = served.ws / "runs" / "r1" / "samples" / "step_000000_0.png"
@@ -360,7 +360,7 @@ def hostile_calls(served: Served, dataset: str, class_folder: Path) -> list[tupl
     adapter_paths = ["/etc/passwd", str(out / "secret.txt"), str(out / "real.safetensors"),
                      f"{ws}/adapters/../../{out.name}/real.safetensors", "../../etc/passwd", f"{ws}/link-to-secret.txt"]
     base = dict(pg_base_choice="tiny", pg_base_other="")
-    pg = dict(base, pg_prompt="x", pg_steps=1, pg_size=32)
+    pg = dict(base, pg_prompt="x", pg_steps=1, pg_width=32, pg_height=32)
     calls = []
     for path in adapter_paths:
         calls += [("adapter_info", dict(adapter_1=path)), ("export_adapter", dict(adapter_1=path)),

@@ -4,14 +4,14 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core import datasets as ds, demo
+from core import buckets, datasets as ds, demo
 from core.config import DataConfig
 from core.data import ImageSet, scan_folder
 from core.errors import DataError, UserError
 from core.words import count
 
 from .common import Ctx, Handler, TabParts, bind_table
-from .form import BY_NAME, in_field_names, to_number, widget
+from .form import BY_NAME, form_config, in_field_names, to_number, widget
 
 MIN_SIZE = DataConfig().min_image_size
 DEMO_DATASET = "demo-star"
@@ -19,15 +19,16 @@ DEMO_SUBJECT = demo.SUBJECT_DIR  # the two-colour star the demo presets train on
 CROPS_SHOWN = 24
 
 
-def dataset_view(ctx: Ctx, dataset: str, resolution) -> dict:
-    """Thumbnails, validation report, training-crop previews and the caption table of one dataset."""
+def dataset_view(ctx: Ctx, dataset: str, resolution, **bucket) -> dict:
+    """Thumbnails, validation report, training-crop previews and the caption table of one dataset; `bucket` holds
+    the bucket settings of the form (BUCKET_IN; those left out: the defaults)."""
     empty = pd.DataFrame({"file": [], "caption": []})
     if not dataset:
         return {"gallery": gr.update(value=[], label="Images"), "crops": [], "captions": empty,
                 "report": "Create a dataset, or pick one from the list."}
     folder = ds.dataset_dir(ctx.workspace, dataset)
     scan = scan_folder(folder, min_size=MIN_SIZE)
-    res, problem = resolution_or_problem(resolution)
+    data, problem = view_settings(ctx, resolution, bucket)
     n = len(scan.images)
     uncaptioned = [i for i in scan.images if not i.caption]
     head = f"**{count(n, 'usable image')}** in `{folder}`"
@@ -43,25 +44,52 @@ def dataset_view(ctx: Ctx, dataset: str, resolution) -> dict:
     if scan.rejected:
         lines.append("**Rejected, not used for training:**\n" +
                      "\n".join(f"- `{r.path.name}`: {r.reason}" for r in scan.rejected))
+    crops = []
     if problem:
         lines.append(f"**Check the settings:** {in_field_names(problem)}")
     elif n:
-        changed = [i for i in scan.images if i.width != i.height or min(i.width, i.height) < res]
-        plain = n - len(changed)
-        text = f"**At {res}x{res} px:** "
-        text += (f"{plain} square image{'s are' if plain != 1 else ' is'} only resized. " if plain else "")
-        text += ("Cropped or enlarged:" if changed else "Nothing is cropped.")
-        lines.append(text + "".join(f"\n- `{i.path.name}` {ds.crop_note(i, res)}" for i in changed))
-    crops = []
-    if scan.images and not problem:
-        shown = scan.images[:CROPS_SHOWN]
-        previews = ImageSet(shown, [""] * len(shown), res)
-        crops = [(previews.preview(k), item.path.name) for k, item in enumerate(shown)]
+        assigned = buckets.assign_for_settings([(i.width, i.height) for i in scan.images], data)
+        lines += shape_report(scan.images, assigned, data)
+        shown, sizes = scan.images[:CROPS_SHOWN], assigned[:CROPS_SHOWN]
+        previews = ImageSet(shown, [""] * len(shown), data.resolution, buckets=sizes)  # decoded as training does
+        crops = [(previews.preview(k), f"{item.path.name} · {buckets.describe(size)}")
+                 for k, (item, size) in enumerate(zip(shown, sizes))]
     gallery = [(str(i.path), i.path.name) for i in scan.images]
     captions = pd.DataFrame({"file": [i.path.name for i in scan.images],
                              "caption": [i.caption or "" for i in scan.images]})
     return {"gallery": gr.update(value=gallery, label=f"Images ({len(scan.images)})"), "report": "\n\n".join(lines),
             "crops": crops, "captions": captions}
+
+
+def shape_report(images: list, assigned: list, data) -> list[str]:
+    """What training makes of each image's shape: the images per bucket (or the one square), a bucket with a single
+    image, and each image that is cropped or enlarged."""
+    res = data.resolution
+    changed = [(i, b) for i, b in zip(images, assigned) if buckets.reshaped(i.width, i.height, b)]
+    plain = len(images) - len(changed)
+    if data.bucketing:
+        text = f"**Buckets at {res} px:** {buckets.counts_text(assigned)}. "
+        text += f"{count(plain, 'image')} already in {'its' if plain == 1 else 'their'} bucket's shape: only resized. " \
+            if plain else ""
+    else:
+        text = f"**At {res}x{res} px:** "
+        text += (f"{plain} square image{'s are' if plain != 1 else ' is'} only resized. " if plain else "")
+    text += ("Cropped or enlarged:" if changed else "Nothing is cropped.")
+    text += "".join(f"\n- `{i.path.name}` {ds.crop_note(i, res, data.center_crop, b)}" for i, b in changed)
+    single = [f"{buckets.describe(b)} has one image: it trains in batches of one." for b in buckets.lonely(assigned)]
+    return [text] + single
+
+
+def view_settings(ctx: Ctx, resolution, bucket: dict):
+    """(the `data` settings the view follows, "") or (None, what is wrong with them): the resolution first, in its
+    own words, then the bucket settings as the config checks them."""
+    res, problem = resolution_or_problem(resolution)
+    if problem:
+        return None, problem
+    try:
+        return form_config({"resolution": res, **bucket}, ctx.workspace).data, ""
+    except UserError as e:
+        return None, str(e)
 
 
 def resolution_or_problem(resolution) -> tuple[int | None, str]:
@@ -92,7 +120,7 @@ def dataset_settings(ctx: Ctx, dataset: str) -> dict:
     return out
 
 
-def demo_dataset(ctx: Ctx, resolution) -> dict:
+def demo_dataset(ctx: Ctx, resolution, **shape) -> dict:
     """Create (or top up) the demo dataset, select it and fill in its prompts: the two-colour star."""
     names = ds.list_datasets(ctx.workspace)
     folder = ds.datasets_root(ctx.workspace) / DEMO_DATASET
@@ -103,7 +131,7 @@ def demo_dataset(ctx: Ctx, resolution) -> dict:
                        instance_prompt=demo.SUBJECT_PROMPT)
     return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace), value=DEMO_DATASET),
             "add_msg": f"The demo subject: a two-colour star the demo model has never seen. {report.summary()}",
-            **dataset_view(ctx, DEMO_DATASET, resolution), **dataset_settings(ctx, DEMO_DATASET)}
+            **dataset_view(ctx, DEMO_DATASET, resolution, **shape), **dataset_settings(ctx, DEMO_DATASET)}
 
 
 def token_info(identifier: str) -> str:
@@ -147,8 +175,12 @@ def build(ctx: Ctx, initial: dict) -> dict:
                 c["selected"] = gr.Textbox("", label="Selected (click images above)", scale=4, elem_id="ds-selected")
                 c["remove_btn"] = gr.Button("Remove selected", scale=0, min_width=200, elem_id="ds-remove")
         with gr.Column(scale=2):
-            c["resolution"] = widget("resolution", initial, label="Training resolution (px)", elem_id="ds-resolution")
-            c["crops"] = gr.Gallery(label="What training sees (the crop at the training resolution)", columns=4,
+            with gr.Row(equal_height=True):
+                c["resolution"] = widget("resolution", initial, label="Training resolution (px)", scale=2,
+                                         elem_id="ds-resolution")
+                c["bucketing"] = widget("bucketing", initial, label="Aspect-ratio buckets", scale=1,
+                                        elem_id="ds-bucketing")
+            c["crops"] = gr.Gallery(label="What training sees (each photo's crop, in its bucket's shape)", columns=4,
                                     height=300,
                                     allow_preview=True, elem_id="ds-crops")
     c["report"] = gr.Markdown(elem_id="ds-report")
@@ -181,40 +213,40 @@ def dataset_list(ctx: Ctx) -> dict:
     return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace))}
 
 
-def pick(ctx: Ctx, dataset, resolution) -> dict:
-    return {**dataset_view(ctx, dataset, resolution), **dataset_settings(ctx, dataset)}
+def pick(ctx: Ctx, dataset, resolution, **shape) -> dict:
+    return {**dataset_view(ctx, dataset, resolution, **shape), **dataset_settings(ctx, dataset)}
 
 
-def create(ctx: Ctx, new_name, resolution) -> dict:
+def create(ctx: Ctx, new_name, resolution, **shape) -> dict:
     folder = ds.create_dataset(ctx.workspace, new_name)
     # a new subject: the previous dataset's identifier, class noun and prompt must not carry over
     identifier = ds.KNOWN_IDENTIFIERS[0]
     return {"dataset": gr.update(choices=ds.list_datasets(ctx.workspace), value=folder.name), "new_name": "",
             "add_msg": f"Created dataset **{folder.name}**. Now add photos.", "class_noun": "",
             "instance_prompt": "", "identifier": identifier, "token_info": token_info(identifier),
-            **dataset_view(ctx, folder.name, resolution)}
+            **dataset_view(ctx, folder.name, resolution, **shape)}
 
 
-def add_upload(ctx: Ctx, dataset, upload, resolution) -> dict:
+def add_upload(ctx: Ctx, dataset, upload, resolution, **shape) -> dict:
     if not upload:
         return {}
     folder = ds.dataset_dir(ctx.workspace, dataset)
     report = ds.add_images(folder, [str(f) for f in upload], MIN_SIZE, uploaded=True)
-    return {"add_msg": report.summary(), "upload": None, **dataset_view(ctx, dataset, resolution)}
+    return {"add_msg": report.summary(), "upload": None, **dataset_view(ctx, dataset, resolution, **shape)}
 
 
-def add_folder(ctx: Ctx, dataset, folder, resolution) -> dict:
+def add_folder(ctx: Ctx, dataset, folder, resolution, **shape) -> dict:
     report = ds.add_folder(ds.dataset_dir(ctx.workspace, dataset), folder, MIN_SIZE)
-    return {"add_msg": report.summary(), **dataset_view(ctx, dataset, resolution)}
+    return {"add_msg": report.summary(), **dataset_view(ctx, dataset, resolution, **shape)}
 
 
-def remove(ctx: Ctx, dataset, selected, resolution) -> dict:
+def remove(ctx: Ctx, dataset, selected, resolution, **shape) -> dict:
     names = names_of(selected)
     if not names:
         raise DataError("Select images first: click them in the gallery.")
     moved = ds.remove_images(ds.dataset_dir(ctx.workspace, dataset), names)
     return {"add_msg": f"Removed {len(moved)} image(s) (kept in the dataset's .removed folder).", "selected": "",
-            **dataset_view(ctx, dataset, resolution)}
+            **dataset_view(ctx, dataset, resolution, **shape)}
 
 
 def prompt(ctx: Ctx, dataset, identifier, class_noun) -> dict:
@@ -257,23 +289,26 @@ def use_suggestion(ctx: Ctx, dataset, suggestions, class_noun) -> dict:
     return {"identifier": suggestions, **prompt(ctx, dataset, suggestions, class_noun)}
 
 
-def save_captions(ctx: Ctx, dataset, captions, resolution) -> dict:
+def save_captions(ctx: Ctx, dataset, captions, resolution, **shape) -> dict:
     folder = ds.dataset_dir(ctx.workspace, dataset)
     rows = captions.to_dict("records") if hasattr(captions, "to_dict") else captions
     captions = {str(r["file"]): str(r.get("caption") or "") for r in rows if r.get("file")}
     changed = ds.write_captions(folder, captions)
     # The report counts the images with their own caption: redraw it from the files just written.
     return {"caption_msg": f"Saved: {count(changed, 'caption file')} changed.",
-            **dataset_view(ctx, dataset, resolution)}
+            **dataset_view(ctx, dataset, resolution, **shape)}
 
 
 # --------------------------------------------------------------------------- events
 
-VIEW_IN = ("dataset", "resolution")
+# The settings that shape what training sees: bucketing is on this tab, beside the resolution; the rest of the
+# bucket settings are among the Train tab's advanced options.
+SHAPE_IN = ("bucketing", "bucket_step", "bucket_min_side", "bucket_max_side", "bucket_no_upscale")
+VIEW_IN = ("dataset", "resolution") + SHAPE_IN
 VIEW_OUT = ("gallery", "report", "crops", "captions")
 # What picking a dataset sets from what it remembers (the class prompt is on the Class images tab).
 SETTINGS_OUT = ("identifier", "class_noun", "instance_prompt", "token_info", "selected", "add_msg", "class_prompt")
-CREATE_IN = ("new_name", "resolution")
+CREATE_IN = ("new_name", "resolution") + SHAPE_IN
 CREATE_OUT = ("dataset", "new_name", "add_msg", "class_noun", "instance_prompt", "identifier", "token_info") + VIEW_OUT
 PROMPT_IN = ("dataset", "identifier", "class_noun")
 PROMPT_OUT = ("instance_prompt", "token_info", "class_prompt")
@@ -281,16 +316,16 @@ TYPING = {"trigger_mode": "always_last", "show_progress": "hidden"}
 
 EVENTS = [  # (trigger, handler, inputs, outputs[, options])
     ("dataset.input", pick, VIEW_IN, VIEW_OUT + SETTINGS_OUT, {"api_name": "dataset_view"}),
-    ("resolution.change", dataset_view, VIEW_IN, VIEW_OUT),
+    (tuple(f"{name}.change" for name in ("resolution",) + SHAPE_IN), dataset_view, VIEW_IN, VIEW_OUT),
     ("create_btn.click", create, CREATE_IN, CREATE_OUT, {"api_name": "create_dataset"}),
     ("new_name.submit", create, CREATE_IN, CREATE_OUT),
-    ("demo_btn.click", demo_dataset, ("resolution",), ("dataset",) + VIEW_OUT + SETTINGS_OUT,
+    ("demo_btn.click", demo_dataset, ("resolution",) + SHAPE_IN, ("dataset",) + VIEW_OUT + SETTINGS_OUT,
      {"api_name": "demo_dataset"}),
-    ("upload.upload", add_upload, ("dataset", "upload", "resolution"), ("add_msg", "upload") + VIEW_OUT,
+    ("upload.upload", add_upload, ("dataset", "upload", "resolution") + SHAPE_IN, ("add_msg", "upload") + VIEW_OUT,
      {"api_name": "add_upload"}),
-    ("add_folder_btn.click", add_folder, ("dataset", "folder", "resolution"), ("add_msg",) + VIEW_OUT,
+    ("add_folder_btn.click", add_folder, ("dataset", "folder", "resolution") + SHAPE_IN, ("add_msg",) + VIEW_OUT,
      {"api_name": "add_folder"}),
-    ("remove_btn.click", remove, ("dataset", "selected", "resolution"), ("add_msg", "selected") + VIEW_OUT,
+    ("remove_btn.click", remove, ("dataset", "selected", "resolution") + SHAPE_IN, ("add_msg", "selected") + VIEW_OUT,
      {"api_name": "remove_images"}),
     ("identifier.input", prompt, PROMPT_IN, PROMPT_OUT, {"api_name": "build_prompt", **TYPING}),
     ("class_noun.input", prompt, PROMPT_IN, PROMPT_OUT, TYPING),
@@ -300,7 +335,7 @@ EVENTS = [  # (trigger, handler, inputs, outputs[, options])
     ("suggest_btn.click", suggest, ("suggest_seed",), ("suggestions", "suggest_seed"),
      {"api_name": "suggest_identifiers"}),
     ("suggestions.input", use_suggestion, ("dataset", "suggestions", "class_noun"), ("identifier",) + PROMPT_OUT),
-    ("save_captions_btn.click", save_captions, ("dataset", "captions", "resolution"), ("caption_msg",) + VIEW_OUT,
+    ("save_captions_btn.click", save_captions, ("dataset", "captions", "resolution") + SHAPE_IN, ("caption_msg",) + VIEW_OUT,
      {"api_name": "save_captions"}),
 ]
 

@@ -43,6 +43,7 @@ class Field:
 FIELDS = [Field(*f) for f in [
     # Dataset tab
     ("instance_prompt", "data.instance_prompt"), ("resolution", "data.resolution", "int"),
+    ("bucketing", "data.bucketing"),
     # Class images tab
     ("class_prompt", "data.class_prompt"), ("num_class_images", "data.num_class_images", "int"),
     ("class_steps", "data.class_steps", "int"), ("class_guidance", "data.class_guidance", "float"),
@@ -56,6 +57,8 @@ FIELDS = [Field(*f) for f in [
     ("run_name", "output.name"),
     # Train tab, advanced
     ("repeats", "data.repeats", "int"), ("center_crop", "data.center_crop"), ("random_flip", "data.random_flip"),
+    ("bucket_step", "data.bucket_step", "int"), ("bucket_min_side", "data.bucket_min_side", "int"),
+    ("bucket_max_side", "data.bucket_max_side", "int"), ("bucket_no_upscale", "data.bucket_no_upscale"),
     ("text_encoder_learning_rate", "train.text_encoder_learning_rate", "opt_float"),
     ("text_encoder_rank", "adapter.text_encoder_rank", "opt_int"),
     ("text_encoder_alpha", "adapter.text_encoder_alpha", "opt_float"),

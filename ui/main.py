@@ -62,7 +62,7 @@ def build_app(workspace: str | Path | None = None, session: Session | None = Non
                 p = playground_tab.build(ctx, initial)
 
         # Each tab's events may read or write a few components of the tabs before it.
-        tabs = [(t_data, dataset_tab.wire(ctx, d | {"class_prompt": k["class_prompt"]})),
+        tabs = [(t_data, dataset_tab.wire(ctx, d | {"class_prompt": k["class_prompt"]} | t)),
                 (t_class, class_tab.wire(ctx, k | {"resolution": d["resolution"]})),
                 (t_train, train_tab.wire(ctx, d | k | t)),
                 (t_play, playground_tab.wire(ctx, p))]
@@ -107,13 +107,13 @@ def restore(ctx: Ctx) -> dict:
     cfg, started = ctx.session.config, ctx.session.snapshot()["started_at"]
     if ctx.draft and (cfg is None or ctx.draft_at >= started):
         values = dict(ctx.draft)
-        dataset, resolution = values["dataset"], values.get("resolution")
+        dataset = values["dataset"]
     elif cfg is not None:
         values = form_values(cfg.to_dict())
         values["preset"] = None  # the run's settings, whichever preset they came from
         folder = Path(cfg.data.instance_dir)
         own = folder.parent == datasets_root(ctx.workspace) and folder.is_dir()
-        dataset, resolution = (folder.name if own else None), cfg.data.resolution
+        dataset = folder.name if own else None
         values.update(instance_prompt=cfg.data.instance_prompt, class_prompt=cfg.data.class_prompt)
     elif not list_datasets(ctx.workspace) and dataset_tab.DEMO_SUBJECT.is_dir():
         # First start (an empty workspace): the demo subject is set up and selected, so Start works at once.
@@ -123,7 +123,8 @@ def restore(ctx: Ctx) -> dict:
     values.pop("dataset", None)
     if dataset and dataset in list_datasets(ctx.workspace):
         prompts = {k: values[k] for k in ("instance_prompt", "class_prompt") if k in values}
-        values.update(dataset_tab.dataset_view(ctx, dataset, resolution))
+        shape = {name: values[name] for name in dataset_tab.SHAPE_IN if name in values}
+        values.update(dataset_tab.dataset_view(ctx, dataset, values.get("resolution"), **shape))
         values.update(dataset_tab.dataset_settings(ctx, dataset))
         values.update(prompts)  # as the user left them, over what the dataset remembers
         values["dataset"] = gr.update(choices=list_datasets(ctx.workspace), value=dataset)

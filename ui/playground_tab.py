@@ -72,10 +72,10 @@ def settings_text(values: dict, labels: list[str], weights: list[float]) -> str:
 def run_generation(ctx: Ctx, values: dict, strengths) -> tuple[list, str, list[str], list[float]]:
     spec = base_spec(values["pg_base_choice"], values["pg_base_other"])
     chosen = wanted_adapters(ctx, spec, values)
-    size = int(values.get("pg_size") or 0)
     images = ctx.playground.generate(
         spec, [w for _, w in chosen], values["pg_prompt"], values.get("pg_negative") or "", int(values["pg_seed"]),
-        int(values["pg_steps"]), float(values["pg_guidance"]), size or None, strengths=tuple(strengths))
+        int(values["pg_steps"]), float(values["pg_guidance"]), strengths=tuple(strengths),
+        width=int(values.get("pg_width") or 0), height=int(values.get("pg_height") or 0))
     return images, spec, [n for n, _ in chosen], [w.weight for _, w in chosen]
 
 
@@ -123,8 +123,9 @@ def build(ctx: Ctx, initial: dict) -> dict:
                 c["pg_seed"] = gr.Number(7, label="Seed", precision=0, elem_id="pg-seed")
                 c["pg_steps"] = gr.Number(25, label="Steps", precision=0, minimum=1, elem_id="pg-steps")
                 c["pg_guidance"] = gr.Number(7.5, label="Guidance", minimum=0, step=0.5, elem_id="pg-guidance")
-                c["pg_size"] = gr.Number(0, label="Size (px)", precision=0, minimum=0, step=8, elem_id="pg-size",
-                                         info="0: the model's own.")
+                for side in ("width", "height"):
+                    c[f"pg_{side}"] = gr.Number(0, label=f"{side.capitalize()} (px)", precision=0, minimum=0, step=8,
+                                                elem_id=f"pg-{side}", info="0: the model's own.")
             with gr.Row():
                 c["generate_btn"] = gr.Button("Generate", variant="primary", elem_id="pg-generate")
                 c["compare_btn"] = gr.Button("Compare: off / on / strengths", elem_id="pg-compare")
@@ -241,8 +242,8 @@ def note(ctx: Ctx, live_state=None, **slots) -> dict:
 SLOT_NAMES = tuple(f"adapter_{i}" for i in range(1, SLOTS + 1))
 WEIGHT_NAMES = tuple(f"weight_{i}" for i in range(1, SLOTS + 1))
 BASE_IN = ("pg_base_choice", "pg_base_other")
-FIELDS_IN = BASE_IN + ("pg_prompt", "pg_negative", "pg_seed", "pg_steps", "pg_guidance", "pg_size") + SLOT_NAMES \
-    + WEIGHT_NAMES
+FIELDS_IN = BASE_IN + ("pg_prompt", "pg_negative", "pg_seed", "pg_steps", "pg_guidance", "pg_width", "pg_height") \
+    + SLOT_NAMES + WEIGHT_NAMES
 MERGE_IN = ("merge_into", "merge_name", "merge_rank") + BASE_IN + SLOT_NAMES + WEIGHT_NAMES
 
 EVENTS = [  # (trigger, handler, inputs, outputs[, options])

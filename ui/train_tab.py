@@ -331,6 +331,11 @@ def build(ctx: Ctx, initial: dict) -> dict:
             c["offload_frozen"] = widget("offload_frozen", initial, label="Frozen parts in main memory")
             c["center_crop"] = widget("center_crop", initial, label="Centre crop (off: random crops)")
             c["random_flip"] = widget("random_flip", initial, label="Random flips")
+        with gr.Row():  # the buckets' shapes; bucketing itself is switched on the Dataset tab, beside the resolution
+            c["bucket_step"] = widget("bucket_step", initial, label="Bucket step (px)")
+            c["bucket_min_side"] = widget("bucket_min_side", initial, label="Bucket shortest side (px)")
+            c["bucket_max_side"] = widget("bucket_max_side", initial, label="Bucket longest side (px)")
+            c["bucket_no_upscale"] = widget("bucket_no_upscale", initial, label="Never enlarge small images")
         with gr.Row():
             c["sample_every"] = widget("sample_every", initial, label="Sample every (steps)", elem_id="tr-sample-every")
             c["sample_steps"] = widget("sample_steps", initial, label="Sample steps", elem_id="tr-sample-steps")
