@@ -13,7 +13,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from .buckets import Size, cover_size, describe
 from .data import (IMAGE_EXTENSIONS, LINK_REASON, ImageItem, check_image_file, list_folder_files, scan_folder,
                    shown_name)
