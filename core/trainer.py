@@ -271,6 +271,15 @@ def prompt_encoder(base: BaseModel, device, fixed: list[str] | None = None) -> C
 # One step: which images, what the model predicts, the loss
 # ----------------------------------------------------------------------------------------------
 
+def seeded(seed: int, make):
+    """`make()` with torch's random generators seeded by `seed` (and left as they were afterwards): peft draws the
+    adapters' starting weights from them, so the same seed starts every run from the same adapter."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return make()
+
+
 def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, step, micro, process)) & 0x7FFF_FFFF_FFFF_FFFF)
 
@@ -698,7 +707,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     # 4. Adapters on the UNet (and text encoders): the only trainable parameters.
     family = families.of(base)
     specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser)
-    params = adapters.inject_all(base.parts, specs)
+    params = seeded(t.seed, lambda: adapters.inject_all(base.parts, specs))
     n_params = sum(p.numel() for ps in params.values() for p in ps)
     main_emit(Log(f"{adapter_name(cfg.adapter.type)} adapter: {n_params:,} trainable parameters on {', '.join(params)}"))
     if acc.is_main_process:  # the adapter, the kept checkpoints (adapter + AdamW state) and one being written

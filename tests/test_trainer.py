@@ -498,3 +498,19 @@ def test_progress_reports_time_left_from_the_runs_own_steps(tmp_path, instance_d
     progress = [e for e in events if isinstance(e, Progress)]
     assert [p.step for p in progress] == [1, 2, 3, 4, 5, 6]
     assert progress[-1].eta_s == 0.0 and all(p.eta_s > 0 for p in progress[:-1])
+
+
+@pytest.mark.parametrize("kind", ADAPTER_TYPES)
+def test_the_same_seed_gives_the_same_adapter(tmp_path, instance_dir, kind):
+    """peft draws the adapters' starting weights from torch's generator: seeded by train.seed, two runs agree
+    exactly whatever the process drew before, and another seed starts elsewhere."""
+    def adapter(name, seed, before):
+        torch.manual_seed(before)
+        torch.rand(before)  # the process's random state before the run differs
+        _, events = run(tiny_config(tmp_path, instance_dir, output={"name": name}, adapter={"type": kind},
+                                    train={"max_steps": 2, "seed": seed}))
+        return adapters.read_adapter(next(e.adapter_path for e in events if isinstance(e, Finished))).tensors
+
+    first, again, other = adapter("a", 7, 1), adapter("b", 7, 5), adapter("c", 8, 1)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
