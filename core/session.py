@@ -260,10 +260,12 @@ class ClassImagesJob(Job):
     def state(self) -> str:
         return self.snapshot()["state"]
 
-    def start(self, cfg: Config, sets: list[tuple[tuple[int, int], int]], base=None) -> None:
+    def start(self, cfg: Config, sets: list[tuple[tuple[int, int], int]] | None = None, base=None) -> None:
         """Top up each (size, how many) set of class images in turn (`class_images.class_sets`: what training
-        will use), with one running count over all of them."""
-        from .class_images import class_dir_for
+        will use), with one running count over all of them; None: the resolution's square set."""
+        from .class_images import class_dir_for, class_sets
+
+        sets = sets or class_sets(cfg, [])
 
         def reset():
             self._stop.clear()
