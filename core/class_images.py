@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from .base_model import BaseModel
+from . import buckets
 from .buckets import Size, describe
 from .config import Config, resolve_path
 from .data import ImageItem, scan_folder
@@ -64,6 +65,26 @@ def class_dir_for(cfg: Config, size: Size | None = None) -> Path:
         weights += f"-vae{cache_name(cfg.model.vae)}{model_fingerprint(cfg.model.vae)}"
     model_folder = cache_name(cfg.model.base) + (f"-w{weights}" if weights else "")
     return workspace / "class_images" / model_folder / prompt_folder
+
+
+def class_sets(cfg: Config, instance_sizes: list[Size]) -> list[tuple[Size, int]]:
+    """(size, how many) of each class-image set a run with these instance images (width, height) uses: the buckets
+    of the images, `data.num_class_images` shared among them in proportion (so every batch finds class images of its
+    own size), the fullest first; no images, or bucketing off: the resolution's square alone.
+
+    Training and the Class images tab both ask here, so the tab makes exactly the sets Start will look for.
+    """
+    d = cfg.data
+    assigned = buckets.assign_for_settings(instance_sizes, d)
+    if not assigned:
+        return [((d.resolution, d.resolution), d.num_class_images)]
+    return list(buckets.shares(buckets.counts(assigned), d.num_class_images).items())
+
+
+def usable_class_images(cfg: Config, size: Size | None = None) -> list[ImageItem]:
+    """The class images already in the folder of `size` (sorted by name); none when it does not exist yet."""
+    folder = class_dir_for(cfg, size)
+    return scan_folder(folder, min_size=class_min_size(cfg, size)).images if folder.is_dir() else []
 
 
 def class_min_size(cfg: Config, size: Size | None = None) -> int:
@@ -137,14 +158,14 @@ def ensure_class_images(cfg: Config, base: BaseModel, device: torch.device | str
     folder = class_dir_for(cfg, size)
     folder.mkdir(parents=True, exist_ok=True)
     want = cfg.data.num_class_images if want is None else want
-    have = scan_folder(folder, min_size=class_min_size(cfg, size)).images
+    have = usable_class_images(cfg, size)
     todo = missing_indices(folder, len(have), want)
     if todo:
         shape = f" at {describe(size)}" if size else ""
         emit(Log(f"Generating {count(len(todo), 'class image')}{shape} for '{cfg.data.class_prompt}' in {folder}"))
         with parts_on(base, base.all_parts, device):  # the whole pipeline generates: all of it on the device
             _generate(cfg, base, folder, todo, torch.device(device), emit, should_stop, size)
-    return scan_folder(folder, min_size=class_min_size(cfg, size)).images[:want]
+    return usable_class_images(cfg, size)[:want]
 
 
 def _generate(cfg: Config, base: BaseModel, folder: Path, todo: list[int], device: torch.device, emit: Emit,

@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -260,19 +260,24 @@ class ClassImagesJob(Job):
     def state(self) -> str:
         return self.snapshot()["state"]
 
-    def start(self, cfg: Config, base=None) -> None:
-        from .class_images import class_dir_for
+    def start(self, cfg: Config, sets: list[tuple[tuple[int, int], int]] | None = None, base=None) -> None:
+        """Top up each (size, how many) set of class images in turn (`class_images.class_sets`: what training
+        will use), with one running count over all of them; None: the resolution's square set."""
+        from .class_images import class_dir_for, class_sets
+
+        sets = sets or class_sets(cfg, [])
 
         def reset():
             self._stop.clear()
-            self._state = {"state": "running", "done": 0, "total": 0, "folder": str(class_dir_for(cfg)),
+            folders = [str(class_dir_for(cfg, size)) for size, _ in sets]
+            self._state = {"state": "running", "done": 0, "total": 0, "folder": folders[0], "folders": folders,
                            "message": f"Loading base model {cfg.model.base}...", "error": "", **NO_BATCH}
 
         def work():
             try:
-                complete = self._generate(cfg, base)
+                complete = self._generate(cfg, sets, base)
                 with self._lock:
-                    # A stop pressed while the last images were being made still leaves the set complete.
+                    # A stop pressed while the last images were being made still leaves the sets complete.
                     self._state["state"] = "stopped" if self._stop.is_set() and not complete else "finished"
                     self._state.update(NO_BATCH)
             except Exception as e:
@@ -285,21 +290,46 @@ class ClassImagesJob(Job):
 
         self._start(reset, work)
 
-    def _generate(self, cfg: Config, base) -> bool:
-        """Make the missing images; return whether the folder now holds all of them."""
-        from .class_images import ensure_class_images
+    def _generate(self, cfg: Config, sets, base) -> bool:
+        """Make the missing images of every set; return whether all the sets are now complete."""
+        from .class_images import check_class_prompt, ensure_class_images, usable_class_images
         from .models import load_base_from_config, place
         from .precision import default_device, frozen_dtype, resolve_precision
 
+        check_class_prompt(cfg)
         device = default_device()
         dtype = frozen_dtype(resolve_precision(cfg))  # before the slow load: fp16 without a GPU fails at once
+        # Counted first, so the progress is one count over every set ("5 / 6 new images", not per bucket).
+        todo = [(size, want, max(0, want - len(usable_class_images(cfg, size)))) for size, want in sets]
+        todo = [(size, want, missing) for size, want, missing in todo if missing]
+        total = sum(missing for *_, missing in todo)
+        with self._lock:
+            self._state["total"] = total
+        if not todo:
+            return True  # nothing to make: the model is not even loaded
         if base is None:
             base = load_base_from_config(cfg)
         place(base, device, dtype)
         with self._lock:
             self._state["message"] = "Generating..."
-        items = ensure_class_images(cfg, base, device, emit=self._on_event, should_stop=self._stop.is_set)
-        return len(items) >= cfg.data.num_class_images
+        done, complete = 0, True
+        for size, want, missing in todo:
+            if self._stop.is_set():
+                return False
+            items = ensure_class_images(cfg, base, device, emit=self._counting_from(done, total),
+                                        should_stop=self._stop.is_set, size=size, want=want)
+            complete = complete and len(items) >= want
+            done += missing
+        return complete
+
+    def _counting_from(self, before: int, total: int):
+        """The listener for one set: its counts shifted by the images of the sets before it, out of `total`."""
+        def emit(e) -> None:
+            if isinstance(e, (ev.ClassImagesProgress, ev.ClassImagesStep)):
+                e = replace(e, done=before + e.done, total=total)
+            self._on_event(e)
+
+        return emit
 
     def _on_event(self, e) -> None:
         with self._lock:

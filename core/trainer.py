@@ -41,7 +41,7 @@ from . import adapters, buckets, families
 from .base_model import BaseModel
 from .batches import BucketBatches, epoch_index
 from .buckets import Size
-from .class_images import check_class_prompt, class_dir_for, class_min_size, ensure_class_images
+from .class_images import check_class_prompt, class_sets, ensure_class_images, usable_class_images
 from .config import Config, TrainConfig, adapter_name, resolve_path
 from .data import Geometry, ImageSet, ScanReport, caption_prompts, scan_folder
 from .errors import ConfigError, DataError, UserError
@@ -158,11 +158,12 @@ def load_data(cfg: Config, report: ScanReport, base: BaseModel, acc: Accelerator
     d, t = cfg.data, cfg.train
     emit(Log(f"Instance images: {report.summary()}"))
     prompts = caption_prompts(report.images, d.instance_prompt)
-    assigned = buckets.assign_for_settings([(item.width, item.height) for item in report.images], d)
+    sizes = [(item.width, item.height) for item in report.images]
+    assigned = buckets.assign_for_settings(sizes, d)
     if d.bucketing:
         emit(Log(buckets.summary(assigned, t.batch_size, d.repeats)))
     instance = ImageSet(report.images, prompts, d.resolution, d.center_crop, d.random_flip, assigned)
-    klass = load_class_images(cfg, buckets.counts(assigned), base, acc, emit, stop) if t.prior_preservation else None
+    klass = load_class_images(cfg, class_sets(cfg, sizes), base, acc, emit, stop) if t.prior_preservation else None
     if t.prior_preservation and klass is None:
         return TrainData(instance, None, d.repeats)  # stopped while generating: the trainer stops, nothing to plan
     # One size: today's draws, image by image (the same batches, bit for bit).
@@ -172,13 +173,12 @@ def load_data(cfg: Config, report: ScanReport, base: BaseModel, acc: Accelerator
     return TrainData(instance, klass, d.repeats, batches)
 
 
-def load_class_images(cfg: Config, used: list[tuple[Size, int]], base: BaseModel, acc: Accelerator, emit: Emit,
+def load_class_images(cfg: Config, sets: list[tuple[Size, int]], base: BaseModel, acc: Accelerator, emit: Emit,
                       stop) -> ImageSet | None:
-    """The class images of each bucket the instance images use, `data.num_class_images` shared among them in
-    proportion (so a batch finds class images of its own size), generated where missing; None when a stop came
-    during generation (the trainer then stops)."""
+    """The class images of each (size, how many) set (`class_sets`: the buckets the instance images use, in
+    proportion), generated where missing; None when a stop came during generation (the trainer then stops)."""
     d = cfg.data
-    wanted = buckets.shares(used, d.num_class_images)
+    wanted = dict(sets)
     # Generated on the main process only; the others wait and then read the same folders.
     if acc.is_main_process:
         for size, n in wanted.items():
@@ -189,7 +189,7 @@ def load_class_images(cfg: Config, used: list[tuple[Size, int]], base: BaseModel
         return None
     items, sizes = [], []
     for size, n in wanted.items():
-        found = scan_folder(class_dir_for(cfg, size), min_size=class_min_size(cfg, size)).images[:n]
+        found = usable_class_images(cfg, size)[:n]
         if not found:
             raise DataError("Prior preservation is on but there are no class images"
                             f"{'' if len(wanted) == 1 else ' of ' + buckets.describe(size)} "

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.class_images import MANIFEST, class_dir_for, class_min_size, ensure_class_images, read_manifest
+from core.class_images import (MANIFEST, class_dir_for, class_min_size, class_sets, ensure_class_images,
+                                read_manifest)
 from core.config import Config
 from core.errors import DataError
 from core.events import ClassImagesProgress, ClassImagesStep, Log
@@ -360,3 +361,18 @@ def test_counts_say_one_image_and_two_images():
     from core.words import count
 
     assert [count(n, "class image") for n in (0, 1, 2)] == ["0 class images", "1 class image", "2 class images"]
+
+
+MIXED = [(96, 160), (100, 170), (90, 150), (160, 96), (170, 100), (96, 96)]  # 3 portraits, 2 landscapes, 1 square
+
+
+def test_class_sets_are_the_buckets_of_the_instance_images_in_proportion(tmp_path):
+    cfg = make_cfg(tmp_path, resolution=64, bucket_step=16, num_class_images=6)
+    assert class_sets(cfg, MIXED) == [((48, 80), 3), ((80, 48), 2), ((64, 64), 1)]  # the fullest first
+    assert class_sets(make_cfg(tmp_path, resolution=64, bucket_step=16, num_class_images=2), MIXED) == \
+        [((48, 80), 1), ((80, 48), 1), ((64, 64), 1)]  # at least one per bucket: every batch finds partners
+    # No images, or bucketing off: the resolution's square alone, all of them, in today's folder.
+    assert class_sets(cfg, []) == [((64, 64), 6)]
+    off = make_cfg(tmp_path, resolution=64, bucket_step=16, num_class_images=6, bucketing=False)
+    assert class_sets(off, MIXED) == [((64, 64), 6)]
+    assert class_dir_for(off, (64, 64)) == class_dir_for(off)

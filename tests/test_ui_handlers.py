@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from ui_helpers import launched_app, sample_images, wait_until
 
 from gradio_client import handle_file  # noqa: E402
@@ -116,6 +118,63 @@ def test_class_images_tab(ui, client):
     # Cached per base model and prompt: another prompt is another (empty) set.
     other = ui.call(client, "class_view", **TINY, **dict(CLASS, class_prompt="a photo of a cube"))
     assert "**0 of 2**" in other["class_info"]
+
+
+def test_a_rejected_caption_names_its_set():
+    from ui.class_tab import selected_by_size
+
+    sets = [((48, 80), 3), ((80, 48), 2)]
+    picked = selected_by_size(["48x80 · class_00001.png", "80x48 · class_00000.png", "64x64 · class_00000.png",
+                               "class_00002.png", "../48x80 · x.png"], sets)
+    assert picked == {(48, 80): ["class_00001.png"], (80, 48): ["class_00000.png"]}  # no set of that size, no guess
+    assert selected_by_size(["class_00002.png"], sets[:1]) == {(48, 80): ["class_00002.png"]}  # the only set
+
+
+def mixed_photos(folder: Path) -> Path:
+    """Three portraits, two landscapes and a square photo: at 64 px and bucket step 16, buckets 48x80 (3),
+    80x48 (2) and 64x64 (1)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate([(96, 160), (100, 170), (90, 150), (160, 96), (170, 100), (96, 96)]):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"m{i}.png")
+    return folder
+
+
+def test_class_images_tab_makes_the_sets_training_uses(ui, client, tmp_path):
+    """With a mixed dataset the tab makes class images per bucket, in proportion; training then generates none;
+    rejecting one image of one bucket tops up that bucket alone."""
+    job, s = ui.ctx.class_job, ui.ctx.session
+    shape = dict(TINY, resolution=64, bucket_step=16)
+    ui.call(client, "create_dataset", new_name="mixed-set", resolution=64, bucket_step=16)
+    ui.call(client, "add_folder", dataset="mixed-set", folder=str(mixed_photos(tmp_path / "mixed")),
+            resolution=64, bucket_step=16)
+    klass = dict(CLASS, class_prompt="a photo of a mixed ball", num_class_images=6)
+    ui.call(client, "class_generate", dataset="mixed-set", **shape, **klass)
+    assert job.wait(120) == "finished" and (job.snapshot()["done"], job.snapshot()["total"]) == (6, 6)
+    view = ui.call(client, "class_view", dataset="mixed-set", **shape, **klass)
+    assert "**6 of 6**" in view["class_info"] and "48x80: 3 of 3, 80x48: 2 of 2, 64x64: 1 of 1" in view["class_info"]
+    captions = sorted(g["caption"] for g in view["class_gallery"])
+    assert captions == ["48x80 · class_00000.png", "48x80 · class_00001.png", "48x80 · class_00002.png",
+                        "64x64 · class_00000.png", "80x48 · class_00000.png", "80x48 · class_00001.png"]
+    folders = [Path(f) for f in job.snapshot()["folders"]]
+    for folder, (w, h), n in zip(folders, [(48, 80), (80, 48), (64, 64)], [3, 2, 1]):
+        images = [Image.open(p) for p in sorted(folder.glob("class_*.png"))]
+        assert len(images) == n and all(im.size == (w, h) for im in images)
+
+    # Start finds every set it needs: nothing more is generated.
+    ui.call(client, "start_training", dataset="mixed-set", **dict(TRAIN, **shape, **klass, prior_preservation=True),
+            max_steps=2, sample_every=0, run_name="mixed-run")
+    assert s.wait(120) == "finished"
+    logs = "\n".join(s.snapshot()["logs"])
+    assert "Buckets: 48x80: 3 images" in logs and "Generating" not in logs
+
+    before = {f: sorted(p.name for p in f.glob("class_*.png")) for f in folders}
+    ui.call(client, "class_reject", class_selected="80x48 · class_00001.png", dataset="mixed-set", **shape,
+            **klass)
+    assert job.wait(120) == "finished" and job.snapshot()["total"] == 1  # that bucket's one image only
+    after = {f: sorted(p.name for p in f.glob("class_*.png")) for f in folders}
+    assert after[folders[1]] == ["class_00000.png", "class_00002.png"]
+    assert (folders[1] / "rejected" / "class_00001.png").is_file()
+    assert after[folders[0]] == before[folders[0]] and after[folders[2]] == before[folders[2]]
 
 
 # --------------------------------------------------------------------------- Train tab + playground ("pause and test")

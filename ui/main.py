@@ -63,7 +63,7 @@ def build_app(workspace: str | Path | None = None, session: Session | None = Non
 
         # Each tab's events may read or write a few components of the tabs before it.
         tabs = [(t_data, dataset_tab.wire(ctx, d | {"class_prompt": k["class_prompt"]} | t)),
-                (t_class, class_tab.wire(ctx, k | {"resolution": d["resolution"]})),
+                (t_class, class_tab.wire(ctx, k | {name: (d | t)[name] for name in class_tab.FROM_OTHER_TABS})),
                 (t_train, train_tab.wire(ctx, d | k | t)),
                 (t_play, playground_tab.wire(ctx, p))]
         link_pickers((k["base_choice"], k["base_other"]), (t["base_choice"], t["base_other"]))
