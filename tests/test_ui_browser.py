@@ -233,6 +233,8 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
 
     # 7. Bad input on the Train tab: Steps 0 says so once in the step maths; Other is checked on Start only.
     tab(page, "3. Train")
+    expect_text(page, "#tr-maths", "= 100000 steps")  # the tab's own refresh has landed before the edit
+    page.wait_for_timeout(1000)
     fill(page, "tr-steps", "0")
     expect_text(page, "#tr-maths", "Steps")
     sync_api.expect(page.locator(".toast-body")).to_have_count(0)  # no pop-up while typing
