@@ -13,7 +13,8 @@ import diffusers
 import torch
 
 from ..base_model import BaseModel
-from ..single_file import load_single_file
+from ..errors import ModelLoadError
+from ..single_file import detect_family, load_single_file
 
 # transformers 5's CLIPTextModel names its modules without the `text_model.` level other tools expect
 TEXT_MODEL = "text_model."
@@ -61,8 +62,12 @@ class Family:
         """Raise a plain-words ModelLoadError for a folder of this family that cannot be trained (e.g. inpainting)."""
 
     def matches_checkpoint(self, shapes: Mapping[str, Any]) -> bool:
-        """Whether an original-layout single file with these keys -> shapes is of this family."""
-        return False
+        """Whether an original-layout single file with these keys -> shapes is of this family (as the layout's
+        detection names it; what it refuses belongs to no family)."""
+        try:
+            return detect_family(shapes) == self.name
+        except ModelLoadError:
+            return False
 
     def load_folder(self, folder: str | Path, name: str | None = None, **kwargs) -> BaseModel:
         raise NotImplementedError

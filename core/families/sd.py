@@ -13,7 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..base_model import PIPELINE_PARTS, BaseModel, clip_tokenizer
 from ..errors import ModelLoadError
-from ..single_file import detect_family, unet_module_ldm_names
+from ..single_file import unet_module_ldm_names
 from .base import Family
 
 
@@ -45,12 +45,6 @@ class SD1Family(Family):
             raise ModelLoadError(f"{folder} holds a UNet with {unet_config['in_channels']} input channels (an "
                                  "inpainting or image-editing model); this app trains plain text-to-image SD "
                                  "1.x/2.x models.")
-
-    def matches_checkpoint(self, shapes) -> bool:
-        try:
-            return detect_family(shapes) == self.name
-        except ModelLoadError:
-            return False
 
     def load_folder(self, folder, name=None, **kwargs) -> BaseModel:
         """The parts of a diffusers folder (local, or a hub id with `local_files_only`)."""

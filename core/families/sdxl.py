@@ -18,7 +18,7 @@ import torch
 
 from ..base_model import BaseModel
 from ..errors import ModelLoadError
-from ..single_file import (detect_family, load_sdxl_single_file, read_config_folder, shipped_config_folder,
+from ..single_file import (load_sdxl_single_file, read_config_folder, shipped_config_folder,
                            unet_config_ldm_names, unet_module_ldm_names)
 from .base import Conditioning, Family
 from .sdxl_parts import (TIME_IDS, build_sdxl_from_configs, build_tiny_sdxl, check_sdxl_folder, load_sdxl_folder)
@@ -52,12 +52,6 @@ class SDXLFamily(Family):
 
     def check_folder(self, folder, index, unet_config) -> None:
         check_sdxl_folder(folder)  # the refiner and inpainting models, in plain words
-
-    def matches_checkpoint(self, shapes) -> bool:
-        try:
-            return detect_family(shapes) == self.name
-        except ModelLoadError:
-            return False
 
     def load_folder(self, folder, name=None, **kwargs) -> BaseModel:
         return load_sdxl_folder(folder, name, **kwargs)
