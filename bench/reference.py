@@ -38,6 +38,17 @@ def load_pixels(folder: Path, size: int) -> list[torch.Tensor]:
     return out
 
 
+def optimizer_step(scaler, optimizer, loss, tic: float) -> float:
+    """The end of a reference step as the examples write it: scaled backward, step, and `loss.item()` every step
+    (a host sync they pay); returns the step's seconds since `tic`."""
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad()
+    loss.item()
+    return time.perf_counter() - tic
+
+
 def reference_loop(base, kind: str, instance_dir: Path, class_dir: Path, size: int, steps: int,
                    device: torch.device) -> list[float]:
     """Train `steps` steps of 1 instance + 1 class image; return each step's seconds."""
@@ -69,12 +80,7 @@ def reference_loop(base, kind: str, instance_dir: Path, class_dir: Path, size: i
             pred = unet(sched.add_noise(latents, noise, t), t, cond).sample
             per_image = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
             loss = per_image[0] + 1.0 * per_image[1]
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad()
-        loss.item()
-        seconds.append(time.perf_counter() - tic)
+        seconds.append(optimizer_step(scaler, optimizer, loss, tic))
     return seconds
 
 
@@ -126,10 +132,5 @@ def reference_loop_sdxl(base, kind: str, instance_dir: Path, class_dir: Path, si
                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
             per_image = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
             loss = per_image[0] + 1.0 * per_image[1]
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad()
-        loss.item()
-        seconds.append(time.perf_counter() - tic)
+        seconds.append(optimizer_step(scaler, optimizer, loss, tic))
     return seconds
