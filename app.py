@@ -71,6 +71,8 @@ def cmd_train(args) -> int:
             bar.write(f"samples at step {e.step}: {', '.join(e.paths)}")
         elif isinstance(e, ev.CheckpointSaved):
             bar.write(f"checkpoint: {e.path}")
+        elif isinstance(e, ev.CompareReady):
+            bar.write("adapter off / on, same seeds: " + ", ".join(e.paths))
 
     def on_interrupt(signum, frame):
         # First Ctrl+C: stop cleanly after this step, saving a checkpoint. Second: abort.

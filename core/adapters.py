@@ -5,6 +5,8 @@ an adapter file keys its weights by the same names (core/adapter_file.py).
 """
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -173,6 +175,23 @@ def _load_part(module: torch.nn.Module, spec: AdapterSpec, adapter: AdapterFile,
 
 def tuner_layers(module: torch.nn.Module):
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_off(parts: Parts):
+    """Within: the model as if it had no adapter (every tuner layer passes its input to the base layer alone);
+    after: as before, which parameters train included (peft's switch also changes `requires_grad`)."""
+    layers = [layer for module in parts.values() for layer in tuner_layers(module)]
+    trains = {p: p.requires_grad for layer in layers for p in layer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in trains.items():
+            p.requires_grad_(flag)
 
 
 def delete_adapter(parts: Parts, name: str) -> None:

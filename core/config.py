@@ -158,6 +158,8 @@ class TrainConfig:
     sample_seed: int = 1234
     sample_steps: int = _setting(25, min=1)
     sample_guidance: float = _setting(7.5, min=0)
+    compare_at_end: bool = _setting(True, help="When the run finishes: the instance and class prompts with the "
+                                    "adapter off and on (same seeds as the samples).")
     checkpoint_every: int = _setting(200, min=0, help="0: only at the end and on stop.")
     keep_checkpoints: int = 2
 

@@ -41,6 +41,15 @@ class SampleReady:
 
 
 @dataclass
+class CompareReady:
+    """The end of a run in pictures: each prompt with the adapter off, then on (same seed), in pairs."""
+
+    step: int
+    paths: list[str]
+    captions: list[str]
+
+
+@dataclass
 class CheckpointSaved:
     step: int
     path: str

@@ -88,6 +88,9 @@ class RunDir:
     def sample(self, step: int, index: int) -> Path:
         return self.samples / f"step_{step:06d}_{index}.png"
 
+    def compare(self, index: int, on: bool) -> Path:
+        return self.samples / f"compare_{index}_{'on' if on else 'off'}.png"
+
     def checkpoint(self, step: int) -> Checkpoint:
         return Checkpoint(self.checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}")
 

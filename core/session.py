@@ -29,6 +29,7 @@ class History:
     losses: list[tuple[int, float]] = field(default_factory=list)
     lrs: list[tuple[int, float]] = field(default_factory=list)
     samples: list[tuple[int, str, str]] = field(default_factory=list)  # (step, path, prompt)
+    compare: list[tuple[str, str]] = field(default_factory=list)  # (path, caption): adapter off / on at the end
     checkpoints: list[tuple[int, str]] = field(default_factory=list)
     logs: list[str] = field(default_factory=list)
     logs_dropped: int = 0  # lines cut from the front of `logs` (LOG_LIMIT), so pollers can read "lines since N"
@@ -200,6 +201,9 @@ class Session(Job):
             elif isinstance(e, ev.SampleReady):
                 h.samples.extend((e.step, p, prompt) for p, prompt in zip(e.paths, e.prompts))
                 h.logs.append(f"Samples at step {e.step}")
+            elif isinstance(e, ev.CompareReady):
+                h.compare = list(zip(e.paths, e.captions))
+                h.logs.append(f"Adapter off / on, same seeds: {', '.join(Path(p).name for p in e.paths)}")
             elif isinstance(e, ev.CheckpointSaved):
                 h.checkpoints.append((e.step, e.path))
                 h.logs.append(f"Checkpoint saved at step {e.step}: {e.path}")
@@ -231,7 +235,7 @@ class Session(Job):
             h = self._h
             return {
                 "state": h.state, "step": h.step, "total": h.total, "losses": list(h.losses), "lrs": list(h.lrs),
-                "samples": list(h.samples), "checkpoints": list(h.checkpoints), "logs": list(h.logs),
+                "samples": list(h.samples), "compare": list(h.compare), "checkpoints": list(h.checkpoints), "logs": list(h.logs),
                 "log_count": h.logs_dropped + len(h.logs),
                 "it_per_s": h.it_per_s, "eta_s": h.eta_s, "run_dir": h.run_dir, "adapter_path": h.adapter_path,
                 "error": h.error, "error_detail": h.error_detail, "elapsed_s": time.time() - h.started_at if h.started_at else 0.0,

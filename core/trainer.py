@@ -15,6 +15,7 @@ uninterrupted one would; the global RNG (used by adapter dropout) is saved in ch
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -47,7 +48,7 @@ from .data import Geometry, ImageSet, ScanReport, caption_prompts, scan_folder
 from .errors import ConfigError, DataError, UserError
 from .fileio import check_writable, disk_error_message, fsync, remove_stale_temps, write_text
 from .families.base import Conditioning
-from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, Emit, Failed, Finished, Log, Paused,
+from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, CompareReady, Emit, Failed, Finished, Log, Paused,
                      Progress, Resumed, RunStarted, SampleReady, ignore)
 from .models import load_base_from_config, place
 from .placement import HOME, latents_cached, move_parts, offloaded_parts, parts_on, text_cached
@@ -528,23 +529,53 @@ class Run:
         info = adapters.training_metadata(self.cfg, self.step, self.base.name, self.base.family)
         return adapters.save_adapter(path, parts, self.specs, info)
 
+    def sample_prompts(self) -> list[str]:
+        cfg = self.cfg
+        return cfg.train.sample_prompts or [p for p in (cfg.data.instance_prompt, cfg.data.class_prompt) if p]
+
+    def images(self, prompts: list[str], seeds: list[int], adapter: bool = True) -> list:
+        """Images by the model as it is now (`adapter` False: as if it had none), with the sample settings."""
+        cfg = self.cfg
+        with parts_on(self.base, self.offloaded, self.acc.device):
+            parts = {part: self.unwrapped(part) for part in self.base.parts}
+            pipe = make_pipeline(self.base, self.acc.device, **parts)
+            width, height = self.sample_size or (cfg.data.resolution, cfg.data.resolution)
+            with contextlib.nullcontext() if adapter else adapters.adapters_off(parts):
+                return generate(pipe, prompts, seeds, steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance,
+                                width=width, height=height)
+
     def sample(self) -> None:
         if not self.acc.is_main_process:
             return
         cfg = self.cfg
-        prompts = cfg.train.sample_prompts or [p for p in (cfg.data.instance_prompt, cfg.data.class_prompt) if p]
+        prompts = self.sample_prompts()
         if not prompts:
             return
-        with parts_on(self.base, self.offloaded, self.acc.device):
-            pipe = make_pipeline(self.base, self.acc.device, **{part: self.unwrapped(part) for part in self.base.parts})
-            width, height = self.sample_size or (cfg.data.resolution, cfg.data.resolution)
-            images = generate(pipe, prompts, [cfg.train.sample_seed + i for i in range(len(prompts))],
-                              steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance, width=width,
-                              height=height)
+        images = self.images(prompts, [cfg.train.sample_seed + i for i in range(len(prompts))])
         paths = [str(save_png(img, self.run_dir.sample(self.step, i),
                               {"prompt": p, "step": self.step, "seed": cfg.train.sample_seed + i}))
                  for i, (img, p) in enumerate(zip(images, prompts))]
         self.emit(SampleReady(self.step, paths, prompts))
+
+    def compare(self) -> None:
+        """What the run did, in pictures: the instance prompt and the class prompt with the adapter off and on,
+        each with the seed it has among the samples (the step-0 samples are the "off" pictures of those)."""
+        cfg = self.cfg
+        if not self.acc.is_main_process or not cfg.train.compare_at_end:
+            return
+        prompts = [p for p in (cfg.data.instance_prompt, cfg.data.class_prompt) if p]
+        if not prompts:
+            return
+        listed = self.sample_prompts()
+        seeds = [cfg.train.sample_seed + (listed.index(p) if p in listed else i) for i, p in enumerate(prompts)]
+        pictures = {on: self.images(prompts, seeds, adapter=on) for on in (False, True)}
+        paths, captions = [], []
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            for on in (False, True):
+                info = {"prompt": prompt, "step": self.step, "seed": seed, "adapter": "on" if on else "off"}
+                paths.append(str(save_png(pictures[on][i], self.run_dir.compare(i, on), info)))
+                captions.append(f"{prompt} · adapter {'on' if on else 'off'} (seed {seed})")
+        self.emit(CompareReady(self.step, paths, captions))
 
     def flush_losses(self) -> None:
         """Add the buffered loss rows to loss.csv: the whole file is rewritten atomically (it stays small)."""
@@ -820,5 +851,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
         run.save_adapter(run_dir.adapter)
     acc.wait_for_everyone()
     main_emit(Log(f"Saved adapter {run_dir.adapter}"))
+    if not stopped:
+        run.compare()
     main_emit(Finished(str(run_dir), str(run_dir.adapter), run.step, stopped))
     return run_dir.path

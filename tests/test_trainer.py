@@ -514,3 +514,42 @@ def test_the_same_seed_gives_the_same_adapter(tmp_path, instance_dir, kind):
     first, again, other = adapter("a", 7, 1), adapter("b", 7, 5), adapter("c", 8, 1)
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("kind", ADAPTER_TYPES)
+def test_finished_run_shows_each_prompt_with_the_adapter_off_and_on(tmp_path, one_image_dir, kind):
+    """The end-of-run strip: "off" is the base model (the step-0 samples, pixel for pixel), "on" is the trained
+    adapter as the playground applies its saved file at weight 1 (same seed, steps, guidance); a stopped run or
+    `compare_at_end: false` makes none."""
+    import numpy as np
+    from PIL import Image
+
+    from core.events import CompareReady
+    from core.playground import Playground, from_file
+
+    cfg = tiny_config(tmp_path, one_image_dir, adapter={"type": kind, "train_text_encoder": True},
+                      train={"max_steps": 20, "learning_rate": 5e-3, "sample_every": 10, "sample_guidance": 4.0})
+    run_dir, events = run(cfg)
+    [strip] = [e for e in events if isinstance(e, CompareReady)]
+    assert strip.step == 20 and len(strip.paths) == 4
+    assert [c.split(" · ")[0] for c in strip.captions] == ["a photo of sks ball"] * 2 + ["a photo of a ball"] * 2
+    assert ["off" in c for c in strip.captions] == [True, False, True, False]
+    off_inst, on_inst, off_cls, on_cls = (np.asarray(Image.open(p), dtype=np.int16) for p in strip.paths)
+    step0 = [np.asarray(Image.open(run_dir / "samples" / f"step_000000_{i}.png"), dtype=np.int16) for i in (0, 1)]
+    assert np.array_equal(off_inst, step0[0]) and np.array_equal(off_cls, step0[1])
+    assert np.abs(on_inst - off_inst).max() > 5  # the adapter changed the picture
+    last = [np.asarray(Image.open(run_dir / "samples" / f"step_000020_{i}.png"), dtype=np.int16) for i in (0, 1)]
+    assert np.array_equal(on_inst, last[0]) and np.array_equal(on_cls, last[1])
+    finished = [e for e in events if isinstance(e, Finished)][0]
+    side = off_inst.shape[0]
+    [played] = Playground("cpu").generate("tiny", [from_file(finished.adapter_path)], "a photo of sks ball",
+                                          seed=1234, steps=2, guidance=4.0, width=side, height=side)
+    assert np.abs(np.asarray(played, dtype=np.int16) - on_inst).max() <= 1  # as the playground shows it
+
+    commands = queue.Queue()
+    commands.put(STOP)
+    _, stopped = run(tiny_config(tmp_path, one_image_dir, output={"name": "stopped"}), commands=commands)
+    assert [e for e in stopped if isinstance(e, Finished)][0].stopped
+    assert not [e for e in stopped if isinstance(e, CompareReady)]
+    _, off = run(tiny_config(tmp_path, one_image_dir, output={"name": "off"}, train={"compare_at_end": False}))
+    assert not [e for e in off if isinstance(e, CompareReady)]

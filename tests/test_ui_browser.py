@@ -92,6 +92,24 @@ def expect_text(page, selector: str, pattern: str) -> None:
     sync_api.expect(page.locator(selector)).to_contain_text(re.compile(pattern), timeout=TIMEOUT)
 
 
+def expect_or_explain(page, running, shots, selector: str, pattern: str) -> None:
+    """`expect_text`; when it fails, what the app was doing is written next to the screenshots first: the
+    session's state and every thread's stack (a stall of the page's once-a-second poll, or of the trainer)."""
+    try:
+        expect_text(page, selector, pattern)
+    except AssertionError:
+        import sys
+        import traceback
+
+        snap = running.ctx.session.snapshot()
+        stacks = "\n".join(f"--- thread {ident}\n" + "".join(traceback.format_stack(frame))
+                           for ident, frame in sys._current_frames().items())
+        (shots / "stall.txt").write_text(f"state {snap['state']} step {snap['step']} logs {snap['logs'][-5:]}\n"
+                                         f"page errors {page.errors}\n{stacks}")
+        page.screenshot(path=shots / "stall.png", full_page=True)
+        raise
+
+
 def test_first_run_in_a_browser(running, page, shots, tmp_path):
     photos = sample_images(tmp_path / "photos")
     page.goto(running.url)
@@ -196,7 +214,7 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     page.click("#tr-resume")
     expect_text(page, "#tr-status", "Training")
     page.click("#tr-stop")
-    expect_text(page, "#tr-status", "Stopped")
+    expect_or_explain(page, running, shots, "#tr-status", "Stopped")
     log_follows_newest_line(page)
     assert running.ctx.session.snapshot()["step"] > paused_at
     page.reloading = True

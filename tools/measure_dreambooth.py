@@ -64,6 +64,36 @@ def fidelity(images: list) -> float:
     return float(np.mean([demo.subject_score(im) for im in images]))
 
 
+def object_colour(image) -> np.ndarray | None:
+    """The median colour of the object's pixels (None: no object found)."""
+    img = np.asarray(image.convert("RGB"), dtype=np.float32)
+    mask = demo.object_mask(img)
+    return np.median(img[mask], axis=0) if mask.sum() >= 20 else None
+
+
+def colour_kept(before: list, after: list) -> tuple[float, float]:
+    """Per seed, does the adapter's image keep the base model's object colour? (share of seeds whose palette
+    colour is the same, mean RGB distance of the object colours, 0-441; a lost object counts as 255)."""
+    same, dist = [], []
+    for a, b in zip(before, after):
+        ca, cb = object_colour(a), object_colour(b)
+        same.append(ca is not None and cb is not None and demo.dominant_colour(a) == demo.dominant_colour(b))
+        dist.append(float(np.linalg.norm(ca - cb)) if ca is not None and cb is not None else 255.0)
+    return float(np.mean(same)), float(np.mean(dist))
+
+
+def colour_spread_kept(before: list, after: list) -> float:
+    """How much of the base model's colour mix the images keep, 0-1: one minus the total-variation distance between
+    the two histograms of palette colours (over all seeds; "no object" counts as a colour of its own). 1: the same
+    mix of red, green, blue... stars; a collapse onto one colour scores the share that colour had before."""
+    def histogram(images):
+        names = [demo.dominant_colour(im) for im in images]
+        return {n: names.count(n) / len(names) for n in set(names)}
+
+    a, b = histogram(before), histogram(after)
+    return 1.0 - 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+
+
 def class_kept(images: list, shape: str, colour: str | None = None) -> float:
     """Share of images that still show a plain one-colour `shape` (of `colour`, if given): no subject pattern."""
     net = demo.load_shape_classifier()
@@ -81,8 +111,8 @@ def measure(adapter_paths: dict[str, str | Path], seeds=range(8), base_spec: str
                     "unrelated_kept": class_kept(before["unrelated"], "circle", "blue"), "images": before}}
     for name, path in adapter_paths.items():
         base = load_base_model(base_spec)  # fresh: peft cannot wrap a LoRA around a layer a LoHa/LoKr wrapped
-        adapters.load_into(base.parts, adapters.read_adapter(path), name)
-        adapters.set_weights(base.parts, {name: 1.0})
+        adapters.load_into(base.parts, adapters.read_adapter(path), "measured")  # (peft: no "." in a name)
+        adapters.set_weights(base.parts, {"measured": 1.0})
         after = {k: images_for(make_pipeline(base), p, seeds) for k, p in PROMPTS.items()}
         out[name] = {
             "fidelity": fidelity(after["instance"]),
@@ -93,6 +123,8 @@ def measure(adapter_paths: dict[str, str | Path], seeds=range(8), base_spec: str
             "unrelated_kept": class_kept(after["unrelated"], "circle", "blue"),
             "images": after,
         }
+        out[name]["class_colour_kept"], out[name]["class_colour_distance"] = colour_kept(before["class"], after["class"])
+        out[name]["class_colours_kept"] = colour_spread_kept(before["class"], after["class"])
     return out
 
 

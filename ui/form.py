@@ -71,6 +71,7 @@ FIELDS = [Field(*f) for f in [
     ("noise_offset", "train.noise_offset", "float"), ("seed", "train.seed", "int"),
     ("sample_every", "train.sample_every", "int"), ("sample_prompts", "train.sample_prompts", "lines"),
     ("sample_steps", "train.sample_steps", "int"), ("sample_guidance", "train.sample_guidance", "float"),
+    ("compare_at_end", "train.compare_at_end"),
     ("checkpoint_every", "train.checkpoint_every", "int"), ("unet_targets", "adapter.unet_targets", "list"),
     ("text_encoder_targets", "adapter.text_encoder_targets", "list"),
     ("decompose_both", "adapter.decompose_both"), ("decompose_factor", "adapter.decompose_factor", "int"),

@@ -157,6 +157,8 @@ class TrainView:
         put("loss_plot", (run, len(snap["losses"])),
             lambda: self.curve.frame(run, snap["losses"]) if snap["losses"] else None)
         put("samples", (run, len(snap["samples"])), lambda: samples_value(snap["samples"]))
+        put("compare", (run, len(snap["compare"])),
+            lambda: gr.update(value=snap["compare"] or None, visible=bool(snap["compare"])))
         put("log", (run, len(snap["logs"]), snap["logs"][-1] if snap["logs"] else ""),
             lambda: "\n".join(snap["logs"][-LOG_TAIL:]))
         put("train_error", (run, snap["error"]), lambda: error_html(snap["error"]))
@@ -341,6 +343,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
             c["sample_steps"] = widget("sample_steps", initial, label="Sample steps", elem_id="tr-sample-steps")
             c["sample_guidance"] = widget("sample_guidance", initial, label="Sample guidance")
             c["checkpoint_every"] = widget("checkpoint_every", initial, label="Checkpoint every (steps)")
+            c["compare_at_end"] = widget("compare_at_end", initial, label="At the end: adapter off / on")
         c["sample_prompts"] = widget("sample_prompts", initial, label="Sample prompts (one per line)", lines=3)
         with gr.Row():
             c["unet_targets"] = widget("unet_targets", initial, label="UNet target modules", scale=3)
@@ -368,6 +371,8 @@ def build(ctx: Ctx, initial: dict) -> dict:
                                      colors_in_legend=["loss", "smoothed"], scale=1)
         c["samples"] = gr.Gallery(label="Samples, newest first (step 0 = before training)", columns=4, height=320,
                                   object_fit="contain", elem_id="tr-samples", scale=1)
+    c["compare"] = gr.Gallery(label="What the run taught: each prompt with the adapter off, then on (same seed)",
+                              columns=4, height=200, object_fit="contain", visible=False, elem_id="tr-compare")
     c["log"] = gr.Textbox("", label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="db-log")
     with gr.Accordion("Continue an earlier run", open=False):
         with gr.Row(elem_classes="db-bottom"):
@@ -458,7 +463,7 @@ def lists(ctx: Ctx) -> dict:
 
 # Every settings field of every tab (see ui/form.py): Start, the step maths and presets read them all.
 FORM = tuple(f.name for f in FIELDS) + ("base_choice", "base_other")
-LIVE_OUT = ("train_status", "loss_plot", "samples", "log", "train_error", "error_detail", *BUTTONS, "train_sent")
+LIVE_OUT = ("train_status", "loss_plot", "samples", "compare", "log", "train_error", "error_detail", *BUTTONS, "train_sent")
 # The step maths is redrawn when anything it depends on changes.
 MATHS_NAMES = ("max_steps", "batch_size", "repeats", "gradient_accumulation_steps", "prior_preservation",
                "num_class_images", "class_prompt", "instance_prompt", "resolution", "base_choice", "base_other",

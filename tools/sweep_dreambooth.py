@@ -1,0 +1,75 @@
+"""Try DreamBooth settings on the demo: train each variant, measure it, print one table row per variant.
+
+    .venv/bin/python tools/sweep_dreambooth.py VARIANTS.json [--jobs 2] [--seeds 8] [--out results.jsonl]
+
+VARIANTS.json: {"name": {"type": "lora", "prior": true, "steps": 400, "overrides": ["train.learning_rate=4e-3"]}}
+Each variant runs in its own process on one thread (`--jobs` at a time); rows are appended to `--out` as they
+finish, so a long sweep can be read (and stopped) part-way. The metrics are tools/measure_dreambooth.py's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+KEYS = ("fidelity", "class_kept", "class_colour_kept", "class_colour_distance", "class_colours_kept", "unrelated_kept", "class_fidelity")
+
+
+def run_variant(name: str, spec: dict, work: str, seeds: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from tools.measure_dreambooth import measure, numbers, train_demo_adapter
+
+    t0 = time.time()
+    work_dir = Path(work)
+    path = train_demo_adapter(spec.get("type", "lora"), spec.get("prior", True), work_dir / "runs",
+                              work_dir / "class_images", steps=spec.get("steps", 400),
+                              num_class_images=spec.get("class_images", 24), overrides=tuple(spec.get("overrides", ())),
+                              tag=f"-{name}")
+    trained = time.time() - t0
+    result = numbers(measure({name: path}, range(seeds)))
+    return {"name": name, **spec, "train_s": round(trained), **{k: result[name].get(k) for k in KEYS},
+            "base_fidelity": result["base"]["fidelity"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variants")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--work", default="workspace/dreambooth-sweep")
+    p.add_argument("--out", default="workspace/dreambooth-sweep/results.jsonl")
+    args = p.parse_args()
+    variants = json.loads(Path(args.variants).read_text())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Class images first, once (the variants share them; two processes must not write the same set).
+    shutil.rmtree(Path(args.work) / "runs", ignore_errors=True)  # this tool's scratch runs (class images are kept)
+    wanted = max((v.get("class_images", 24) for v in variants.values() if v.get("prior", True)), default=0)
+    if wanted:
+        from tools.measure_dreambooth import train_demo_adapter
+
+        train_demo_adapter("lora", True, Path(args.work) / "runs", Path(args.work) / "class_images", steps=1,
+                           num_class_images=wanted, tag="-class-images")
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run_variant, n, v, args.work, args.seeds): n for n, v in variants.items()}
+        for f in as_completed(futures):
+            try:
+                row = f.result()
+            except Exception as e:  # noqa: BLE001 - one broken variant must not end the sweep
+                row = {"name": futures[f], "error": f"{type(e).__name__}: {e}"}
+            with out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
