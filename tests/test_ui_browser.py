@@ -263,4 +263,15 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     choose(page, "tr-base", "Other")
     page.wait_for_timeout(1500)
     sync_api.expect(page.locator(".toast-body")).to_have_count(1)  # choosing Other raised nothing new
+
+    # 8. A run that finishes shows what it taught: instance and class prompt, adapter off / on.
+    choose(page, "tr-base", "demo")
+    fill(page, "tr-steps", "4")
+    page.wait_for_timeout(1000)
+    page.click("#tr-start")
+    expect_or_explain(page, running, shots, "#tr-status", "Finished")
+    strip = page.locator("#tr-compare img")
+    sync_api.expect(strip).to_have_count(4, timeout=TIMEOUT)
+    expect_text(page, "#tr-compare", "adapter off")
+    page.screenshot(path=shots / "8-finished-compare.png", full_page=True)
     assert not page.errors, page.errors

@@ -38,16 +38,19 @@ SUBJECT_LEAK = 0.15  # a subject score above this: the image shows the subject's
 PROMPTS = {"instance": demo.SUBJECT_PROMPT, "class": demo.SUBJECT_CLASS_PROMPT, "unrelated": UNRELATED_PROMPT}
 
 
-def train_demo_adapter(adapter_type: str, prior: bool, out_dir: Path, class_dir: Path, steps: int = 200,
-                       num_class_images: int = 24, overrides: tuple[str, ...] = (), tag: str = "") -> Path:
-    """A short demo-preset run (no samples, no checkpoints); returns the adapter file."""
+def train_demo_adapter(adapter_type: str, prior: bool, out_dir: Path, class_dir: Path, steps: int | None = None,
+                       num_class_images: int | None = None, overrides: tuple[str, ...] = (), tag: str = "") -> Path:
+    """A demo-preset run (no samples, no checkpoints; steps and class images as the preset says unless given);
+    returns the adapter file."""
     from core.trainer import train
 
     name = f"{adapter_type}-{'prior' if prior else 'noprior'}{tag}"
+    given = [f"train.max_steps={steps}"] * (steps is not None) + \
+        [f"data.num_class_images={num_class_images}"] * (num_class_images is not None)
     cfg = load_config(preset=f"demo-{adapter_type}", overrides=[
-        f"output.dir={out_dir}", f"output.name={name}", f"train.max_steps={steps}", "train.sample_every=0",
-        "train.checkpoint_every=0", f"train.prior_preservation={str(prior).lower()}", f"data.class_dir={class_dir}",
-        f"data.num_class_images={num_class_images}", *overrides])
+        f"output.dir={out_dir}", f"output.name={name}", "train.sample_every=0", "train.checkpoint_every=0",
+        "train.compare_at_end=false", f"train.prior_preservation={str(prior).lower()}", f"data.class_dir={class_dir}",
+        *given, *overrides])
     run = train(cfg)
     return run / f"{name}.safetensors"
 
@@ -138,7 +141,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--train", action="store_true", help="train the four test adapters first (in --work)")
     p.add_argument("--measure-only", action="store_true", help="with --train: measure the adapters trained before")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=None, help="default: the preset's")
     p.add_argument("--work", default="workspace/dreambooth-check")
     args = p.parse_args()
     paths = {Path(a).stem: a for a in args.adapters}

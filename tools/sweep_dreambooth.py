@@ -3,6 +3,7 @@
     .venv/bin/python tools/sweep_dreambooth.py VARIANTS.json [--jobs 2] [--seeds 8] [--out results.jsonl]
 
 VARIANTS.json: {"name": {"type": "lora", "prior": true, "steps": 400, "overrides": ["train.learning_rate=4e-3"]}}
+(steps and "class_images" default to the demo preset's own)
 Each variant runs in its own process on one thread (`--jobs` at a time); rows are appended to `--out` as they
 finish, so a long sweep can be read (and stopped) part-way. The metrics are tools/measure_dreambooth.py's.
 """
@@ -31,13 +32,25 @@ def run_variant(name: str, spec: dict, work: str, seeds: int) -> dict:
     t0 = time.time()
     work_dir = Path(work)
     path = train_demo_adapter(spec.get("type", "lora"), spec.get("prior", True), work_dir / "runs",
-                              work_dir / "class_images", steps=spec.get("steps", 400),
-                              num_class_images=spec.get("class_images", 24), overrides=tuple(spec.get("overrides", ())),
+                              work_dir / "class_images", steps=spec.get("steps"),
+                              num_class_images=spec.get("class_images"), overrides=tuple(spec.get("overrides", ())),
                               tag=f"-{name}")
     trained = time.time() - t0
     result = numbers(measure({name: path}, range(seeds)))
     return {"name": name, **spec, "train_s": round(trained), **{k: result[name].get(k) for k in KEYS},
             "base_fidelity": result["base"]["fidelity"]}
+
+
+def train_class_images(work: Path, variants: dict) -> None:
+    """The class images the variants share, made before they start (two processes must not write one set)."""
+    from core.config import load_config
+    from tools.measure_dreambooth import train_demo_adapter
+
+    wanted = [v.get("class_images") or load_config(preset=f"demo-{v.get('type', 'lora')}").data.num_class_images
+              for v in variants.values() if v.get("prior", True)]
+    if wanted:
+        train_demo_adapter("lora", True, work / "runs", work / "class_images", steps=1, num_class_images=max(wanted),
+                           tag="-class-images")
 
 
 def main() -> None:
@@ -53,12 +66,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     # Class images first, once (the variants share them; two processes must not write the same set).
     shutil.rmtree(Path(args.work) / "runs", ignore_errors=True)  # this tool's scratch runs (class images are kept)
-    wanted = max((v.get("class_images", 24) for v in variants.values() if v.get("prior", True)), default=0)
-    if wanted:
-        from tools.measure_dreambooth import train_demo_adapter
-
-        train_demo_adapter("lora", True, Path(args.work) / "runs", Path(args.work) / "class_images", steps=1,
-                           num_class_images=wanted, tag="-class-images")
+    train_class_images(Path(args.work), variants)
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_variant, n, v, args.work, args.seeds): n for n, v in variants.items()}
         for f in as_completed(futures):
