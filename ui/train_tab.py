@@ -157,8 +157,7 @@ class TrainView:
         put("loss_plot", (run, len(snap["losses"])),
             lambda: self.curve.frame(run, snap["losses"]) if snap["losses"] else None)
         put("samples", (run, len(snap["samples"])), lambda: samples_value(snap["samples"]))
-        put("compare", (run, len(snap["compare"])),
-            lambda: gr.update(value=snap["compare"] or None, visible=bool(snap["compare"])))
+        put("compare", (run, len(snap["compare"])), lambda: snap["compare"] or None)
         put("log", (run, len(snap["logs"]), snap["logs"][-1] if snap["logs"] else ""),
             lambda: "\n".join(snap["logs"][-LOG_TAIL:]))
         put("train_error", (run, snap["error"]), lambda: error_html(snap["error"]))
@@ -371,8 +370,9 @@ def build(ctx: Ctx, initial: dict) -> dict:
                                      colors_in_legend=["loss", "smoothed"], scale=1)
         c["samples"] = gr.Gallery(label="Samples, newest first (step 0 = before training)", columns=4, height=320,
                                   object_fit="contain", elem_id="tr-samples", scale=1)
-    c["compare"] = gr.Gallery(label="What the run taught: each prompt with the adapter off, then on (same seed)",
-                              columns=4, height=200, object_fit="contain", visible=False, elem_id="tr-compare")
+    # Always shown (a Gallery made visible and filled in one update throws in the browser): empty until a run ends.
+    c["compare"] = gr.Gallery(label="When a run finishes: each prompt with the adapter off, then on (same seed)",
+                              columns=4, height=200, object_fit="contain", elem_id="tr-compare")
     c["log"] = gr.Textbox("", label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="db-log")
     with gr.Accordion("Continue an earlier run", open=False):
         with gr.Row(elem_classes="db-bottom"):
