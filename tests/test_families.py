@@ -160,7 +160,7 @@ def test_a_registered_family_trains_samples_and_exports_without_other_changes(tm
                       train={"max_steps": 2, "sample_every": 2, "cache_text_embeddings": False})
     run_dir = train(Config.from_dict(cfg), base=fake.build_tiny())
     assert fake.calls["forward"] == 2 and fake.calls["encode"] >= 2  # every step through the family
-    assert fake.calls["pipeline"] == 2  # the step-0 and the step-2 samples
+    assert fake.calls["pipeline"] == 4  # the step-0 and the step-2 samples, the end's adapter off / on
     assert len(fake.geometry) == 2 and all(isinstance(g, Geometry) for g in fake.geometry)
     adapter = adapters.read_adapter(RunDir(run_dir).adapter)
     assert adapter.metadata["family"] == "fake" and set(adapter.specs) == {"unet", "text_encoder"}

@@ -273,4 +273,17 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     page.wait_for_timeout(1500)
     sync_api.expect(page.locator(".toast-body")).to_have_count(1)  # choosing Other raised nothing new
 
+    # 8. A second run on this page, to its end: the plot goes on from the last run's curve to the new one's (no
+    # browser error), and the Train tab shows what the run taught: instance and class prompt, adapter off / on.
+    page.stage = "8"
+    choose(page, "tr-base", "demo")
+    fill(page, "tr-steps", "4")
+    page.wait_for_timeout(1000)
+    page.click("#tr-start")
+    expect_or_explain(page, running, shots, "#tr-status", "Finished")
+    sync_api.expect(page.locator("#tr-compare img")).to_have_count(4, timeout=TIMEOUT)
+    expect_text(page, "#tr-compare", "adapter off")
+    expect_text(page, "#tr-compare", "adapter on")
+    sync_api.expect(lines.first).to_have_attribute("d", re.compile(r"^M[^L]*(L[^L]+){3}$"))  # the new run's 4 points
+    page.screenshot(path=shots / "8-finished-compare.png", full_page=True)
     assert not page.errors, page.errors

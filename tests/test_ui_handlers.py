@@ -294,7 +294,7 @@ def test_playground_mixes_run_adapters(ui, client, photos):
         # the Train tab shows the run's end: instance and class prompt, adapter off / on
         strip = ui.call(ui.client(), "train_poll")["compare"]
         assert [g["caption"].rsplit("adapter ", 1)[1].split(" ")[0] for g in strip] == ["off", "on"] * 2
-        assert all(Path(g["image"]["path"]).is_file() for g in strip)
+        assert all(Path(g["image"]).is_file() for g in strip)
     choices = ui.call(client, "playground_adapters")["adapter_1"]["choices"]
     offered = {value: label for label, value in choices}
     assert all(p in offered for p in paths) and "LoHa" in offered[paths[0]]

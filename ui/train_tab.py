@@ -154,8 +154,11 @@ class TrainView:
         put("train_status", (run, state, snap["step"], snap["run_dir"], snap["adapter_path"], len(snap["logs"]),
                              int(snap["elapsed_s"]) if moving else 0), lambda: status_html(snap))
         # No frame without points: the plot takes its legend (the curve names) from the first data it gets.
-        put("loss_plot", (run, len(snap["losses"])),
-            lambda: self.curve.frame(run, snap["losses"]) if snap["losses"] else None)
+        # Sent with points only: a LinePlot emptied (None) while its chart is drawn throws in the browser (its resize
+        # observer reads the removed chart's offsetWidth), so a new run's plot keeps the last run's curve until the
+        # new run's first step. The page starts with an empty plot.
+        if snap["losses"]:
+            put("loss_plot", (run, len(snap["losses"])), lambda: self.curve.frame(run, snap["losses"]))
         put("samples", (run, len(snap["samples"])), lambda: samples_value(snap["samples"]))
         put("compare", (run, len(snap["compare"])), lambda: snap["compare"] or None)
         put("log", (run, len(snap["logs"]), snap["logs"][-1] if snap["logs"] else ""),
@@ -372,7 +375,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
                                   object_fit="contain", elem_id="tr-samples", scale=1)
     # Always shown (a Gallery made visible and filled in one update throws in the browser): empty until a run ends.
     c["compare"] = gr.Gallery(label="When a run finishes: each prompt with the adapter off, then on (same seed)",
-                              columns=4, height=200, object_fit="contain", elem_id="tr-compare")
+                              columns=4, height="auto", object_fit="contain", elem_id="tr-compare")
     c["log"] = gr.Textbox("", label="Log", lines=8, max_lines=8, autoscroll=True, elem_id="db-log")
     with gr.Accordion("Continue an earlier run", open=False):
         with gr.Row(elem_classes="db-bottom"):
