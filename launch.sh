@@ -50,7 +50,9 @@ ensure_chromium() {
 if [ "${1:-}" = "test" ]; then
   shift
   ensure_chromium
-  exec "$VENV/bin/python" -m pytest "$@"
+  # Two workers (each test on one thread, so two cores are used), a file's tests together in one worker (their
+  # module fixtures: apps, trained runs). TEST_WORKERS=0 runs everything in this process.
+  exec "$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
 fi
 if [ "${1:-}" = "bench" ]; then
   shift
