@@ -852,6 +852,10 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     acc.wait_for_everyone()
     main_emit(Log(f"Saved adapter {run_dir.adapter}"))
     if not stopped:
-        run.compare()
+        try:
+            run.compare()
+        except Exception as e:  # noqa: BLE001 - the adapter is saved: a failed extra picture must not fail the run
+            main_emit(Log(f"Could not draw the adapter off / on pictures ({type(e).__name__}: {e}); the adapter is "
+                          "saved. The playground's Compare makes them."))
     main_emit(Finished(str(run_dir), str(run_dir.adapter), run.step, stopped))
     return run_dir.path

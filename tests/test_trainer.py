@@ -553,3 +553,20 @@ def test_finished_run_shows_each_prompt_with_the_adapter_off_and_on(tmp_path, on
     assert not [e for e in stopped if isinstance(e, CompareReady)]
     _, off = run(tiny_config(tmp_path, one_image_dir, output={"name": "off"}, train={"compare_at_end": False}))
     assert not [e for e in off if isinstance(e, CompareReady)]
+
+
+def test_a_failed_end_of_run_picture_leaves_the_run_finished(tmp_path, one_image_dir, monkeypatch):
+    """The adapter is saved before the off / on pictures: their failure is said in the log, the run finishes."""
+    from core.events import CompareReady, Log
+    from core.trainer import Run
+
+    def broken(self, prompts, seeds, adapter=True):
+        raise RuntimeError("no memory left for the pictures")
+
+    monkeypatch.setattr(Run, "images", broken)
+    run_dir, events = run(tiny_config(tmp_path, one_image_dir))
+    finished = [e for e in events if isinstance(e, Finished)]
+    assert finished and not finished[0].stopped and (run_dir / f"{run_dir.name}.safetensors").is_file()
+    assert not [e for e in events if isinstance(e, CompareReady)]
+    assert any("Could not draw the adapter off / on pictures (RuntimeError" in e.message
+               for e in events if isinstance(e, Log))
