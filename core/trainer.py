@@ -574,7 +574,7 @@ class Run:
             for on in (False, True):
                 info = {"prompt": prompt, "step": self.step, "seed": seed, "adapter": "on" if on else "off"}
                 paths.append(str(save_png(pictures[on][i], self.run_dir.compare(i, on), info)))
-                captions.append(f"{prompt} · adapter {'on' if on else 'off'} (seed {seed})")
+                captions.append(f"adapter {'on' if on else 'off'} · {prompt} · seed {seed}")  # what differs first
         self.emit(CompareReady(self.step, paths, captions))
 
     def flush_losses(self) -> None:

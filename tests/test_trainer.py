@@ -532,8 +532,8 @@ def test_finished_run_shows_each_prompt_with_the_adapter_off_and_on(tmp_path, on
     run_dir, events = run(cfg)
     [strip] = [e for e in events if isinstance(e, CompareReady)]
     assert strip.step == 20 and len(strip.paths) == 4
-    assert [c.split(" · ")[0] for c in strip.captions] == ["a photo of sks ball"] * 2 + ["a photo of a ball"] * 2
-    assert ["off" in c for c in strip.captions] == [True, False, True, False]
+    assert [c.split(" · ")[1] for c in strip.captions] == ["a photo of sks ball"] * 2 + ["a photo of a ball"] * 2
+    assert [c.split(" · ")[0] for c in strip.captions] == ["adapter off", "adapter on"] * 2
     off_inst, on_inst, off_cls, on_cls = (np.asarray(Image.open(p), dtype=np.int16) for p in strip.paths)
     step0 = [np.asarray(Image.open(run_dir / "samples" / f"step_000000_{i}.png"), dtype=np.int16) for i in (0, 1)]
     assert np.array_equal(off_inst, step0[0]) and np.array_equal(off_cls, step0[1])
