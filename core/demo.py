@@ -139,16 +139,24 @@ def object_mask(img: np.ndarray, threshold: float = 60.0) -> np.ndarray:
     return np.linalg.norm(img.astype(np.float32) - background_colour(img), axis=-1) > threshold
 
 
-def dominant_colour(image: Image.Image) -> str | None:
-    """The palette colour nearest to the median colour of the object's pixels (None: no object found)."""
+def object_colour(image: Image.Image) -> np.ndarray | None:
+    """The median colour of the object's pixels (None: no object found)."""
     img = np.asarray(image.convert("RGB"), dtype=np.float32)
     mask = object_mask(img)
-    if mask.sum() < 20:
+    return np.median(img[mask], axis=0) if mask.sum() >= 20 else None
+
+
+def palette_colour(rgb: np.ndarray | None) -> str | None:
+    """The palette colour nearest to `rgb` (None for None)."""
+    if rgb is None:
         return None
-    median = np.median(img[mask], axis=0)
     names = list(COLOURS)
-    dists = [np.linalg.norm(median - np.array(COLOURS[n])) for n in names]
-    return names[int(np.argmin(dists))]
+    return names[int(np.argmin([np.linalg.norm(rgb - np.array(COLOURS[n])) for n in names]))]
+
+
+def dominant_colour(image: Image.Image) -> str | None:
+    """The palette colour nearest to the median colour of the object's pixels (None: no object found)."""
+    return palette_colour(object_colour(image))
 
 
 def subject_score(image: Image.Image) -> float:

@@ -67,20 +67,13 @@ def fidelity(images: list) -> float:
     return float(np.mean([demo.subject_score(im) for im in images]))
 
 
-def object_colour(image) -> np.ndarray | None:
-    """The median colour of the object's pixels (None: no object found)."""
-    img = np.asarray(image.convert("RGB"), dtype=np.float32)
-    mask = demo.object_mask(img)
-    return np.median(img[mask], axis=0) if mask.sum() >= 20 else None
-
-
 def colour_kept(before: list, after: list) -> tuple[float, float]:
     """Per seed, does the adapter's image keep the base model's object colour? (share of seeds whose palette
     colour is the same, mean RGB distance of the object colours, 0-441; a lost object counts as 255)."""
     same, dist = [], []
     for a, b in zip(before, after):
-        ca, cb = object_colour(a), object_colour(b)
-        same.append(ca is not None and cb is not None and demo.dominant_colour(a) == demo.dominant_colour(b))
+        ca, cb = demo.object_colour(a), demo.object_colour(b)
+        same.append(ca is not None and cb is not None and demo.palette_colour(ca) == demo.palette_colour(cb))
         dist.append(float(np.linalg.norm(ca - cb)) if ca is not None and cb is not None else 255.0)
     return float(np.mean(same)), float(np.mean(dist))
 

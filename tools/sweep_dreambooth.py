@@ -64,7 +64,6 @@ def main() -> None:
     variants = json.loads(Path(args.variants).read_text())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Class images first, once (the variants share them; two processes must not write the same set).
     shutil.rmtree(Path(args.work) / "runs", ignore_errors=True)  # this tool's scratch runs (class images are kept)
     train_class_images(Path(args.work), variants)
     with ProcessPoolExecutor(args.jobs) as pool:
