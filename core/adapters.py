@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from diffusers.training_utils import cast_training_params
@@ -25,7 +25,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .adapter_file import AdapterFile, AdapterSpec, Reader, read_adapter_file, read_ours, save_adapter_file
 from .community import read_diffusers, read_kohya, refuse_checkpoint, resolve_kohya
-from .config import Config
+from .config import UNET_TARGETS_FULL, Config
 from .errors import ModelLoadError
 from .families.base import Family
 
@@ -35,13 +35,18 @@ READERS: tuple[Reader, ...] = (read_ours, read_kohya, read_diffusers, refuse_che
 
 
 def specs_from_config(cfg: Config, text_encoders: tuple[str, ...] = ("text_encoder",),
-                      denoiser: str = "unet") -> dict[str, AdapterSpec]:
+                      denoiser: str = "unet", family_targets: Sequence[str] = ()) -> dict[str, AdapterSpec]:
     """The adapter of each part a run trains: the denoiser, and every text encoder of the model's family (its
-    `text_encoders`) when the text encoders train, each with the text-encoder settings."""
+    `text_encoders`) when the text encoders train, each with the text-encoder settings. `family_targets`: the
+    denoiser's targets when `adapter.unet_targets` is left at its (UNet) default, for a family whose denoiser has
+    other module names (FLUX's transformer)."""
     a = cfg.adapter
+    targets = list(a.unet_targets)
+    if family_targets and targets == list(UNET_TARGETS_FULL):
+        targets = list(family_targets)
     shared = dict(type=a.type, dropout=a.dropout, module_dropout=a.module_dropout, decompose_both=a.decompose_both,
                   decompose_factor=a.decompose_factor, use_effective_conv2d=a.use_effective_conv2d)
-    specs = {denoiser: AdapterSpec(rank=a.rank, alpha=a.alpha, targets=list(a.unet_targets), **shared)}
+    specs = {denoiser: AdapterSpec(rank=a.rank, alpha=a.alpha, targets=targets, **shared)}
     if a.train_text_encoder:
         for part in text_encoders:
             specs[part] = AdapterSpec(rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,

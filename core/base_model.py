@@ -33,6 +33,22 @@ class BaseModel:
     tokenizer_2: CLIPTokenizer | None = None
     # where a VAE that replaced the model's own came from (model.vae); "" for the model's own VAE
     vae_source: str = ""
+    # the family when its parts alone do not tell it ("flux": `unet` holds the FLUX transformer, `text_encoder` is
+    # CLIP-L and `text_encoder_2` T5, which never trains); "" to tell it from the parts (SD 1.x / 2.x, SDXL)
+    family_name: str = ""
+
+    @property
+    def transformer(self):
+        """The denoiser of a transformer family (FLUX) under its own name; the same object as `unet`."""
+        return self.unet
+
+    @transformer.setter
+    def transformer(self, module) -> None:
+        self.unet = module
+
+    @property
+    def denoiser_name(self) -> str:
+        return "transformer" if self.family_name == "flux" else "unet"
 
     @property
     def prediction_type(self) -> str:
@@ -45,6 +61,8 @@ class BaseModel:
     @property
     def family(self) -> str:
         """sdxl with a second text encoder, else sd1 or sd2 by the text encoder width (768: CLIP ViT-L, 1024: OpenCLIP ViT-H)."""
+        if self.family_name:
+            return self.family_name
         if self.text_encoder_2 is not None:
             return "sdxl"
         return "sd2" if self.text_encoder.config.hidden_size == 1024 else "sd1"
@@ -52,15 +70,16 @@ class BaseModel:
     @property
     def parts(self):
         """The parts adapters attach to, by name."""
-        parts = {"unet": self.unet, "text_encoder": self.text_encoder}
-        if self.text_encoder_2 is not None:
+        parts = {self.denoiser_name: self.unet, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None and self.family_name != "flux":
             parts["text_encoder_2"] = self.text_encoder_2
         return parts
 
     @property
     def all_parts(self) -> dict:
-        """Every part with weights, by name: the adapter parts and the VAE."""
-        return {**self.parts, "vae": self.vae}
+        """Every part with weights, by name: the adapter parts, frozen-only encoders (FLUX's T5) and the VAE."""
+        frozen = {"text_encoder_2": self.text_encoder_2} if self.family_name == "flux" else {}
+        return {**self.parts, **frozen, "vae": self.vae}
 
     @property
     def modules(self) -> list:

@@ -146,6 +146,19 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     min_snr_gamma: float | None = _setting(None, min=0, unset="off", help="5 is usual.")  # e.g. 5.0; None turns it off
     noise_offset: float = _setting(0.0, min=0, step=0.01)
+    # Flow-matching models (FLUX.1): how the noise level (sigma) of each training image is drawn and weighed; the
+    # defaults are the diffusers FLUX DreamBooth script's.
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = _setting(
+        "uniform", help="FLUX: how training noise levels are drawn (SD3's densities).")
+    logit_mean: float = 0.0  # logit_normal: the mean and spread of the normal whose sigmoid is sigma
+    logit_std: float = _setting(1.0, above=0)
+    mode_scale: float = 1.29  # mode: how much the density leans to the middle noise levels
+    flow_shift: Literal["none", "fixed", "resolution"] = _setting(
+        "none", help="FLUX: shift noise levels towards noise: by flow_shift_value, or by image size as its sampler.")
+    flow_shift_value: float = _setting(3.0, above=0)
+    flow_loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    # FLUX.1-dev embeds the guidance scale it is told; training tells it 1.0 (kohya's advice), samples their own
+    guidance_scale: float = _setting(1.0, min=0, help="FLUX.1-dev: the distilled guidance while training.")
     cache_latents: bool = True
     cache_text_embeddings: bool = True  # only when the text encoder is not trained
     offload_frozen: bool = _setting(True, help="Keep the VAE and frozen text encoders in main memory while training "

@@ -1,7 +1,8 @@
 """Base model loading: the parts of a model of a family this app trains (core/families).
 
 `load_base_model(spec)` accepts:
-- "tiny" / "tiny-sdxl": a tiny random SD 1.x / SDXL-architecture model built in code (tests, smoke runs);
+- "tiny" / "tiny-sdxl" / "tiny-flux": a tiny random SD 1.x / SDXL / FLUX.1-architecture model built in code (tests,
+  smoke runs);
 - "demo": the small demo model shipped in core/assets/demo_model (when installed);
 - a local diffusers folder (holds model_index.json);
 - a single-file checkpoint in the original Stable Diffusion layout (read by core/single_file.py);
@@ -42,7 +43,7 @@ class _EmptyFp32ListFilter(logging.Filter):
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32ListFilter())
 
 DEMO_MODEL_DIR = ASSETS / "demo_model"
-TINY = {"tiny": "sd1", "tiny-sdxl": "sdxl"}  # tiny random models built in code, by family
+TINY = {"tiny": "sd1", "tiny-sdxl": "sdxl", "tiny-flux": "flux"}  # tiny random models built in code, by family
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from . import families
 from .base_model import BaseModel
+from .families.base import guidance_rescale, zero_terminal_snr  # noqa: F401 (re-exported)
 from .fileio import atomic_path
 
 
@@ -19,23 +20,10 @@ def make_pipeline(base: BaseModel, device: torch.device | str = "cpu", **parts) 
 
     `parts` (e.g. unet=..., text_encoder=...) replace the base model's parts, e.g. the unwrapped training modules.
     """
-    # a zero-terminal-SNR schedule must start sampling at its last (pure-noise) step: "trailing" spacing does
-    trailing = {"timestep_spacing": "trailing"} if zero_terminal_snr(base.scheduler) else {}
-    scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config, **trailing)
-    pipe = families.of(base).make_pipeline(base, scheduler, **parts)
+    family = families.of(base)
+    pipe = family.make_pipeline(base, family.sampling_scheduler(base), **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def zero_terminal_snr(scheduler) -> bool:
-    """Whether a scheduler's noise schedule ends at pure noise (model.zero_terminal_snr, or the model says so)."""
-    return bool(scheduler.config.get("rescale_betas_zero_snr", False))
-
-
-def guidance_rescale(scheduler) -> float:
-    """Classifier-free guidance over-exposes images of a zero-terminal-SNR model; the diffusers docs advise
-    rescaling it by 0.7 there (Lin et al. 2023, section 3.4)."""
-    return 0.7 if zero_terminal_snr(scheduler) else 0.0
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype):
@@ -55,47 +43,33 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], step
     `on_step(steps_done, steps)` is called after every denoising step; an exception it raises abandons the batch
     (that is how a stop acts within seconds instead of after a batch of many minutes).
     """
-    device = pipe.unet.device
-    dtype = next(pipe.unet.parameters()).dtype
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    family = families.of_pipeline(pipe)
+    denoiser = getattr(pipe, family.denoiser)
+    device = denoiser.device
+    dtype = next(denoiser.parameters()).dtype
+    if not (size or (width and height)):  # the model's own size (FLUX's transformer has none: its family's)
+        native = denoiser.config.get("sample_size")
+        size = native * pipe.vae_scale_factor if native else family.default_resolution
     width, height = width or size, height or size  # a square `size` unless a side is given
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     # Draw the starting noise on the CPU so an image is the same on every device for a given seed.
-    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-    # every model of the pipeline (one or two text encoders, the UNet, the VAE)
+    latents = family.start_latents(pipe, generators, height, width, device)
+    # every model of the pipeline (one or two text encoders, the denoiser, the VAE)
     modes = {m: m.training for m in pipe.components.values() if isinstance(m, torch.nn.Module)}
     for m in modes:
         m.eval()  # no adapter dropout while sampling, even mid-training
     try:
         with autocast_for(device, dtype):
-            out = pipe(prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-                       num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                       guidance_rescale=guidance_rescale(pipe.scheduler),
-                       latents=latents.to(dtype),
+            out = pipe(prompts, num_inference_steps=steps, height=height, width=width, latents=latents.to(dtype),
                        generator=generators, output_type="latent",
-                       callback_on_step_end=_step_callback(on_step) if on_step else None)
+                       callback_on_step_end=_step_callback(on_step) if on_step else None,
+                       **family.call_options(pipe, negative_prompt, len(prompts), guidance, prompts))
         # outside autocast, in the VAE's own dtype: a VAE kept in float32 because it overflows in half precision
         # (SDXL's) would otherwise decode in fp16 all the same
-        return decode(pipe, out.images)
+        return family.decode(pipe, out.images, height, width)
     finally:
         for m, mode in modes.items():
             m.train(mode)
-
-
-@torch.no_grad()
-def decode(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
-    """Images from the pipeline's final (scaled) latents, as its own output_type="pil" step makes them."""
-    vae = pipe.vae
-    latents = latents.to(vae.dtype)
-    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
-    if mean is not None and std is not None:  # VAEs whose latents were normalised per channel
-        shape = (1, len(mean), 1, 1)
-        latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + \
-            torch.tensor(mean).view(shape).to(latents)
-    else:
-        latents = latents / vae.config.scaling_factor
-    return pipe.image_processor.postprocess(vae.decode(latents).sample, output_type="pil")
 
 
 def _step_callback(on_step: Callable[[int, int], None]):

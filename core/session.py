@@ -183,7 +183,7 @@ class Session(Job):
             if state != "paused" or model is None or cfg is None:
                 raise UserError("No training run is paused. Pause the run on the Train tab first, then test it here.")
             family = families.of(model)
-            specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser)
+            specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser, family.default_targets)
             tensors = adapters.state_dict({part: extract_model_from_parallel(model.parts[part]) for part in specs})
         name = f"{Path(run_dir).name or 'run'} step {step} (live)"
         info = adapters.training_metadata(cfg, step, cfg.model.base, family.name)

@@ -47,7 +47,7 @@ from .config import Config, TrainConfig, adapter_name, resolve_path
 from .data import Geometry, ImageSet, ScanReport, caption_prompts, scan_folder
 from .errors import ConfigError, DataError, UserError
 from .fileio import check_writable, disk_error_message, fsync, remove_stale_temps, write_text
-from .families.base import Conditioning
+from .families.base import Conditioning, min_snr_weights, training_target  # noqa: F401 (re-exported)
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, CompareReady, Emit, Failed, Finished, Log, Paused,
                      Progress, Resumed, RunStarted, SampleReady, ignore)
 from .models import load_base_from_config, place
@@ -337,50 +337,16 @@ class Prediction:
 
 def predict(base: BaseModel, batch: Batch, generator: torch.Generator, encode_text: Callable[[list[str]], Conditioning],
             weight_dtype: torch.dtype, t: TrainConfig) -> Prediction:
-    """The maths of a step: noise the latents at random timesteps, let the UNet predict (called as the model's
-    family calls it), and say what it should have predicted. The order of the random draws is part of the run's
-    identity: noise, offset noise, timesteps, all from `generator`."""
-    sched = base.scheduler
-    x0 = batch.latents * base.vae.config.scaling_factor
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    if t.noise_offset:  # a per-channel shift: lets the model learn overall brightness (very dark / light images)
-        noise = noise + t.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=generator).to(x0.device)
-    timesteps = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
-    noisy = sched.add_noise(x0, noise, timesteps)
+    """The maths of a step, as the model's family does it: noise the latents (DDPM timesteps, or flow matching's
+    sigmas), let the denoiser predict, and say what it should have predicted. Every random draw comes from
+    `generator`, in the family's fixed order."""
+    family = families.of(base)
+    x0 = family.scale_latents(base, batch.latents)
+    noisy, timesteps, target, weights = family.noisy_and_target(base, x0, generator, t)
     cond = as_conditioning(encode_text(batch.prompts))  # through the text encoders when they train
-    target = training_target(sched, x0, noise, timesteps)
-    pred = families.of(base).unet_forward(base.unet, noisy.to(weight_dtype), timesteps, cond, batch.geometry,
-                                          weight_dtype)
-    weights = min_snr_weights(sched, timesteps, t.min_snr_gamma) if t.min_snr_gamma else None
+    pred = family.unet_forward(base.unet, noisy.to(weight_dtype), timesteps, cond, batch.geometry, weight_dtype,
+                               guidance=t.guidance_scale)
     return Prediction(pred, target, weights)
-
-
-def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to output, by the scheduler's prediction type: the noise, the velocity, or the clean latents."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, timesteps)
-    if kind == "sample":
-        return x0
-    raise ConfigError(f"Cannot train a model with prediction type {kind!r}: use epsilon, v_prediction or sample "
-                      "(model.prediction_type).")
-
-
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(snr, gamma) on the x0 error, which is
-    min(snr, gamma) / snr on the noise error and min(snr, gamma) / (snr + 1) on the velocity error."""
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
-    w = torch.clamp(snr, max=gamma)
-    kind = scheduler.config.prediction_type
-    if kind == "sample":
-        return w
-    if kind == "v_prediction":
-        return w / (snr + 1)
-    # min(snr, gamma) / snr written so that a zero-terminal-SNR schedule's last step (snr 0) weighs 1, not 0 / 0
-    return torch.clamp(gamma / snr, max=1.0)
 
 
 def batch_loss(p: Prediction, has_class: bool, prior_loss_weight: float):
@@ -737,7 +703,8 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
 
     # 4. Adapters on the UNet (and text encoders): the only trainable parameters.
     family = families.of(base)
-    specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser)
+    family.check_training(t)
+    specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser, family.default_targets)
     params = seeded(t.seed, lambda: adapters.inject_all(base.parts, specs))
     n_params = sum(p.numel() for ps in params.values() for p in ps)
     main_emit(Log(f"{adapter_name(cfg.adapter.type)} adapter: {n_params:,} trainable parameters on {', '.join(params)}"))
@@ -751,13 +718,13 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     # Each encoder is on the device only with what stays there: the UNet comes after the caches.
     if t.cache_latents and not cfg.data.center_crop:
         main_emit(Log("Random crops differ every step, so latents are not cached (data.center_crop is off)."))
-    offloaded = offloaded_parts(cfg, family.text_encoders, params)
+    offloaded = offloaded_parts(cfg, family.encoders, params)
     with parts_on(base, ["vae"] if latents_cached(cfg) else [], acc.device):
         # in the VAE's own dtype: float32 for a VAE that overflows in half precision (SDXL's), see `place`
         sources = latent_sources(data, base.vae, acc.device, base.vae.dtype, latents_cached(cfg))
     fixed_prompts = sorted({p for s in data.sets.values() for p in s.prompts})
-    cache_text = text_cached(cfg, family.text_encoders, params)
-    with parts_on(base, family.text_encoders if cache_text else [], acc.device):
+    cache_text = text_cached(cfg, family.encoders, params)
+    with parts_on(base, family.encoders if cache_text else [], acc.device):
         encode_text = prompt_encoder(base, acc.device, fixed_prompts if cache_text else None)
     if offloaded and acc.device != HOME:
         main_emit(Log(f"Kept in main memory while training (their outputs are cached): {', '.join(offloaded)}"))

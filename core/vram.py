@@ -259,7 +259,7 @@ def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
     t = cfg.train
     precision = precision or (t.mixed_precision if t.mixed_precision in DTYPES else "fp16")  # auto: fp16 on a GPU
     family = family_of(configs)
-    specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser)
+    specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser, family.default_targets)
     sizes = buckets.for_settings(cfg.data)
     width, height = largest_bucket(sizes)
     key = json.dumps({
@@ -269,7 +269,7 @@ def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
     }, sort_keys=True, default=str)
     weights, adapter, act, transient, encode = _plan(json.dumps(configs, sort_keys=True, default=str), key)
     by_part = dict(weights)
-    offloaded = sum(by_part[part] for part in offloaded_parts(cfg, family.text_encoders, specs))
+    offloaded = sum(by_part[part] for part in offloaded_parts(cfg, family.encoders, specs))
     return MemoryPlan(sum(by_part.values()), adapter, act, transient, assumed, encode, offloaded, by_part["vae"],
                       latents_cached(cfg), buckets.describe((width, height)) if len(sizes) > 1 else "")
 

@@ -108,3 +108,26 @@ def pytest_collection_modifyitems(config, items):
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def frozen_weights(base, parts) -> dict:
+    """Every weight of the base model's `parts` by its name before adapters were injected (adapter weights left
+    out, peft's `.base_layer.` level removed), copied: to check that training changed none of them."""
+    out = {}
+    for part in parts:
+        for name, t in getattr(base, part).state_dict().items():
+            if not any(tag in name for tag in ("lora_", "hada_", "lokr_")):
+                out[f"{part}.{name.replace('.base_layer.', '.')}"] = t.detach().clone()
+    return out
+
+
+def hub_cache_copy(folder, repo_id: str, hub, files) -> None:
+    """Put `files` of a model `folder` into a Hugging Face cache at `hub` as repo `repo_id` (one snapshot that
+    refs/main points at), the way a download would have left them."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(hub) / ("models--" + repo_id.replace("/", "--"))
+    for name in files:
+        (repo / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / name).write_bytes((Path(folder) / name).read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)

@@ -38,8 +38,8 @@ def test_registry_finds_sd_for_the_tiny_model_and_refuses_unknown_names():
     assert family.name == "sd1" and family.parts == ("unet", "text_encoder")
     assert family.kohya_name("text_encoder", "encoder.layers.0.self_attn.q_proj") == \
         "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    with pytest.raises(ModelLoadError, match="no support for 'flux'"):
-        families.get("flux")
+    with pytest.raises(ModelLoadError, match="no support for 'sd3'"):
+        families.get("sd3")
 
 
 def test_folder_detection_asks_the_families(tmp_path):
@@ -61,8 +61,18 @@ def test_folder_detection_asks_the_families(tmp_path):
     flux = tmp_path / "flux"
     flux.mkdir()
     (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": []}))
-    with pytest.raises(ModelLoadError, match="a FLUX model"):  # a known kind no family claims: named
-        families.of_folder(flux)
+    with pytest.raises(ModelLoadError, match="not a complete FLUX.1 model: it has no vae, text_encoder"):
+        families.of_folder(flux)  # claimed by the FLUX family, which says what the folder lacks
+    fill = tmp_path / "fill"
+    fill.mkdir()
+    (fill / "model_index.json").write_text(json.dumps({"_class_name": "FluxFillPipeline", "transformer": []}))
+    with pytest.raises(ModelLoadError, match="FluxFillPipeline model"):
+        families.of_folder(fill)
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": []}))
+    with pytest.raises(ModelLoadError, match="a Stable Diffusion 3 model"):  # a known kind no family claims: named
+        families.of_folder(sd3)
 
 
 def test_checkpoint_detection_asks_the_families():
@@ -125,11 +135,11 @@ class FakeFamily(SD1Family):
         hidden = super().encode_prompts(base, prompts, device)["hidden"]
         return {"hidden": hidden, "pooled": hidden[:, 0] * 2}
 
-    def unet_forward(self, unet, noisy, timesteps, cond, geometry, dtype):
+    def unet_forward(self, unet, noisy, timesteps, cond, geometry, dtype, guidance=1.0):
         self.calls["forward"] += 1
         self.geometry += list(geometry)
         assert cond["pooled"].shape == (noisy.shape[0], cond["hidden"].shape[-1])
-        return super().unet_forward(unet, noisy, timesteps, cond, geometry, dtype)
+        return super().unet_forward(unet, noisy, timesteps, cond, geometry, dtype, guidance)
 
     def make_pipeline(self, base, scheduler=None, **parts):
         self.calls["pipeline"] += 1

@@ -11,7 +11,7 @@ import queue
 import numpy as np
 import pytest
 import torch
-from conftest import ADAPTER_TYPES, tiny_config
+from conftest import ADAPTER_TYPES, frozen_weights, hub_cache_copy, tiny_config
 from PIL import Image
 
 from core import adapters, families
@@ -48,14 +48,9 @@ def losses(events) -> list[float]:
     return [e.loss for e in events if isinstance(e, Progress)]
 
 
-def base_weights(base) -> dict[str, torch.Tensor]:
+def base_weights(base):
     """Every weight of the base model (UNet, both encoders, VAE) by its name before adapters were injected."""
-    out = {}
-    for part in PARTS:
-        for name, t in getattr(base, part).state_dict().items():
-            if not any(tag in name for tag in ("lora_", "hada_", "lokr_")):
-                out[f"{part}.{name.replace('.base_layer.', '.')}"] = t.detach().clone()
-    return out
+    return frozen_weights(base, PARTS)
 
 
 class UNetSpy:
@@ -413,13 +408,7 @@ def test_cached_hub_id_of_an_sdxl_repo_loads_offline(tmp_path, monkeypatch):
     assert not picked & {"unet/diffusion_pytorch_model.fp16.safetensors", "text_encoder_2/model.fp16.safetensors",
                          "sd_xl_base_1.0.safetensors", "vae_1_0/diffusion_pytorch_model.safetensors"}
 
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someone--tiny-xl"
-    for name in picked:
-        (repo / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / "snapshots" / commit / name).write_bytes((full / name).read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    hub_cache_copy(full, "someone/tiny-xl", tmp_path / "hub", picked)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = load_base_model("someone/tiny-xl")

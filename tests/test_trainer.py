@@ -394,16 +394,16 @@ def test_min_snr_weight_for_x0_prediction():
 
 def test_sample_prediction_trains(tmp_path, instance_dir, monkeypatch):
     """model.prediction_type: sample is accepted by the config and trained towards x0."""
-    import core.trainer
+    import core.families.base
 
     kinds = []
-    target = core.trainer.training_target
+    target = core.families.base.training_target
 
     def spy(scheduler, *args):
         kinds.append(scheduler.config.prediction_type)
         return target(scheduler, *args)
 
-    monkeypatch.setattr(core.trainer, "training_target", spy)
+    monkeypatch.setattr(core.families.base, "training_target", spy)
     cfg = tiny_config(tmp_path, instance_dir, model={"prediction_type": "sample"}, train={"min_snr_gamma": 5.0})
     run_dir, events = run(cfg)
     loss = losses(events)

@@ -14,6 +14,7 @@ from ..base_model import BaseModel
 from ..errors import ModelLoadError
 from ..single_file import detect_family
 from .base import Family
+from .flux import FluxFamily
 from .sd import SD1Family, SD2Family
 from .sdxl import SDXLFamily
 
@@ -21,7 +22,6 @@ FAMILIES: dict[str, Family] = {}
 
 # kinds of folder that no registered family may claim, said by name instead of "not a Stable Diffusion model"
 KNOWN_KINDS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], bool]] = {
-    "a FLUX model": lambda index, unet: "Flux" in index.get("_class_name", ""),
     "a Stable Diffusion 3 model": lambda index, unet: "StableDiffusion3" in index.get("_class_name", ""),
 }
 
@@ -34,6 +34,7 @@ def register(family: Family) -> Family:
 register(SD1Family())
 register(SD2Family())
 register(SDXLFamily())
+register(FluxFamily())
 
 
 def trained() -> str:
@@ -50,6 +51,12 @@ def get(name: str) -> Family:
 def of(base: BaseModel) -> Family:
     """The family of a loaded model."""
     return get(base.family)
+
+
+def of_pipeline(pipe) -> Family:
+    """The family of a diffusers pipeline built by one (its class name is the family's pipeline)."""
+    name = type(pipe).__name__
+    return next((f for f in FAMILIES.values() if f.pipeline == name), next(iter(FAMILIES.values())))
 
 
 def of_parts(parts: Mapping[str, Any]) -> Family:

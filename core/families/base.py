@@ -13,6 +13,7 @@ import diffusers
 import torch
 
 from ..base_model import BaseModel
+from ..errors import ConfigError
 from ..errors import ModelLoadError
 from ..single_file import detect_family, load_single_file
 
@@ -27,7 +28,11 @@ class Family:
     name = ""  # what BaseModel.family says, e.g. "sd1"
     label = ""  # in messages, e.g. "Stable Diffusion 1.x"
     denoiser = "unet"  # the part that predicts the noise
-    text_encoders: tuple[str, ...] = ("text_encoder",)
+    text_encoders: tuple[str, ...] = ("text_encoder",)  # the encoders adapters may train
+    # every encoder a prompt goes through (FLUX's T5 too, which never trains): cached and offloaded together
+    prompt_encoders: tuple[str, ...] = ()
+    default_targets: tuple[str, ...] = ()  # the denoiser's adapter targets by default; () for the UNet's
+    flow_matching = False  # trained by flow matching (sigma, velocity) instead of a DDPM noise schedule
     # the parts adapters attach to -> the prefix of their module names in kohya / A1111 / ComfyUI files
     kohya_prefixes: Mapping[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     default_resolution = 512
@@ -46,6 +51,11 @@ class Family:
     pipeline: str = "StableDiffusionPipeline"  # the diffusers pipeline class for samples, class images, folders
     # kohya's `ss_base_model_version` and ModelSpec's architecture of an adapter for this family
     adapter_metadata: Mapping[str, str] = {}
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        """Every encoder a prompt goes through."""
+        return self.prompt_encoders or self.text_encoders
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -95,9 +105,30 @@ class Family:
         """The UNet's conditioning for `prompts`, one row per prompt: here the text encoder's last hidden state."""
         return {"hidden": base.text_encoder(self.tokenize(base.tokenizer, prompts, device))[0]}
 
+    def scale_latents(self, base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents as the denoiser sees them."""
+        return latents * base.vae.config.scaling_factor
+
+    def noisy_and_target(self, base: BaseModel, x0: torch.Tensor, generator: torch.Generator, t):
+        """(noisy latents, timesteps, target, per-image loss weights or None) of a training batch: DDPM noise at
+        random timesteps (`train.noise_offset`, min-SNR weights). The order of the random draws is part of a run's
+        identity: noise, offset noise, timesteps, all from `generator`."""
+        sched = base.scheduler
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        if t.noise_offset:  # a per-channel shift: lets the model learn overall brightness (very dark / light images)
+            noise = noise + t.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=generator).to(x0.device)
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+        timesteps = timesteps.to(x0.device)
+        weights = min_snr_weights(sched, timesteps, t.min_snr_gamma) if t.min_snr_gamma else None
+        return sched.add_noise(x0, noise, timesteps), timesteps, training_target(sched, x0, noise, timesteps), weights
+
+    def check_training(self, t) -> None:
+        """Raise a ConfigError for training settings this family cannot use."""
+
     def unet_forward(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                     geometry: Sequence[Any], dtype: torch.dtype) -> torch.Tensor:
-        """The denoiser's prediction for a training batch (`geometry`: each image's, see core/data.py Geometry)."""
+                     geometry: Sequence[Any], dtype: torch.dtype, guidance: float = 1.0) -> torch.Tensor:
+        """The denoiser's prediction for a training batch (`geometry`: each image's, see core/data.py Geometry;
+        `guidance`: the distilled guidance scale of a model that embeds one)."""
         return unet(noisy, timesteps, cond["hidden"].to(dtype)).sample
 
     def trace_inputs(self, configs: Mapping[str, dict], images: int, latent: tuple[int, int], dtype: torch.dtype,
@@ -122,6 +153,35 @@ class Family:
         return dict(vae=base.vae, text_encoder=chosen["text_encoder"], tokenizer=base.tokenizer, unet=chosen["unet"],
                     scheduler=scheduler or base.scheduler, safety_checker=None, feature_extractor=None,
                     requires_safety_checker=False)
+
+    def sampling_scheduler(self, base: BaseModel):
+        """The sampler of previews and class images: a fast multistep solver over the training schedule (a
+        zero-terminal-SNR schedule starts at its last, pure-noise step: "trailing" spacing)."""
+        trailing = {"timestep_spacing": "trailing"} if zero_terminal_snr(base.scheduler) else {}
+        return diffusers.DPMSolverMultistepScheduler.from_config(base.scheduler.config, **trailing)
+
+    def start_latents(self, pipe, generators, height: int, width: int, device) -> torch.Tensor:
+        """Each image's starting noise, drawn on the CPU from its own seed (the same image on every device)."""
+        shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+    def call_options(self, pipe, negative_prompt: str, n: int, guidance: float, prompts: Sequence[str]) -> dict:
+        """The pipeline call's family-specific keywords: classifier-free guidance and the negative prompt."""
+        return {"guidance_scale": guidance, "guidance_rescale": guidance_rescale(pipe.scheduler),
+                "negative_prompt": [negative_prompt] * n if negative_prompt else None}
+
+    def decode(self, pipe, latents: torch.Tensor, height: int, width: int) -> list:
+        """Images from the pipeline's final latents (output_type="latent"), as its own "pil" step makes them."""
+        vae = pipe.vae
+        latents = latents.to(vae.dtype)
+        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+        if mean is not None and std is not None:  # VAEs whose latents were normalised per channel
+            shape = (1, len(mean), 1, 1)
+            latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + \
+                torch.tensor(mean).view(shape).to(latents)
+        else:
+            latents = latents / vae.config.scaling_factor
+        return pipe.image_processor.postprocess(vae.decode(latents).sample, output_type="pil")
 
     def make_pipeline(self, base: BaseModel, scheduler=None, **parts):
         # looked up when needed: importing the pipelines is slow and loading a model does not need them
@@ -153,3 +213,42 @@ class Family:
         version, arch = metadata.get("ss_base_model_version", ""), metadata.get("modelspec.architecture", "")
         return bool((version and version == ours.get("ss_base_model_version"))
                     or (arch and arch.split("/")[0] == ours.get("modelspec.architecture", "").split("/")[0]))
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output, by the scheduler's prediction type: the noise, the velocity, or the clean latents."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    if kind == "sample":
+        return x0
+    raise ConfigError(f"Cannot train a model with prediction type {kind!r}: use epsilon, v_prediction or sample "
+                      "(model.prediction_type).")
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(snr, gamma) on the x0 error, which is
+    min(snr, gamma) / snr on the noise error and min(snr, gamma) / (snr + 1) on the velocity error."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    w = torch.clamp(snr, max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return w
+    if kind == "v_prediction":
+        return w / (snr + 1)
+    # min(snr, gamma) / snr written so that a zero-terminal-SNR schedule's last step (snr 0) weighs 1, not 0 / 0
+    return torch.clamp(gamma / snr, max=1.0)
+
+
+def zero_terminal_snr(scheduler) -> bool:
+    """Whether a scheduler's noise schedule ends at pure noise (model.zero_terminal_snr, or the model says so)."""
+    return bool(scheduler.config.get("rescale_betas_zero_snr", False))
+
+
+def guidance_rescale(scheduler) -> float:
+    """Classifier-free guidance over-exposes images of a zero-terminal-SNR model; the diffusers docs advise
+    rescaling it by 0.7 there (Lin et al. 2023, section 3.4)."""
+    return 0.7 if zero_terminal_snr(scheduler) else 0.0

@@ -47,6 +47,8 @@ class SDXLFamily(Family):
 
     def matches_folder(self, index, unet_config) -> bool:
         """Any SDXL-architecture folder (base, refiner, inpainting, incomplete): check_folder says what is wrong."""
+        if "transformer" in index:  # a transformer model with two text encoders (FLUX, SD3) is not SDXL
+            return False
         return (str(index.get("_class_name", "")).startswith("StableDiffusionXL") or "text_encoder_2" in index
                 or unet_config.get("addition_embed_type") == "text_time")
 
@@ -78,7 +80,7 @@ class SDXLFamily(Family):
             states.append(out.hidden_states[-2])
         return {"hidden": torch.cat(states, dim=-1), "pooled": out[0]}
 
-    def unet_forward(self, unet, noisy, timesteps, cond, geometry, dtype) -> torch.Tensor:
+    def unet_forward(self, unet, noisy, timesteps, cond, geometry, dtype, guidance: float = 1.0) -> torch.Tensor:
         added = {"text_embeds": cond["pooled"].to(dtype), "time_ids": time_ids(geometry).to(noisy.device, dtype)}
         return unet(noisy, timesteps, cond["hidden"].to(dtype), added_cond_kwargs=added).sample
 

@@ -1,0 +1,288 @@
+"""FLUX.1 (dev and schnell): a flow-matching transformer over 2x2-packed 16-channel latents, conditioned on T5-XXL's
+token embeddings and CLIP-L's pooled embedding.
+
+What differs from the UNet families, as the diffusers FLUX DreamBooth LoRA script and FluxPipeline do it:
+- flow matching instead of noise prediction: x_t = (1 - sigma) x0 + sigma noise, and the transformer predicts the
+  velocity noise - x0; sigma is drawn uniformly, logit-normally or by the "mode" density (SD3's schemes), optionally
+  shifted towards noise (by a fixed factor, or by the image's token count as FLUX.1-dev's sampler shifts it), and the
+  loss may be weighted per sigma (SD3's `sigma_sqrt` and `cosmap`);
+- latents are shifted and scaled by the VAE's shift_factor / scaling_factor, then packed into 2x2 patches (one token
+  per patch) with position ids (row, column) per token; the timestep goes in as sigma (0-1);
+- T5 gives `encoder_hidden_states` (its token ids count 0), CLIP-L's pooled output `pooled_projections`;
+- dev has a guidance embedding (the distilled guidance scale: `train.guidance_scale`, 1.0 while training as kohya
+  advises, the sample guidance when sampling), schnell has none;
+- adapters go on the transformer (and optionally CLIP-L); T5 is never trained: it is the second, frozen encoder.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from ..base_model import BaseModel, clip_tokenizer
+from ..errors import ConfigError, ModelLoadError
+from .base import Conditioning, Family
+from .flux_parts import tiny_t5_tokenizer
+
+# FLUX.1's sampler: the shift grows with the image's token count, from base_shift at 256 tokens (512 px) to
+# max_shift at 4096 (1024 px) (the scheduler config's values; calculate_shift in diffusers' pipeline_flux.py)
+BASE_SEQ, MAX_SEQ, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
+
+
+# what a diffusers FLUX.1 folder holds (model_index.json)
+FOLDER_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(b, c, h, w) latents -> (b, h/2 * w/2, 4c) tokens, one per 2x2 patch (rows first), as FLUX reads them."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of `pack` for latents of `height` x `width`."""
+    b, _, channels = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels // 4, height, width)
+
+
+def latent_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(h/2 * w/2, 3) position ids of the packed tokens: (0, row, column), as FluxPipeline gives them."""
+    rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    return ids.to(device=device, dtype=dtype)
+
+
+def resolution_shift(tokens: int) -> float:
+    """exp(mu) of FLUX.1's sampler for an image of `tokens` packed tokens (linear in the token count)."""
+    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ - BASE_SEQ)
+    return math.exp(BASE_SHIFT + slope * (tokens - BASE_SEQ))
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Move sigmas towards noise by `shift` (1: unchanged): shift * s / (1 + (shift - 1) * s)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def draw_sigmas(n: int, t, generator: torch.Generator) -> torch.Tensor:
+    """`n` sigmas in (0, 1) by `train.timestep_sampling` (SD3's densities, with the reference script's defaults)."""
+    scheme = t.timestep_sampling
+    if scheme == "logit_normal":
+        return torch.sigmoid(t.logit_mean + t.logit_std * torch.randn(n, generator=generator))
+    u = torch.rand(n, generator=generator)
+    if scheme == "mode":
+        return 1 - u - t.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    if scheme == "uniform":
+        return u
+    raise ConfigError(f"`train.timestep_sampling` must be uniform, logit_normal or mode, got {scheme!r}.")
+
+
+def loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor | None:
+    """Per-image loss weights by `train.flow_loss_weighting` (SD3's): none, sigma_sqrt or cosmap."""
+    if scheme == "none":
+        return None
+    if scheme == "sigma_sqrt":
+        return sigmas.float() ** -2.0
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
+    raise ConfigError(f"`train.flow_loss_weighting` must be none, sigma_sqrt or cosmap, got {scheme!r}.")
+
+
+class FluxFamily(Family):
+    name = "flux"
+    label = "FLUX.1"
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)  # CLIP-L, which may train; T5 (text_encoder_2) never does
+    prompt_encoders = ("text_encoder", "text_encoder_2")
+    kohya_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
+    default_resolution = 1024
+    pipeline = "FluxPipeline"
+    flow_matching = True
+    # the diffusers FLUX DreamBooth script's targets: attention and feed-forward projections of the double blocks
+    # (image and text streams), and the attention projections of the single blocks (their to_q/k/v)
+    default_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                       "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                       "ff_context.net.2")
+    adapter_metadata = {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora"}
+    t5_max_length = 512  # dev's; schnell was trained with 256
+    hub_files = ("model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "transformer/config.json",
+                 "transformer/diffusion_pytorch_model*.safetensors*", "vae/config.json",
+                 "vae/diffusion_pytorch_model*.safetensors*", "text_encoder/config.json",
+                 "text_encoder/model*.safetensors*", "text_encoder_2/config.json", "text_encoder_2/model*.safetensors*")
+    hub_ids = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
+
+    # --- recognising and loading ----------------------------------------------------------------------------------
+
+    def matches_folder(self, index, unet_config) -> bool:
+        """Any FLUX.1 pipeline folder (text-to-image, Fill, Kontext ...): check_folder refuses the ones that are not
+        plain text-to-image."""
+        return str(index.get("_class_name", "")).startswith("Flux") or "transformer" in index and "text_encoder_2" in index
+
+    def check_folder(self, folder, index, unet_config) -> None:
+        kind = index.get("_class_name", "")
+        if kind and kind != "FluxPipeline":
+            raise ModelLoadError(f"{folder} holds a {kind} model (image editing or control); this app trains plain "
+                                 "FLUX.1 text-to-image models (FLUX.1-dev, FLUX.1-schnell and their fine-tunes).")
+        missing = [p for p in FOLDER_PARTS if p not in index]
+        if missing:
+            raise ModelLoadError(f"{folder} is not a complete FLUX.1 model: it has no {', '.join(missing)}.")
+
+    def load_folder(self, folder, name=None, **kwargs) -> BaseModel:
+        """The parts of a diffusers FLUX.1 folder (local, or a hub id with `local_files_only`) on the CPU."""
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        folder = str(folder)
+        weights = {"use_safetensors": True, **kwargs}
+        model = BaseModel(
+            name or folder, CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kwargs),
+            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **weights),
+            AutoencoderKL.from_pretrained(folder, subfolder="vae", **weights),
+            FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", **weights),
+            FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **kwargs),
+            text_encoder_2=T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **weights),
+            tokenizer_2=T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2", **kwargs),
+            family_name=self.name)
+        return model
+
+    # --- building ---------------------------------------------------------------------------------------------------
+
+    def build_tiny(self, seed: int = 0, prediction_type: str = "flow", guidance: bool = True) -> BaseModel:
+        """A tiny random FLUX-architecture model (one double and one single block, as diffusers' own FLUX tests
+        build it), tiny CLIP and T5 encoders with tokenizers made in code, a tiny VAE; dev-like (guidance
+        embedding) unless `guidance` is False (schnell-like). Deterministic per seed."""
+        torch.manual_seed(seed)
+        tokenizer = clip_tokenizer()
+        clip = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+        tokenizer_2 = tiny_t5_tokenizer()
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                     num_heads=4, relative_attention_num_buckets=8, is_encoder_decoder=False,
+                                     use_cache=False, feed_forward_proj="gated-gelu", pad_token_id=0,
+                                     eos_token_id=1))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                            layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=32,
+                            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                            scaling_factor=1.5035)
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                             guidance_embeds=guidance)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=BASE_SHIFT,
+                                                    max_shift=MAX_SHIFT, base_image_seq_len=BASE_SEQ,
+                                                    max_image_seq_len=MAX_SEQ)
+        return BaseModel("tiny-flux", tokenizer, clip, vae, transformer, scheduler, text_encoder_2=t5,
+                         tokenizer_2=tokenizer_2, family_name=self.name)
+
+    def has_guidance(self, transformer) -> bool:
+        """dev (and its fine-tunes) embed the guidance scale; schnell does not."""
+        return bool(getattr(transformer, "config", {}).get("guidance_embeds", False))
+
+    # --- training ---------------------------------------------------------------------------------------------------
+
+    def encode_prompts(self, base: BaseModel, prompts: Sequence[str], device) -> Conditioning:
+        """T5's last hidden state (`hidden`) and CLIP-L's pooled output (`pooled`), as FluxPipeline.encode_prompt."""
+        clip_ids = self.tokenize(base.tokenizer, prompts, device)
+        pooled = base.text_encoder(clip_ids, output_hidden_states=False).pooler_output
+        t5_ids = base.tokenizer_2(list(prompts), padding="max_length", max_length=self.t5_length(base),
+                                  truncation=True, return_tensors="pt").input_ids.to(device)
+        hidden = base.text_encoder_2(t5_ids, output_hidden_states=False)[0]
+        return {"hidden": hidden, "pooled": pooled}
+
+    def t5_length(self, base: BaseModel) -> int:
+        return min(self.t5_max_length, base.tokenizer_2.model_max_length)
+
+    def scale_latents(self, base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - base.vae.config.shift_factor) * base.vae.config.scaling_factor
+
+    def noisy_and_target(self, base: BaseModel, x0: torch.Tensor, generator: torch.Generator, t):
+        """Flow matching: sigma per image, x_t = (1 - sigma) x0 + sigma noise, target noise - x0. The draws: noise,
+        then the sigmas (the UNet families' order: noise, offset noise, timesteps)."""
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        sigmas = draw_sigmas(x0.shape[0], t, generator)
+        if t.flow_shift == "resolution":
+            sigmas = shift_sigmas(sigmas, resolution_shift(x0.shape[2] * x0.shape[3] // 4))
+        elif t.flow_shift == "fixed":
+            sigmas = shift_sigmas(sigmas, t.flow_shift_value)
+        sigmas = sigmas.to(x0.device)
+        s = sigmas.view(-1, 1, 1, 1).to(x0.dtype)
+        noisy = (1 - s) * x0 + s * noise
+        return noisy, sigmas * 1000, noise - x0, loss_weights(sigmas, t.flow_loss_weighting)
+
+    def unet_forward(self, unet, noisy, timesteps, cond, geometry, dtype, guidance: float = 1.0) -> torch.Tensor:
+        """The transformer's velocity for (b, c, h, w) latents: packed in, unpacked out."""
+        b, _, h, w = noisy.shape
+        device = noisy.device
+        extra = {}
+        if self.has_guidance(unet):
+            extra["guidance"] = torch.full((b,), float(guidance), device=device, dtype=torch.float32)
+        hidden = cond["hidden"].to(dtype)
+        out = unet(hidden_states=pack(noisy), timestep=(timesteps / 1000).to(dtype),
+                   pooled_projections=cond["pooled"].to(dtype), encoder_hidden_states=hidden,
+                   txt_ids=torch.zeros(hidden.shape[1], 3, device=device, dtype=dtype),
+                   img_ids=latent_ids(h, w, device, dtype), return_dict=False, **extra)[0]
+        return unpack(out, h, w)
+
+    def trace_inputs(self, configs, images, latent, dtype, device="meta") -> tuple[tuple, dict]:
+        h, w = latent
+        cfg = configs[self.denoiser]
+        tokens = torch.empty((images, h * w // 4, cfg["in_channels"]), device=device, dtype=dtype)
+        kwargs = dict(hidden_states=tokens, timestep=torch.empty(images, device=device, dtype=dtype),
+                      pooled_projections=torch.empty((images, cfg["pooled_projection_dim"]), device=device,
+                                                     dtype=dtype),
+                      encoder_hidden_states=torch.empty((images, self.t5_max_length, cfg["joint_attention_dim"]),
+                                                        device=device, dtype=dtype),
+                      txt_ids=torch.empty((self.t5_max_length, 3), device=device, dtype=dtype),
+                      img_ids=torch.empty((h * w // 4, 3), device=device, dtype=dtype))
+        if cfg.get("guidance_embeds"):
+            kwargs["guidance"] = torch.empty(images, device=device, dtype=torch.float32)
+        return (), kwargs
+
+    # --- pipelines --------------------------------------------------------------------------------------------------
+
+    def sampling_scheduler(self, base: BaseModel):
+        """FLUX samples with its own flow-matching Euler scheduler (the resolution shift included)."""
+        return FlowMatchEulerDiscreteScheduler.from_config(base.scheduler.config)
+
+    def pipeline_components(self, base: BaseModel, scheduler=None, **parts) -> dict[str, Any]:
+        chosen = {**base.parts, **{k: v for k, v in parts.items() if v is not None}}
+        return dict(vae=base.vae, text_encoder=chosen["text_encoder"], tokenizer=base.tokenizer,
+                    text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                    transformer=chosen[self.denoiser], scheduler=scheduler or base.scheduler)
+
+    def start_latents(self, pipe, generators, height: int, width: int, device) -> torch.Tensor:
+        """Per-seed noise in the (c, h, w) latent shape, drawn on the CPU, packed as the pipeline wants it."""
+        shape = (pipe.transformer.config.in_channels // 4, 2 * (height // (pipe.vae_scale_factor * 2)),
+                 2 * (width // (pipe.vae_scale_factor * 2)))
+        return pack(torch.stack([torch.randn(shape, generator=g) for g in generators])).to(device)
+
+    def call_options(self, pipe, negative_prompt: str, n: int, guidance: float, prompts: Sequence[str]) -> dict:
+        """FLUX's guidance is the distilled scale (dev; schnell ignores it); no negative prompt (FLUX.1 has no
+        classifier-free guidance)."""
+        return {"guidance_scale": guidance, "max_sequence_length": min(self.t5_max_length,
+                                                                       pipe.tokenizer_2.model_max_length)}
+
+    def decode(self, pipe, latents: torch.Tensor, height: int, width: int) -> list:
+        vae = pipe.vae
+        factor = pipe.vae_scale_factor
+        x = unpack(latents, 2 * (height // (factor * 2)), 2 * (width // (factor * 2))).to(vae.dtype)
+        x = x / vae.config.scaling_factor + vae.config.shift_factor
+        return pipe.image_processor.postprocess(vae.decode(x).sample, output_type="pil")
+
+    def check_training(self, t) -> None:
+        if t.min_snr_gamma:
+            raise ConfigError("`train.min_snr_gamma` is for noise-predicting models; FLUX trains by flow matching: "
+                              "use `train.flow_loss_weighting` instead.")
+
+    def parts_from_configs(self, configs: Mapping[str, dict]) -> dict[str, torch.nn.Module]:
+        from .sd import plain_config
+        return {"transformer": FluxTransformer2DModel.from_config(plain_config(configs["transformer"])),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**plain_config(configs["text_encoder"]))),
+                "text_encoder_2": T5EncoderModel(T5Config(**plain_config(configs["text_encoder_2"]))),
+                "vae": AutoencoderKL.from_config(plain_config(configs["vae"]))}

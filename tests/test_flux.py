@@ -1,0 +1,334 @@
+"""FLUX.1 on the tiny in-code FLUX model (one double and one single block, tiny CLIP-L and T5 with tokenizers made in
+code, a tiny VAE): the flow-matching maths against diffusers' own functions and a hand-written step, packing, what
+trains (every adapter type; T5 never), resume, prior preservation, cached embeddings, dev's guidance, samples."""
+from __future__ import annotations
+
+import csv
+import math
+import queue
+
+import pytest
+import torch
+from conftest import ADAPTER_TYPES, frozen_weights, hub_cache_copy, tiny_config
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+from core import adapters, families
+from core.config import Config, TrainConfig
+from core.data import Geometry
+from core.errors import ConfigError, ModelLoadError, UserError
+from core.events import STOP, Progress
+from core.families.flux import (FluxFamily, draw_sigmas, latent_ids, loss_weights, pack, resolution_shift,
+                                shift_sigmas, unpack)
+from core.models import build_tiny_model, load_base_model, save_model_folder
+from core.rundir import load_run_config
+from core.sampling import generate, make_pipeline
+from core.trainer import Batch, predict, train
+
+FLUX = FluxFamily()
+PARTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+PROMPTS = ["a photo of sks ball", "a photo of a ball"]
+
+
+def tiny_flux(seed: int = 0, guidance: bool = True):
+    return FLUX.build_tiny(seed, guidance=guidance)
+
+
+def flux_config(tmp_path, instance_dir, **sections) -> dict:
+    cfg = tiny_config(tmp_path, instance_dir, **sections)
+    cfg["model"] = {"base": "tiny-flux", **sections.get("model", {})}
+    return cfg
+
+
+def run(cfg_dict, base=None, commands=None, resume_dir=None, emit=None):
+    """(run folder, events) of a run; `emit` instead of recording the events."""
+    events = []
+    run_dir = train(Config.from_dict(cfg_dict), emit=emit or events.append, commands=commands, resume_dir=resume_dir,
+                    base=base)
+    return run_dir, events
+
+
+def losses(events) -> list[float]:
+    return [e.loss for e in events if isinstance(e, Progress)]
+
+
+# ----------------------------------------------------------------------------------------------- the maths
+
+
+def test_packing_round_trips_and_matches_the_pipeline():
+    x = torch.randn(2, 16, 6, 10)
+    packed = pack(x)
+    assert packed.shape == (2, 15, 64)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 16, 6, 10))
+    assert torch.equal(unpack(packed, 6, 10), x)
+    # the pipeline's unpack takes the image size in pixels (its VAE scale factor 8)
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 6 * 8, 10 * 8, 8), x)
+    assert torch.equal(latent_ids(6, 10), FluxPipeline._prepare_latent_image_ids(1, 3, 5, "cpu", torch.float32))
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "mode"])
+def test_sigma_densities_are_sd3s(scheme):
+    t = TrainConfig(timestep_sampling=scheme, logit_mean=0.3, logit_std=0.8, mode_scale=1.29)
+    ours = draw_sigmas(4096, t, torch.Generator().manual_seed(3))
+    name = {"uniform": "none"}.get(scheme, scheme)
+    ref = compute_density_for_timestep_sampling(name, 4096, logit_mean=0.3, logit_std=0.8, mode_scale=1.29,
+                                                generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert 0 <= ours.min() and ours.max() <= 1
+
+
+@pytest.mark.parametrize("scheme", ["none", "sigma_sqrt", "cosmap"])
+def test_loss_weighting_is_sd3s(scheme):
+    sigmas = torch.tensor([0.1, 0.5, 0.9])
+    ref = compute_loss_weighting_for_sd3(scheme, sigmas)
+    ours = loss_weights(sigmas, scheme)
+    assert torch.allclose(ref, torch.ones(3)) if ours is None else torch.allclose(ours, ref)
+
+
+def test_resolution_shift_is_the_samplers():
+    for tokens in (256, 1024, 4096):
+        mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+        assert resolution_shift(tokens) == pytest.approx(math.exp(mu))
+    s = torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(shift_sigmas(s, 3.0), torch.tensor([0.0, 0.75, 1.0]))
+    assert torch.equal(shift_sigmas(s, 1.0), s)
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_a_training_step_is_flow_matching_by_hand(guidance):
+    """predict() against a hand-written step on a fixed batch: x_t = (1 - s) x0 + s e, the packed transformer call
+    (sigma as the timestep, dev's guidance 1.0, T5 tokens and CLIP's pooled output), target e - x0."""
+    base = tiny_flux(guidance=guidance).freeze()
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    batch = Batch(latents=latents, prompts=PROMPTS, geometry=[Geometry((16, 16), (0, 0), (16, 16))] * 2)
+    t = TrainConfig(guidance_scale=1.0)
+    with torch.no_grad():
+        cond = FLUX.encode_prompts(base, PROMPTS, "cpu")
+        p = predict(base, batch, torch.Generator().manual_seed(5), lambda prompts: cond, torch.float32, t)
+
+        g = torch.Generator().manual_seed(5)
+        x0 = (latents - base.vae.config.shift_factor) * base.vae.config.scaling_factor
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = torch.rand(2, generator=g)
+        noisy = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+        extra = {"guidance": torch.ones(2)} if guidance else {}
+        out = base.transformer(hidden_states=FluxPipeline._pack_latents(noisy, 2, 4, 8, 8), timestep=sigma,
+                               pooled_projections=cond["pooled"], encoder_hidden_states=cond["hidden"],
+                               txt_ids=torch.zeros(cond["hidden"].shape[1], 3),
+                               img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32),
+                               return_dict=False, **extra)[0]
+    assert torch.allclose(p.target, noise - x0)
+    assert torch.allclose(p.pred, FluxPipeline._unpack_latents(out, 8 * 8, 8 * 8, 8), atol=1e-6)
+    assert p.weights is None
+
+
+def test_encoded_prompts_are_the_pipelines():
+    base = tiny_flux().freeze()
+    pipe = make_pipeline(base)
+    with torch.no_grad():
+        ours = FLUX.encode_prompts(base, PROMPTS, "cpu")
+        hidden, pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, max_sequence_length=512)
+    assert torch.allclose(ours["hidden"], hidden) and torch.allclose(ours["pooled"], pooled)
+    assert ours["hidden"].shape[1] == 512  # dev's T5 length
+
+
+def test_min_snr_is_refused_for_flow_matching(tmp_path, one_image_dir):
+    cfg = flux_config(tmp_path, one_image_dir, train={"min_snr_gamma": 5.0})
+    with pytest.raises(ConfigError, match="flow_loss_weighting"):
+        run(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("train_te", [False, True], ids=["transformer", "transformer+clip"])
+@pytest.mark.parametrize("kind", ADAPTER_TYPES)
+def test_every_adapter_type_trains_adapters_only(tmp_path, one_image_dir, kind, train_te):
+    cfg = flux_config(tmp_path, one_image_dir, adapter={"type": kind, "train_text_encoder": train_te},
+                      train={"max_steps": 3, "learning_rate": 1e-2})
+    base = tiny_flux()
+    before = frozen_weights(base, PARTS)
+    run_dir, events = run(cfg, base=base)
+
+    assert len(losses(events)) == 3 and all(math.isfinite(v) for v in losses(events))
+    trainable = [f"{part}.{n}" for part in PARTS for n, p in getattr(base, part).named_parameters() if p.requires_grad]
+    assert trainable and all(".default" in n for n in trainable)
+    # T5 never trains; CLIP-L only when the text encoder does
+    assert {n.split(".")[0] for n in trainable} == ({"transformer", "text_encoder"} if train_te else {"transformer"})
+    after = frozen_weights(base, PARTS)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == [], "a base weight changed"
+
+    af = adapters.read_adapter(run_dir / f"{run_dir.name}.safetensors")
+    assert af.type == kind and af.metadata["family"] == "flux"
+    assert set(af.specs) == ({"transformer", "text_encoder"} if train_te else {"transformer"})
+    wrapped = {k.split(".")[2] for k in af.tensors if k.startswith("transformer.")}
+    # both block kinds of the reference's target list: the double block's attention and feed-forward, the single
+    # block's attention
+    assert {k.rsplit(".", 2)[0] for k in af.tensors if k.startswith("transformer.single_transformer_blocks")}
+    assert wrapped and any(".ff_context." in k for k in af.tensors) and any(".add_q_proj." in k for k in af.tensors)
+    # it reloads into a fresh model and gives the trained model's prediction
+    fresh = tiny_flux().freeze()
+    adapters.load_into(fresh.parts, af, "reloaded")
+    for part in ("transformer", "text_encoder"):
+        getattr(base, part).eval()
+    assert torch.allclose(velocity(base), velocity(fresh), atol=1e-5)
+    assert not torch.allclose(velocity(tiny_flux().freeze()), velocity(fresh), atol=1e-5)
+
+
+def velocity(model) -> torch.Tensor:
+    noisy = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond = FLUX.encode_prompts(model, PROMPTS, "cpu")
+        return FLUX.unet_forward(model.transformer, noisy, torch.tensor([100.0, 700.0]), cond, [], torch.float32)
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, instance_dir):
+    common = dict(adapter={"type": "lora", "train_text_encoder": True, "dropout": 0.1},
+                  train={"max_steps": 5, "checkpoint_every": 2, "timestep_sampling": "logit_normal"})
+    full_dir, _ = run(flux_config(tmp_path, instance_dir, output={"name": "full"}, **common))
+
+    commands = queue.Queue()
+
+    def stop_at_3(e):
+        if isinstance(e, Progress) and e.step == 3:
+            commands.put(STOP)
+
+    part_dir, _ = run(flux_config(tmp_path, instance_dir, output={"name": "interrupted"}, **common),
+                      commands=commands, emit=stop_at_3)
+    _, resumed = run(load_run_config(part_dir).to_dict(), resume_dir=part_dir)
+    assert [e.step for e in resumed if isinstance(e, Progress)] == [4, 5]
+    a = adapters.read_adapter(full_dir / "full.safetensors").tensors
+    b = adapters.read_adapter(part_dir / "interrupted.safetensors").tensors
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+
+
+def test_prior_preservation_batches_instance_then_class(tmp_path, instance_dir, monkeypatch):
+    cfg = flux_config(tmp_path, instance_dir, train={"prior_preservation": True, "prior_loss_weight": 0.7,
+                                                     "batch_size": 2, "max_steps": 2, "guidance_scale": 2.5})
+    base = tiny_flux()
+    calls = []
+    forward = base.transformer.forward
+
+    def spy(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append({k: kwargs[k].detach().clone() for k in ("encoder_hidden_states", "pooled_projections",
+                                                                   "guidance")})
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(base.transformer, "forward", spy)
+    _, events = run(cfg, base=base)
+    with torch.no_grad():
+        enc = FLUX.encode_prompts(base, PROMPTS, "cpu")
+    assert len(calls) == 2
+    for call in calls:
+        for key, ref in (("encoder_hidden_states", enc["hidden"]), ("pooled_projections", enc["pooled"])):
+            rows = call[key]
+            assert rows.shape[0] == 4
+            assert all(torch.allclose(r, ref[0], atol=1e-5) for r in rows[:2])
+            assert all(torch.allclose(r, ref[1], atol=1e-5) for r in rows[2:])
+        assert torch.equal(call["guidance"], torch.full((4,), 2.5))  # train.guidance_scale reaches dev's embedding
+    for e in [e for e in events if isinstance(e, Progress)]:
+        assert e.loss == pytest.approx(e.instance_loss + 0.7 * e.prior_loss, rel=1e-4)
+
+
+def test_cached_embeddings_give_the_live_encoders_loss(tmp_path, instance_dir):
+    def run_losses(cache: bool, name: str) -> list[float]:
+        cfg = flux_config(tmp_path, instance_dir, train={"max_steps": 3, "cache_text_embeddings": cache},
+                          output={"name": name})
+        run_dir, _ = run(cfg)
+        return [float(r["loss"]) for r in csv.DictReader(open(run_dir / "loss.csv"))]
+
+    assert run_losses(True, "cached") == pytest.approx(run_losses(False, "live"), rel=1e-5)
+
+
+@pytest.mark.parametrize("option", [{"timestep_sampling": "mode", "flow_shift": "resolution"},
+                                    {"flow_shift": "fixed", "flow_shift_value": 3.0,
+                                     "flow_loss_weighting": "cosmap"}])
+def test_sampling_options_change_the_run(tmp_path, one_image_dir, option):
+    plain, _ = run(flux_config(tmp_path, one_image_dir, output={"name": "plain"}))
+    other, _ = run(flux_config(tmp_path, one_image_dir, train=option, output={"name": "other"}))
+    read = lambda d: [float(r["loss"]) for r in csv.DictReader(open(d / "loss.csv"))]  # noqa: E731
+    assert read(plain) != read(other) and all(math.isfinite(v) for v in read(other))
+
+
+def test_bad_flow_option_is_refused_by_name(tmp_path, one_image_dir):
+    with pytest.raises((ConfigError, UserError), match="timestep_sampling"):
+        Config.from_dict(flux_config(tmp_path, one_image_dir, train={"timestep_sampling": "cubic"}))
+
+
+# ----------------------------------------------------------------------------------------------- samples
+
+
+def test_samples_are_the_pipelines_own_images_and_follow_the_adapter(tmp_path, one_image_dir):
+    base = tiny_flux().freeze()
+    pipe = make_pipeline(base)
+    ours = generate(pipe, PROMPTS, [3, 4], steps=3, guidance=3.5, size=32)
+    assert [im.size for im in ours] == [(32, 32)] * 2
+    # the same seeds through the pipeline's own latents and decoding
+    g = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    noise = torch.stack([torch.randn((4, 16, 16), generator=x) for x in g])
+    ref = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.5, height=32, width=32,
+               latents=FluxPipeline._pack_latents(noise, 2, 4, 16, 16)).images
+    diff = [abs(torch.tensor(list(a.getdata()), dtype=torch.float32) - torch.tensor(list(b.getdata()),
+                                                                                   dtype=torch.float32)).max()
+            for a, b in zip(ours, ref)]
+    assert max(diff) <= 1
+
+    cfg = flux_config(tmp_path, one_image_dir, train={"max_steps": 3, "learning_rate": 5e-2})
+    run_dir, _ = run(cfg)
+    trained = tiny_flux().freeze()
+    adapters.load_into(trained.parts, adapters.read_adapter(run_dir / f"{run_dir.name}.safetensors"), "a")
+    after = generate(make_pipeline(trained), PROMPTS, [3, 4], steps=3, guidance=3.5, size=32)
+    assert any(list(a.getdata()) != list(b.getdata()) for a, b in zip(ours, after))
+
+
+def test_a_run_makes_class_images_samples_and_the_end_strip(tmp_path, instance_dir):
+    cfg = flux_config(tmp_path, instance_dir, train={"prior_preservation": True, "sample_every": 2, "max_steps": 2})
+    run_dir, events = run(cfg)
+    samples = sorted(p.name for p in (run_dir / "samples").glob("*.png"))
+    assert [n for n in samples if n.startswith("step_")] == [f"step_{s:06d}_{i}.png" for s in (0, 2) for i in (0, 1)]
+    assert [n for n in samples if n.startswith("compare_")] == [f"compare_{i}_{w}.png" for i in (0, 1)
+                                                                 for w in ("off", "on")]
+    class_dir = tmp_path / "workspace"
+    assert len(list(class_dir.rglob("class_*.png"))) == 2  # the class images, drawn by the FLUX pipeline
+
+
+def test_tiny_flux_is_known_by_name_and_family():
+    model = load_base_model("tiny-flux")
+    assert model.family == "flux" and families.of(model) is families.get("flux")
+    assert set(model.parts) == {"transformer", "text_encoder"} and "text_encoder_2" in model.all_parts
+    assert model.transformer is model.unet
+    assert build_tiny_model(family="flux").family == "flux"
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def test_flux_folder_and_cached_hub_id_load_offline(tmp_path, monkeypatch):
+    """A diffusers FLUX.1 folder loads through load_base_model; a hub id loads from the cache with the family's
+    hub_files (the BFL single files beside them are not fetched), offline."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    model = tiny_flux().freeze()
+    folder = save_model_folder(model, tmp_path / "flux")
+    loaded = load_base_model(str(folder))
+    assert loaded.family == "flux" and isinstance(loaded.tokenizer_2.__class__.__name__, str)
+    assert torch.allclose(velocity(loaded), velocity(model), atol=1e-6)
+
+    (folder / "flux1-dev.safetensors").write_bytes(b"not needed")
+    (folder / "ae.safetensors").write_bytes(b"not needed")
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    allow, ignore = families.hub_patterns()
+    picked = set(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore))
+    assert {"transformer/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors",
+            "tokenizer_2/tokenizer_config.json", "model_index.json"} <= picked
+    assert not picked & {"flux1-dev.safetensors", "ae.safetensors"}
+    hub_cache_copy(folder, "someone/tiny-flux", tmp_path / "hub", picked)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = load_base_model("someone/tiny-flux")
+    assert cached.family == "flux" and cached.name == "someone/tiny-flux"
+    assert torch.allclose(velocity(cached), velocity(model), atol=1e-6)
+    with pytest.raises(ModelLoadError, match="offline"):
+        load_base_model("someone/not-cached-flux")
