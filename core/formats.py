@@ -15,8 +15,10 @@ diffusers' `load_lora_weights` also reads kohya LoRA files, but it tells the tex
 `out_proj` entry (kohya's own files always have one): a LoRA text encoder part on q/k/v_proj without out_proj
 gets one zero out_proj module (lora_down and lora_up zeros), which adds nothing in any tool.
 
-Module names are the family's (Family.export_names): SDXL's UNet modules by their original SGM names
-(`lora_unet_input_blocks_4_1_...`), its encoders `lora_te1_` (CLIP-L) and `lora_te2_` (OpenCLIP-G).
+Module names are the family's (Family.export_groups): SDXL's UNet modules by their original SGM names
+(`lora_unet_input_blocks_4_1_...`), its encoders `lora_te1_` (CLIP-L) and `lora_te2_` (OpenCLIP-G); FLUX's
+transformer by the original BFL names (`lora_unet_double_blocks_0_img_attn_qkv`), where q, k and v are one fused
+layer (see `fuse`).
 """
 from __future__ import annotations
 
@@ -58,14 +60,73 @@ def recorded_unet_config(adapter: AdapterFile) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def kohya_names(adapter: AdapterFile, family, modules) -> dict[tuple[str, str], str]:
-    """(part, module) -> the module's name in the exported file, as the family names it for other tools."""
+def export_groups(adapter: AdapterFile, family, modules) -> dict[tuple[str, str], list[tuple[str | None, int]]]:
+    """(part, exported name) -> the modules it holds, as the family names and fuses them for other tools."""
     unet_config = recorded_unet_config(adapter)
-    names = {}
+    groups = {}
     for part in dict.fromkeys(p for p, _ in modules):
         ours = [m for p, m in modules if p == part]
-        names.update({(part, m): n for m, n in family.export_names(part, ours, unet_config).items()})
-    return names
+        groups.update({(part, n): members for n, members in family.export_groups(part, ours, unet_config).items()})
+    return groups
+
+
+def lokr_delta(tensors: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """The weight change of a linear LoKr module: scale * kron(w1, w2), each factor whole or a product."""
+    w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
+    w2 = tensors["lokr_w2"] if "lokr_w2" in tensors else tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]
+    return torch.kron(w1, w2) * scale
+
+
+def block_rows(blocks: list[torch.Tensor | None], widths: list[int], columns: int) -> torch.Tensor:
+    """Matrices placed block-diagonally: block i in rows of member i (zeros for a member with None) and the next
+    free columns; `columns` in all."""
+    out = torch.zeros(sum(widths), columns)
+    row = col = 0
+    for block, width in zip(blocks, widths):
+        if block is not None:
+            out[row:row + width, col:col + block.shape[1]] = block
+            col += block.shape[1]
+        row += width
+    return out
+
+
+def fuse(members: list[tuple[dict[str, torch.Tensor] | None, int]], spec) -> tuple[dict[str, torch.Tensor], float]:
+    """(tensors, alpha) of one layer that fuses several along its outputs (FLUX's q, k, v), whose weight change is
+    exactly the members' changes stacked (zeros for members that did not train). LoRA and LoHa stay low-rank:
+    the down / inner factors are concatenated and the up / outer ones placed block-diagonally, so the rank is the
+    members' ranks added and alpha grows with it (alpha / rank, the scale, is unchanged). A LoKr is not a
+    Kronecker product once stacked: it is written as the full weight change (`.diff`, which ComfyUI and Forge add
+    as it is)."""
+    present = [t for t, _ in members if t is not None]
+    first_out, unit = next((t, w) for t, w in members if t is not None)
+    out_key = {"lora": "lora_B.weight", "loha": "hada_w1_a"}.get(spec.type)
+    width = (first_out[out_key].shape[0] if out_key else lokr_delta(first_out, 1.0).shape[0]) // unit
+    widths = [w * width for _, w in members]
+    if spec.type == "lokr":
+        deltas = [lokr_delta(t, spec.alpha / spec.rank) if t is not None else None for t, _ in members]
+        inputs = next(d for d in deltas if d is not None).shape[1]
+        stacked = [d if d is not None else torch.zeros(w, inputs) for d, w in zip(deltas, widths)]
+        return {"diff": torch.cat(stacked)}, float(spec.rank)
+    n = len(present)
+    if spec.type == "lora":
+        ups = [t["lora_B.weight"] if t is not None else None for t, _ in members]
+        fused = {"lora_A.weight": torch.cat([t["lora_A.weight"] for t in present]),
+                 "lora_B.weight": block_rows(ups, widths, sum(u.shape[1] for u in ups if u is not None))}
+    else:  # loha: (w1a w1b) * (w2a w2b), each product stacked the same way
+        fused = {}
+        for a, b in (("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")):
+            outer = [t[a] if t is not None else None for t, _ in members]
+            fused[a] = block_rows(outer, widths, sum(o.shape[1] for o in outer if o is not None))
+            fused[b] = torch.cat([t[b] for t in present])
+    return fused, float(spec.alpha) * n
+
+
+def kohya_module(tensors: dict[str, torch.Tensor], spec) -> tuple[dict[str, torch.Tensor], float]:
+    """(tensors, alpha) of one module as the tools read it: LoKr with two whole factors gets its scale folded
+    into lokr_w1 (see the module doc)."""
+    if spec.type == "lokr" and not ({"lokr_w1_a", "lokr_w2_a"} & tensors.keys()):
+        return dict(tensors, lokr_w1=tensors["lokr_w1"] * (spec.alpha / spec.rank)), float(spec.rank)
+    return tensors, float(spec.alpha)
 
 
 def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
@@ -77,15 +138,13 @@ def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
         modules.setdefault((part, module), {})[suffix] = tensor.float()
     for part in family.text_encoders:
         modules.update(zero_out_proj(adapter, modules, part))
-    names = kohya_names(adapter, family, modules)
     out = {}
-    for (part, module), tensors in sorted(modules.items()):
+    for (part, name), members in sorted(export_groups(adapter, family, modules).items()):
         spec = adapter.specs[part]
-        name = names[(part, module)]
-        alpha = float(spec.alpha)
-        if spec.type == "lokr" and not ({"lokr_w1_a", "lokr_w2_a"} & tensors.keys()):
-            tensors = dict(tensors, lokr_w1=tensors["lokr_w1"] * (spec.alpha / spec.rank))
-            alpha = float(spec.rank)
+        if len(members) == 1:
+            tensors, alpha = kohya_module(modules[(part, members[0][0])], spec)
+        else:
+            tensors, alpha = fuse([(modules[(part, m)] if m else None, w) for m, w in members], spec)
         for suffix, tensor in tensors.items():
             out[f"{name}.{PEFT_TO_KOHYA.get(suffix, suffix)}"] = tensor.contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)

@@ -332,3 +332,150 @@ def test_flux_folder_and_cached_hub_id_load_offline(tmp_path, monkeypatch):
     assert torch.allclose(velocity(cached), velocity(model), atol=1e-6)
     with pytest.raises(ModelLoadError, match="offline"):
         load_base_model("someone/not-cached-flux")
+
+
+# ----------------------------------------------------------------------------------------------- files for other tools
+
+DOUBLE_ONLY = ["transformer_blocks.0." + m for m in FLUX.default_targets]  # no single block (diffusers' kohya
+# converter splits the single block's fused linear1 by the real model's widths, 3 x 3072 + 12288)
+# The linear layers of BFL's FLUX blocks (flux/modules/layers.py: DoubleStreamBlock, SingleStreamBlock)
+BFL_LAYERS = {f"double_blocks_0_{s}_{n}" for s in ("img", "txt") for n in ("mod_lin", "attn_qkv", "attn_proj",
+                                                                             "mlp_0", "mlp_2")} | \
+    {f"single_blocks_0_{n}" for n in ("linear1", "linear2", "modulation_lin")}
+
+
+def trained_flux_adapter(tmp_path, instance_dir, kind: str, **adapter):
+    cfg = flux_config(tmp_path, instance_dir, adapter={"type": kind, **adapter},
+                      train={"max_steps": 3, "learning_rate": 5e-2}, output={"name": f"{kind}-export"})
+    run_dir, _ = run(cfg)
+    return run_dir / f"{kind}-export.safetensors"
+
+
+def test_kohya_export_loads_in_diffusers_with_fused_qkv_split_back_exactly(tmp_path, instance_dir):
+    """diffusers' own kohya FLUX converter (not ours) reads the BFL names, splits each fused qkv back into q, k, v
+    and gives the transformer and CLIP-L of the trained adapter."""
+    from core.formats import export_adapter
+
+    path = trained_flux_adapter(tmp_path, instance_dir, "lora", train_text_encoder=True, unet_targets=DOUBLE_ONLY)
+    out = export_adapter(path, tmp_path / "kohya.safetensors")
+    names = {k.split(".")[0] for k in safetensors_keys(out)}
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in names and "lora_unet_double_blocks_0_txt_attn_qkv" in names
+    assert not any("to_q" in n or "add_q_proj" in n for n in names)
+
+    theirs = tiny_flux().freeze()
+    pipe = make_pipeline(theirs)
+    pipe.load_lora_weights(str(out), adapter_name="kohya")
+    ours = tiny_flux().freeze()
+    adapters.load_into(ours.parts, adapters.read_adapter(path), "ours")
+    assert torch.allclose(velocity(theirs), velocity(ours), atol=1e-5)
+    assert not torch.allclose(velocity(tiny_flux().freeze()), velocity(ours), atol=1e-3)
+
+
+def safetensors_keys(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+def applied_change(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The weight change a kohya / LyCORIS module makes at strength 1, by the rules ComfyUI applies
+    (comfy/weight_adapter): LoRA up @ down * alpha / rank; LoHa (w1a w1b) * (w2a w2b) * alpha / rank; LoKr
+    kron(w1, w2), scaled by alpha / rank only when a factor is low-rank; `.diff` as it is."""
+    get = lambda s: tensors.get(f"{name}.{s}")  # noqa: E731
+    if get("diff") is not None:
+        return get("diff")
+    alpha = get("alpha").item()
+    if get("lora_up.weight") is not None:
+        down = get("lora_down.weight")
+        return get("lora_up.weight") @ down * (alpha / down.shape[0])
+    if get("hada_w1_a") is not None:
+        return (get("hada_w1_a") @ get("hada_w1_b")) * (get("hada_w2_a") @ get("hada_w2_b")) * \
+            (alpha / get("hada_w1_b").shape[0])
+    w1 = get("lokr_w1") if get("lokr_w1") is not None else get("lokr_w1_a") @ get("lokr_w1_b")
+    w2 = get("lokr_w2") if get("lokr_w2") is not None else get("lokr_w2_a") @ get("lokr_w2_b")
+    factor_b = get("lokr_w1_b") if get("lokr_w1_b") is not None else get("lokr_w2_b")  # a low-rank factor's
+    return torch.kron(w1, w2) * (alpha / factor_b.shape[0] if factor_b is not None else 1.0)  # rank rows
+
+
+@pytest.mark.parametrize("kind", ADAPTER_TYPES)
+def test_kohya_export_names_bfl_layers_and_gives_the_trained_weight_change(tmp_path, instance_dir, kind):
+    """Every exported transformer module is a linear layer of BFL's FLUX blocks, and the weight change each one
+    makes (by ComfyUI's rules) is the trained one: the peft layers' changes stacked in BFL's order (q, k, v, and
+    the single block's MLP input, zero where it did not train)."""
+    from safetensors.torch import load_file
+
+    from core.formats import export_adapter
+
+    path = trained_flux_adapter(tmp_path, instance_dir, kind)
+    exported = load_file(export_adapter(path, tmp_path / "kohya.safetensors"))
+    names = {k.split(".")[0] for k in exported}
+    assert {n[len("lora_unet_"):] for n in names} <= BFL_LAYERS
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"} <= names
+    if kind == "lokr":  # not one Kronecker product once stacked: the full change
+        assert "lora_unet_double_blocks_0_img_attn_qkv.diff" in exported
+
+    model = tiny_flux().freeze()
+    adapters.load_into(model.parts, adapters.read_adapter(path), "a")
+    layers = dict(model.transformer.named_modules())
+
+    def delta(module: str) -> torch.Tensor:
+        return layers[module].get_delta_weight("a").float()
+
+    d, s = "transformer_blocks.0.", "single_transformer_blocks.0."
+    mlp_width = layers[s + "proj_mlp"].weight.shape[0]
+    expected = {
+        "double_blocks_0_img_attn_qkv": torch.cat([delta(d + f"attn.to_{x}") for x in "qkv"]),
+        "double_blocks_0_txt_attn_qkv": torch.cat([delta(d + f"attn.add_{x}_proj") for x in "qkv"]),
+        "double_blocks_0_img_attn_proj": delta(d + "attn.to_out.0"),
+        "double_blocks_0_txt_mlp_2": delta(d + "ff_context.net.2"),
+        "single_blocks_0_linear1": torch.cat([*(delta(s + f"attn.to_{x}") for x in "qkv"),
+                                              torch.zeros(mlp_width, layers[s + "proj_mlp"].weight.shape[1])]),
+    }
+    for name, want in expected.items():
+        got = applied_change(exported, "lora_unet_" + name)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6), name
+        assert want.abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------------------- playground and CLI
+
+
+def test_playground_mixes_lora_and_lokr_on_flux(tmp_path, instance_dir):
+    import numpy as np
+
+    from core.playground import Playground, from_file
+
+    lora = trained_flux_adapter(tmp_path, instance_dir, "lora")
+    lokr = trained_flux_adapter(tmp_path, instance_dir, "lokr", train_text_encoder=True)
+    pg = Playground(device="cpu")
+    prompt = "a photo of sks ball"
+    plain = pg.generate("tiny-flux", [], prompt, steps=2, size=32)[0]
+    mixed = pg.generate("tiny-flux", [from_file(lora, 1.0), from_file(lokr, 0.5)], prompt, steps=2, size=32)[0]
+    assert len(pg.loaded_names()) == 2 and pg.base_loads == 1
+    assert np.asarray(mixed).shape == (32, 32, 3) and not np.array_equal(np.asarray(plain), np.asarray(mixed))
+    only_lora = pg.generate("tiny-flux", [from_file(lora, 1.0), from_file(lokr, 0.0)], prompt, steps=2, size=32)[0]
+    assert not np.array_equal(np.asarray(only_lora), np.asarray(mixed))  # the LoKr's weight counts
+    off = pg.generate("tiny-flux", [from_file(lora), from_file(lokr)], prompt, steps=2, size=32, strengths=(0.0,))
+    assert np.array_equal(np.asarray(off[0]), np.asarray(plain))  # strength 0: the plain model
+
+
+def test_cli_trains_samples_and_exports_on_flux(cli, tmp_path, instance_dir):
+    import yaml
+
+    cfg = flux_config(tmp_path, instance_dir, train={"max_steps": 2}, output={"name": "cli-flux"})
+    config = tmp_path / "flux.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    result = cli("train", "--config", config)
+    assert result.returncode == 0, result.stderr
+    adapter = tmp_path / "workspace" / "runs" / "cli-flux" / "cli-flux.safetensors"
+    assert adapter.is_file()
+    out = tmp_path / "sample.png"
+    result = cli("sample", "--base", "tiny-flux", "--adapter", adapter, "--prompt", "a photo of sks ball",
+                 "--steps", "2", "--size", "32", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file()
+    result = cli("export", "--adapter", adapter, "--out", tmp_path / "kohya.safetensors")
+    assert result.returncode == 0, result.stderr
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in safetensors_keys(
+        tmp_path / "kohya.safetensors"))

@@ -206,6 +206,12 @@ class Family:
         standard model)."""
         return {m: self.kohya_name(part, m) for m in modules}
 
+    def export_groups(self, part: str, modules: Sequence[str],
+                      unet_config: Mapping[str, Any] | None = None) -> dict[str, list[tuple[str | None, int]]]:
+        """Exported name -> the modules it holds, in order: [(module, 1)] each here; a family whose other tools
+        fuse layers (FLUX's q, k, v) lists several, None where a member did not train, with their relative widths."""
+        return {name: [(m, 1)] for m, name in self.export_names(part, modules, unet_config).items()}
+
     def claims_metadata(self, metadata: Mapping[str, str]) -> bool:
         """Whether a community file's metadata (kohya's ss_base_model_version, ModelSpec's architecture) says it
         was made for this family."""

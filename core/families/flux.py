@@ -36,6 +36,38 @@ BASE_SEQ, MAX_SEQ, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
 FOLDER_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
+# The transformer's modules under the original (BFL) layout's names, which kohya, ComfyUI and Forge use for FLUX
+# LoRAs (`lora_unet_double_blocks_0_img_attn_qkv`): block module -> (BFL module, [(member, width)...]). A BFL layer
+# may fuse several diffusers layers along its outputs (q, k and v; the single block's q, k, v and MLP input): the
+# members in order, each with its output width in units of the attention width (the MLP is 4 times as wide).
+DOUBLE_BLOCK = {
+    "attn.to_q": ("img_attn_qkv", 0), "attn.to_k": ("img_attn_qkv", 1), "attn.to_v": ("img_attn_qkv", 2),
+    "attn.to_out.0": ("img_attn_proj", 0), "attn.add_q_proj": ("txt_attn_qkv", 0),
+    "attn.add_k_proj": ("txt_attn_qkv", 1), "attn.add_v_proj": ("txt_attn_qkv", 2),
+    "attn.to_add_out": ("txt_attn_proj", 0), "ff.net.0.proj": ("img_mlp_0", 0), "ff.net.2": ("img_mlp_2", 0),
+    "ff_context.net.0.proj": ("txt_mlp_0", 0), "ff_context.net.2": ("txt_mlp_2", 0),
+    "norm1.linear": ("img_mod_lin", 0), "norm1_context.linear": ("txt_mod_lin", 0),
+}
+SINGLE_BLOCK = {
+    "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2), "proj_mlp": ("linear1", 3),
+    "proj_out": ("linear2", 0), "norm.linear": ("modulation_lin", 0),
+}
+FUSED = {"img_attn_qkv": ((None, 1),) * 3, "txt_attn_qkv": ((None, 1),) * 3,
+         "linear1": ((None, 1), (None, 1), (None, 1), (None, 4))}
+
+
+def bfl_name(module: str) -> tuple[str, int] | None:
+    """(BFL module name, index among the fused layer's members) of a transformer module, or None (no BFL name)."""
+    for prefix, table, theirs in (("transformer_blocks.", DOUBLE_BLOCK, "double_blocks"),
+                                  ("single_transformer_blocks.", SINGLE_BLOCK, "single_blocks")):
+        if module.startswith(prefix):
+            index, _, rest = module[len(prefix):].partition(".")
+            if rest in table:
+                name, member = table[rest]
+                return f"{theirs}.{index}.{name}", member
+    return None
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(b, c, h, w) latents -> (b, h/2 * w/2, 4c) tokens, one per 2x2 patch (rows first), as FLUX reads them."""
     b, c, h, w = latents.shape
@@ -243,6 +275,32 @@ class FluxFamily(Family):
         if cfg.get("guidance_embeds"):
             kwargs["guidance"] = torch.empty(images, device=device, dtype=torch.float32)
         return (), kwargs
+
+    # --- names other tools use --------------------------------------------------------------------------------------
+
+    def export_groups(self, part, modules, unet_config=None) -> dict[str, list[tuple[str | None, int]]]:
+        """kohya name -> the fused layer's members in order, (module or None where it did not train, its width in
+        attention widths): q, k and v become one `..._attn_qkv` layer (and with the MLP input one single-block
+        `linear1`), as BFL's layout and the FLUX LoRAs of kohya, ComfyUI and Forge have them."""
+        if part != self.denoiser:
+            return {self.kohya_name(part, m): [(m, 1)] for m in modules}
+        groups: dict[str, list[tuple[str | None, int]]] = {}
+        missing = []
+        for module in modules:
+            found = bfl_name(module)
+            if found is None:
+                missing.append(module)
+                continue
+            name, member = found
+            key = self.kohya_prefixes[part] + name.replace(".", "_")
+            layout = FUSED.get(name.rsplit(".", 1)[-1], ((None, 1),))
+            slots = groups.setdefault(key, list(layout))
+            slots[member] = (module, layout[member][1])
+        if missing:
+            raise ModelLoadError(f"The transformer layers {', '.join(missing[:3])} have no name in the original FLUX "
+                                 "layout, so other tools could not load them: export this adapter with --format "
+                                 "diffusers.")
+        return groups
 
     # --- pipelines --------------------------------------------------------------------------------------------------
 
