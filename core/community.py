@@ -93,6 +93,10 @@ def kohya_groups(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.
 
 
 def kohya_kind(path: Path, groups: dict[str, dict[str, torch.Tensor]]) -> str:
+    if any("diff" in g for g in groups.values()):
+        raise ModelLoadError(f"{path.name} holds full weight changes (`.diff`: e.g. a LoKr exported for FLUX's fused "
+                             "q/k/v layers), which ComfyUI and Forge apply as they are but this app cannot load as "
+                             "an adapter: load the run's own .safetensors file instead.")
     kinds = {("loha" if any(s.startswith("hada_") for s in g) else "lokr" if any(s.startswith("lokr_") for s in g)
               else "lora" if "lora_down.weight" in g else "?") for g in groups.values()}
     if len(kinds) != 1 or "?" in kinds:
@@ -145,7 +149,7 @@ def resolve_kohya(adapter: AdapterFile, parts: Mapping[str, torch.nn.Module], fa
     kind = adapter.type
     family = family or families.of_parts(parts)
     names = kohya_layer_names(parts, family)
-    groups = kohya_groups(adapter.tensors)
+    groups = family.split_kohya(kohya_groups(adapter.tensors))
     unknown = sorted(m for m in groups if m not in names)
     if unknown:
         other = made_for(unknown, family, adapter.metadata)

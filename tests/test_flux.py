@@ -479,3 +479,38 @@ def test_cli_trains_samples_and_exports_on_flux(cli, tmp_path, instance_dir):
     assert result.returncode == 0, result.stderr
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in safetensors_keys(
         tmp_path / "kohya.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha"])
+def test_community_bfl_named_files_import_with_qkv_split_exactly(tmp_path, instance_dir, kind):
+    """A kohya / ComfyUI-style FLUX file (BFL names, fused qkv and linear1: here our own export) loads into the
+    app's separate q, k, v layers and gives the same model; so does the diffusers naming (`transformer.`)."""
+    from core.formats import export_adapter
+
+    path = trained_flux_adapter(tmp_path, instance_dir, kind, train_text_encoder=True)
+    ours = tiny_flux().freeze()
+    adapters.load_into(ours.parts, adapters.read_adapter(path), "ours")
+    forms = {"kohya": export_adapter(path, tmp_path / "kohya.safetensors")}
+    if kind == "lora":
+        forms["diffusers"] = export_adapter(path, tmp_path / "diffusers.safetensors", fmt="diffusers")
+    for form, file in forms.items():
+        imported = adapters.read_adapter(file)
+        model = tiny_flux().freeze()
+        adapters.load_into(model.parts, imported, "imported")
+        assert torch.allclose(velocity(model), velocity(ours), atol=1e-5), form
+        with torch.no_grad():
+            assert torch.allclose(FLUX.encode_prompts(model, PROMPTS, "cpu")["pooled"],
+                                  FLUX.encode_prompts(ours, PROMPTS, "cpu")["pooled"], atol=1e-5), form
+
+
+def test_a_fused_lokr_is_refused_in_plain_words(tmp_path, instance_dir):
+    from core.formats import export_adapter
+
+    file = export_adapter(trained_flux_adapter(tmp_path, instance_dir, "lokr"), tmp_path / "kohya.safetensors")
+    with pytest.raises(ModelLoadError, match="full weight changes"):  # our export's fused layers: .diff
+        adapters.read_adapter(file)
+    # a LyCORIS-style LoKr on a fused layer (a community file) cannot be split into q, k and v
+    groups = {"lora_unet_double_blocks_0_img_attn_qkv": {"lokr_w1": torch.ones(2, 2), "lokr_w2": torch.ones(48, 16),
+                                                         "alpha": torch.tensor(1.0)}}
+    with pytest.raises(ModelLoadError, match="cannot be split"):
+        FLUX.split_kohya(groups)

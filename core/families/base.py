@@ -212,6 +212,11 @@ class Family:
         fuse layers (FLUX's q, k, v) lists several, None where a member did not train, with their relative widths."""
         return {name: [(m, 1)] for m, name in self.export_names(part, modules, unet_config).items()}
 
+    def split_kohya(self, groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        """A kohya file's modules (name -> tensors) with layers other tools fuse split into this app's layers
+        (FLUX's qkv); as they are here."""
+        return groups
+
     def claims_metadata(self, metadata: Mapping[str, str]) -> bool:
         """Whether a community file's metadata (kohya's ss_base_model_version, ModelSpec's architecture) says it
         was made for this family."""

@@ -302,6 +302,56 @@ class FluxFamily(Family):
                                  "diffusers.")
         return groups
 
+    def extra_unet_names(self, unet, modules: list[str]) -> dict[str, str]:
+        """The BFL names of the transformer layers that have one of their own (not fused with others)."""
+        out = {}
+        for module in modules:
+            found = bfl_name(module)
+            if found and found[0].rsplit(".", 1)[-1] not in FUSED:
+                out[module] = found[0]
+        return out
+
+    def split_kohya(self, groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        """A kohya file's fused BFL layers (`..._img_attn_qkv`, `..._linear1`) as one module per diffusers layer:
+        a LoRA's up and a LoHa's outer factors split by rows, the rest shared, which gives each layer exactly its
+        rows of the fused change (members whose rows are all zero are left out). A fused LoKr or full change has
+        no such split."""
+        out = {}
+        prefix = self.kohya_prefixes[self.denoiser]
+        for name, tensors in groups.items():
+            fused = self._fused_members(name[len(prefix):]) if name.startswith(prefix) else None
+            if fused is None:
+                out[name] = tensors
+                continue
+            rows = "lora_up.weight" if "lora_up.weight" in tensors else "hada_w1_a" if "hada_w1_a" in tensors else None
+            if rows is None:
+                raise ModelLoadError(f"The layer {name} fuses q, k and v as a LoKr or a full weight change, which "
+                                     "cannot be split into the separate layers this app loads; load the diffusers "
+                                     "form of that adapter instead.")
+            split_keys = [k for k in ("lora_up.weight", "hada_w1_a", "hada_w2_a") if k in tensors]
+            unit = tensors[rows].shape[0] // sum(w for _, w in fused)
+            start = 0
+            for module, width in fused:
+                part = {k: tensors[k][start:start + width * unit] for k in split_keys}
+                start += width * unit
+                if all(t.abs().max() == 0 for t in part.values()):
+                    continue
+                out[self.kohya_name(self.denoiser, module)] = {**tensors, **part}
+        return out
+
+    @staticmethod
+    def _fused_members(flat: str) -> list[tuple[str, int]] | None:
+        """`double_blocks_0_img_attn_qkv` -> [(transformer module of each member, its relative width)], or None
+        for a name that is not a fused BFL layer."""
+        for theirs, ours, table in (("double_blocks_", "transformer_blocks.", DOUBLE_BLOCK),
+                                    ("single_blocks_", "single_transformer_blocks.", SINGLE_BLOCK)):
+            if flat.startswith(theirs):
+                index, _, layer = flat[len(theirs):].partition("_")
+                if layer in FUSED:
+                    members = sorted((member, module) for module, (name, member) in table.items() if name == layer)
+                    return [(f"{ours}{index}.{module}", FUSED[layer][m][1]) for m, module in members]
+        return None
+
     # --- pipelines --------------------------------------------------------------------------------------------------
 
     def sampling_scheduler(self, base: BaseModel):
