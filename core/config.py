@@ -44,7 +44,7 @@ def _setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.M
 
 @dataclass
 class ModelConfig:
-    # "demo" (the small model shipped with the app), "tiny" / "tiny-sdxl" (random, for tests), a hub id,
+    # "demo" (the small model shipped with the app), "tiny" / "tiny-sdxl" / "tiny-flux" (random, for tests), a hub id,
     # a local diffusers folder or a single-file .safetensors checkpoint (SD 1.x, 2.x or SDXL).
     base: str = "demo"
     # "auto" reads it from the model's scheduler; set it for single-file SD 2.x 768 checkpoints ("v_prediction").

@@ -62,7 +62,7 @@ CONFIG_KEYS = {
     "tokenizer_2": "diffusers.tokenizer_2_config",
 }
 # the parts of a config folder: SD's, plus SDXL's second text encoder and tokenizer where present
-CONFIG_PARTS = (*PIPELINE_PARTS, "text_encoder_2", "tokenizer_2")
+CONFIG_PARTS = (*PIPELINE_PARTS, "text_encoder_2", "tokenizer_2", "transformer")
 
 # inner names of a UNet resnet / VAE resnet / VAE attention: diffusers -> LDM
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",

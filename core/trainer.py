@@ -45,7 +45,7 @@ from .buckets import Size
 from .class_images import check_class_prompt, class_sets, ensure_class_images, usable_class_images
 from .config import Config, TrainConfig, adapter_name, resolve_path
 from .data import Geometry, ImageSet, ScanReport, caption_prompts, scan_folder
-from .errors import ConfigError, DataError, UserError
+from .errors import ConfigError, DataError, ModelLoadError, UserError
 from .fileio import check_writable, disk_error_message, fsync, remove_stale_temps, write_text
 from .families.base import Conditioning, min_snr_weights, training_target  # noqa: F401 (re-exported)
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, CompareReady, Emit, Failed, Finished, Log, Paused,
@@ -705,7 +705,14 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     family = families.of(base)
     family.check_training(t)
     specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser, family.default_targets)
-    params = seeded(t.seed, lambda: adapters.inject_all(base.parts, specs))
+    try:
+        params = seeded(t.seed, lambda: adapters.inject_all(base.parts, specs))
+    except ModelLoadError as e:
+        if not family.default_targets:
+            raise
+        raise ConfigError(f"{e} {family.label} names its {family.denoiser}'s layers differently from a UNet: set the "
+                          f"target modules (adapter.unet_targets) to its own, e.g. the default "
+                          f"{', '.join(family.default_targets)}.") from None
     n_params = sum(p.numel() for ps in params.values() for p in ps)
     main_emit(Log(f"{adapter_name(cfg.adapter.type)} adapter: {n_params:,} trainable parameters on {', '.join(params)}"))
     if acc.is_main_process:  # the adapter, the kept checkpoints (adapter + AdamW state) and one being written

@@ -121,7 +121,7 @@ def model_configs(spec: str) -> tuple[dict[str, dict], str]:
         return read_config_folder(DEMO_MODEL_DIR), ""
     if spec in TINY:
         m = build_tiny_model(family=TINY[spec])
-        configs = {part: module.config for part, module in (*m.parts.items(), ("vae", m.vae), ("scheduler", m.scheduler))}
+        configs = {part: module.config for part, module in (*m.all_parts.items(), ("scheduler", m.scheduler))}
         return {part: c.to_dict() if hasattr(c, "to_dict") else dict(c) for part, c in configs.items()}, ""
     path = Path(spec).expanduser()
     if looks_like_path(spec) and path.is_dir():
@@ -132,7 +132,7 @@ def model_configs(spec: str) -> tuple[dict[str, dict], str]:
         if configs:
             return configs, ""
         return read_config_folder(shipped_config_folder(families.of_checkpoint(shapes, path.name).name, "epsilon")), ""
-    snapshots = sorted((hf_cache_dir() / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/unet"))
+    snapshots = sorted((hf_cache_dir() / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/model_index.json"))
     if snapshots:
         return read_config_folder(snapshots[-1].parent), ""
     family = next((f for f in families.FAMILIES.values() if spec in f.hub_ids), None)

@@ -514,3 +514,28 @@ def test_a_fused_lokr_is_refused_in_plain_words(tmp_path, instance_dir):
                                                          "alpha": torch.tensor(1.0)}}
     with pytest.raises(ModelLoadError, match="cannot be split"):
         FLUX.split_kohya(groups)
+
+
+def test_the_vram_planner_traces_the_flux_transformer(tmp_path):
+    """The planner builds the transformer from its config (a folder's, without loading weights), traces a step,
+    and counts T5 and CLIP-L as waiting in main memory only while both are frozen."""
+    from core import vram
+
+    folder = save_model_folder(tiny_flux(), tmp_path / "flux")
+    plans = {te: vram.plan(Config.from_dict({"model": {"base": str(folder)}, "data": {"resolution": 32},
+                                             "adapter": {"train_text_encoder": te}})) for te in (False, True)}
+    model = tiny_flux()
+    t5 = sum(p.numel() for p in model.text_encoder_2.parameters()) * 2  # fp16, the planner's GPU default
+    clip = sum(p.numel() for p in model.text_encoder.parameters()) * 2
+    frozen, trained = plans[False], plans[True]
+    assert frozen.assumed == "" and frozen.activations > 0
+    assert frozen.offloaded == frozen.vae + t5 + clip and trained.offloaded == trained.vae
+    assert trained.adapter > frozen.adapter  # CLIP-L's adapter
+    assert frozen.weights == sum(sum(p.numel() for p in m.parameters()) * 2 for m in model.all_parts.values())
+
+
+def test_unet_targets_on_flux_are_refused_with_the_families_own(tmp_path, one_image_dir):
+    """The demo / SD presets' targets (attn2.to_k ...) are a UNet's: on FLUX the message names FLUX's own."""
+    cfg = flux_config(tmp_path, one_image_dir, adapter={"unet_targets": ["attn2.to_k", "attn2.to_v"]})
+    with pytest.raises(ConfigError, match="FLUX.1 names its transformer's layers differently.*attn.to_k, attn.to_q"):
+        run(cfg)

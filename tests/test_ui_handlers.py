@@ -12,6 +12,7 @@ from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from core import families  # noqa: E402
 from ui import playground_tab  # noqa: E402
 
 TINY = dict(base_choice="tiny", resolution=32)
@@ -361,23 +362,33 @@ def test_playground_mixes_run_adapters(ui, client, photos):
 
 # --------------------------------------------------------------------------- SDXL through the same tabs
 
-def test_sdxl_base_through_the_tabs(ui, client, photos):
-    """An SDXL base in the app: class images, training with prior preservation and samples, pause and test in the
-    playground, export in the layout SDXL LoRAs use elsewhere (SGM UNet names, te1 / te2)."""
+# what the kohya export of each family's adapter must hold: its ss_base_model_version, key prefixes it must have and
+# ones it must not (SDXL: SGM UNet names, te1 / te2; FLUX: BFL names with fused qkv, te1 = CLIP-L)
+EXPORTS = {"tiny-sdxl": ("sdxl_base_v1-0", ("lora_unet_input_blocks_", "lora_te1_", "lora_te2_"), ("down_blocks",)),
+           "tiny-flux": ("flux1", ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1",
+                                   "lora_te1_"), ("to_q", "lora_te2_"))}
+
+
+@pytest.mark.parametrize("base", EXPORTS)
+def test_sdxl_and_flux_bases_through_the_tabs(ui, client, photos, base):
+    """An SDXL or FLUX base in the app: class images, training with prior preservation and samples, pause and test
+    in the playground, export in the layout that family's adapters use elsewhere."""
     s = ui.ctx.session
-    xl = dict(TRAIN, base_choice="tiny-sdxl", prior_preservation=True, train_text_encoder=True)
-    make_dataset(ui, client, "xl-set", photos)
-    ui.call(client, "class_generate", base_choice="tiny-sdxl", resolution=32,
+    # the form starts from the demo preset, whose targets are a UNet's: FLUX's transformer needs its own
+    targets = {"unet_targets": ", ".join(families.get("flux").default_targets)} if base == "tiny-flux" else {}
+    xl = dict(TRAIN, base_choice=base, prior_preservation=True, train_text_encoder=True, **targets)
+    make_dataset(ui, client, f"{base}-set", photos)
+    ui.call(client, "class_generate", base_choice=base, resolution=32,
             **dict(CLASS, class_prompt="a photo of an xl ball"))
     assert ui.ctx.class_job.wait(120) == "finished"
-    ui.call(client, "start_training", dataset="xl-set", **dict(xl, class_prompt="a photo of an xl ball"),
-            max_steps=100000, sample_every=3, run_name="xl-run")
-    wait_until(lambda: s.snapshot()["step"] >= 4 and len(s.snapshot()["samples"]) >= 2, what="SDXL training")
+    ui.call(client, "start_training", dataset=f"{base}-set", **dict(xl, class_prompt="a photo of an xl ball"),
+            max_steps=100000, sample_every=3, run_name=f"{base}-run")
+    wait_until(lambda: s.snapshot()["step"] >= 4 and len(s.snapshot()["samples"]) >= 2, what=f"{base} training")
     ui.call(client, "pause")
     wait_until(lambda: s.snapshot()["state"] == "paused", what="pause")
     offered = {value for _, value in ui.call(client, "playground_adapters")["adapter_1"]["choices"]}
     assert "live" in offered
-    pg = dict(pg_base_choice="tiny-sdxl", pg_prompt="a photo of sks ball", pg_steps=2, pg_seed=3)
+    pg = dict(pg_base_choice=base, pg_prompt="a photo of sks ball", pg_steps=2, pg_seed=3)
     out = ui.call(client, "playground_generate", **pg, adapter_1="live", weight_1=1.0)
     assert Path(out["pg_image"]).is_file() and "live run ×1" in out["pg_info"]
     ui.call(client, "stop")
@@ -388,6 +399,7 @@ def test_sdxl_base_through_the_tabs(ui, client, photos):
     exported = ui.workspace / "exports" / f"{Path(adapter).stem}-kohya.safetensors"
     with safe_open(str(exported), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
-    assert any(k.startswith("lora_unet_input_blocks_") for k in keys) and not any("down_blocks" in k for k in keys)
-    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    version, wanted, unwanted = EXPORTS[base]
+    assert meta["ss_base_model_version"] == version
+    assert all(any(k.startswith(w) for k in keys) for w in wanted)
+    assert not any(u in k for k in keys for u in unwanted)

@@ -28,6 +28,7 @@ BASE_CHOICES = [
     ("demo: the small built-in model (default)", "demo"),
     ("tiny: random weights, for testing only", "tiny"),
     ("tiny-sdxl: random SDXL-shaped weights, for testing only", "tiny-sdxl"),
+    ("tiny-flux: random FLUX.1-shaped weights, for testing only", "tiny-flux"),
     ("Other: a Hugging Face id, a model folder or a .safetensors file", OTHER),
 ]
 DEFAULT_PRESET = "demo-lora"
