@@ -47,9 +47,8 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], step
     denoiser = getattr(pipe, family.denoiser)
     device = denoiser.device
     dtype = next(denoiser.parameters()).dtype
-    if not (size or (width and height)):  # the model's own size (FLUX's transformer has none: its family's)
-        native = denoiser.config.get("sample_size")
-        size = native * pipe.vae_scale_factor if native else family.default_resolution
+    if not (size or (width and height)):
+        size = family.native_size(pipe)
     width, height = width or size, height or size  # a square `size` unless a side is given
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     # Draw the starting noise on the CPU so an image is the same on every device for a given seed.

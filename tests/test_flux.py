@@ -300,6 +300,9 @@ def test_tiny_flux_is_known_by_name_and_family():
     assert set(model.parts) == {"transformer", "text_encoder"} and "text_encoder_2" in model.all_parts
     assert model.transformer is model.unet
     assert build_tiny_model(family="flux").family == "flux"
+    # with no size asked, images come at the size the model was made for: the VAE config's (a real FLUX: 1024)
+    image = generate(make_pipeline(model), PROMPTS[:1], [0], steps=1)[0]
+    assert image.size == (model.vae.config.sample_size,) * 2 == (32, 32)
 
 
 # ----------------------------------------------------------------------------------------------- loading

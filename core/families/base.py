@@ -160,6 +160,10 @@ class Family:
         trailing = {"timestep_spacing": "trailing"} if zero_terminal_snr(base.scheduler) else {}
         return diffusers.DPMSolverMultistepScheduler.from_config(base.scheduler.config, **trailing)
 
+    def native_size(self, pipe) -> int:
+        """The image side the model was made for: the UNet's sample size in pixels."""
+        return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
     def start_latents(self, pipe, generators, height: int, width: int, device) -> torch.Tensor:
         """Each image's starting noise, drawn on the CPU from its own seed (the same image on every device)."""
         shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)

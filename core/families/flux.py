@@ -364,6 +364,11 @@ class FluxFamily(Family):
                     text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
                     transformer=chosen[self.denoiser], scheduler=scheduler or base.scheduler)
 
+    def native_size(self, pipe) -> int:
+        """The transformer has no size of its own; FLUX's VAE config says 1024 (a tiny test VAE: its own small
+        size)."""
+        return int(pipe.vae.config.get("sample_size") or self.default_resolution)
+
     def start_latents(self, pipe, generators, height: int, width: int, device) -> torch.Tensor:
         """Per-seed noise in the (c, h, w) latent shape, drawn on the CPU, packed as the pipeline wants it."""
         shape = (pipe.transformer.config.in_channels // 4, 2 * (height // (pipe.vae_scale_factor * 2)),
