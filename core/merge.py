@@ -47,7 +47,12 @@ def merge_to_model(base_spec: str, files: list[tuple[str | Path, float]], out: s
     out = Path(out)
     if out.exists() and out.suffix.lower() != ".safetensors" and any(out.iterdir()):
         raise ModelLoadError(f"{out} already exists and is not empty: choose a new folder for the merged model.")
-    base = fuse_into(load_base_model(base_spec, allow_pickle=allow_pickle), files)
+    base = load_base_model(base_spec, allow_pickle=allow_pickle)
+    if out.suffix.lower() == ".safetensors" and base.family == "flux":
+        raise ModelLoadError("A merged FLUX.1 model is written as a diffusers folder (which ComfyUI, Forge and "
+                             "diffusers load); writing it as one BFL-layout file is not supported yet: give a folder "
+                             "name instead of a .safetensors file.")
+    base = fuse_into(base, files)
     if out.suffix.lower() == ".safetensors":
         return save_single_file(base, out, metadata={"merged_from": base.name})
     tmp = out.with_name(f".{out.name}.tmp")  # a whole folder appears at once, or nothing

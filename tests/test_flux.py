@@ -542,3 +542,19 @@ def test_unet_targets_on_flux_are_refused_with_the_families_own(tmp_path, one_im
     cfg = flux_config(tmp_path, one_image_dir, adapter={"unet_targets": ["attn2.to_k", "attn2.to_v"]})
     with pytest.raises(ConfigError, match="FLUX.1 names its transformer's layers differently.*attn.to_k, attn.to_q"):
         run(cfg)
+
+
+def test_merge_into_a_flux_folder_is_the_adapted_model(tmp_path, instance_dir):
+    from core.merge import merge_to_model
+
+    lora = trained_flux_adapter(tmp_path, instance_dir, "lora", train_text_encoder=True)
+    loha = trained_flux_adapter(tmp_path, instance_dir, "loha")
+    merged = load_base_model(str(merge_to_model("tiny-flux", [(lora, 1.0), (loha, 0.5)], tmp_path / "merged")))
+    assert merged.family == "flux"
+    live = tiny_flux().freeze()
+    adapters.load_all(live.parts, {"a": adapters.read_adapter(lora), "b": adapters.read_adapter(loha)}, FLUX)
+    adapters.set_weights(live.parts, {"a": 1.0, "b": 0.5})
+    assert torch.allclose(velocity(merged), velocity(live), atol=1e-5)
+    assert not torch.allclose(velocity(merged), velocity(tiny_flux().freeze()), atol=1e-3)
+    with pytest.raises(ModelLoadError, match="diffusers folder"):
+        merge_to_model("tiny-flux", [(lora, 1.0)], tmp_path / "merged.safetensors")
