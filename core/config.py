@@ -108,7 +108,8 @@ class AdapterConfig:
     module_dropout: float = _setting(0.0, min=0, max=0.99, step=0.05)  # LoHa/LoKr only
     unet_targets: list[str] = _setting(
         factory=lambda: list(UNET_TARGETS_FULL),
-        help=f"Attention only: {', '.join(UNET_TARGETS_ATTENTION)}. Full set: {', '.join(UNET_TARGETS_FULL)}.")
+        help=f"Attention only: {', '.join(UNET_TARGETS_ATTENTION)}. Full set: {', '.join(UNET_TARGETS_FULL)}. "
+             "FLUX.1 (a transformer): the full set means its own list (attn.to_q, attn.add_q_proj, ff.net.2 ...).")
     # LoKr: also factorize the small matrix; the split factor (-1 = as square as possible).
     decompose_both: bool = False
     decompose_factor: int = _setting(-1, help="-1: as square as possible.")

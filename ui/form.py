@@ -79,6 +79,10 @@ FIELDS = [Field(*f) for f in [
     ("use_effective_conv2d", "adapter.use_effective_conv2d"), ("cache_latents", "train.cache_latents"),
     ("prediction_type", "model.prediction_type"), ("zero_terminal_snr", "model.zero_terminal_snr"),
     ("vae", "model.vae"), ("offload_frozen", "train.offload_frozen"),
+    ("timestep_sampling", "train.timestep_sampling"), ("logit_mean", "train.logit_mean", "float"),
+    ("logit_std", "train.logit_std", "float"), ("mode_scale", "train.mode_scale", "float"),
+    ("flow_shift", "train.flow_shift"), ("flow_shift_value", "train.flow_shift_value", "float"),
+    ("flow_loss_weighting", "train.flow_loss_weighting"), ("guidance_scale", "train.guidance_scale", "float"),
 ]]
 BY_NAME = {f.name: f for f in FIELDS}
 # Every name whose value ends up in a config: the fields and the base-model picker.

@@ -350,6 +350,16 @@ def build(ctx: Ctx, initial: dict) -> dict:
         with gr.Row():
             c["unet_targets"] = widget("unet_targets", initial, label="UNet target modules", scale=3)
             c["text_encoder_targets"] = widget("text_encoder_targets", initial, label="Text encoder targets", scale=2)
+        with gr.Row():  # what only flow-matching models (FLUX.1) use
+            c["timestep_sampling"] = widget("timestep_sampling", initial, label="FLUX: noise-level sampling")
+            c["logit_mean"] = widget("logit_mean", initial, label="FLUX: logit mean")
+            c["logit_std"] = widget("logit_std", initial, label="FLUX: logit std")
+            c["mode_scale"] = widget("mode_scale", initial, label="FLUX: mode scale")
+        with gr.Row():
+            c["flow_shift"] = widget("flow_shift", initial, label="FLUX: shift towards noise")
+            c["flow_shift_value"] = widget("flow_shift_value", initial, label="FLUX: fixed shift")
+            c["flow_loss_weighting"] = widget("flow_loss_weighting", initial, label="FLUX: loss weighting")
+            c["guidance_scale"] = widget("guidance_scale", initial, label="FLUX.1-dev: training guidance")
         with gr.Row():
             c["decompose_both"] = widget("decompose_both", initial, label="LoKr: decompose both factors")
             c["decompose_factor"] = widget("decompose_factor", initial, label="LoKr: factor")
