@@ -502,11 +502,14 @@ def read_config_folder(folder: str | Path) -> dict[str, dict]:
 
 def shipped_config_folder(family: str, prediction_type: str) -> Path:
     """core/assets/model_configs/sd15, sd2 (768-v, v_prediction), sd2-base (512, epsilon), sdxl (base 1.0,
-    epsilon) or sdxl-v (v_prediction with zero terminal SNR, as v-prediction SDXL fine-tunes are trained)."""
+    epsilon), sdxl-v (v_prediction with zero terminal SNR, as v-prediction SDXL fine-tunes are trained) or
+    flux-dev (FLUX.1-dev's shapes; the planner's FLUX.1 before a model is downloaded)."""
     if family == "sd1":
         return MODEL_CONFIGS_DIR / "sd15"
     if family == "sdxl":
         return MODEL_CONFIGS_DIR / ("sdxl-v" if prediction_type == "v_prediction" else "sdxl")
+    if family == "flux":
+        return MODEL_CONFIGS_DIR / "flux-dev"
     return MODEL_CONFIGS_DIR / ("sd2" if prediction_type == "v_prediction" else "sd2-base")
 
 

@@ -314,8 +314,8 @@ def advice(cfg: Config, free_bytes: int | None) -> str:
         return line + ": it fits."
     suggested = suggest_preset(family_of(model_configs(cfg.model.base)[0]), free_bytes, cfg.adapter.type)
     choose = f"Use the {suggested} preset" if suggested else "Choose a low-VRAM preset"
-    return (line + f": **not enough**. {choose}, or lower the resolution or batch size, or turn on gradient "
-            "checkpointing.")
+    checkpointing = "" if cfg.train.gradient_checkpointing else ", or turn on gradient checkpointing"
+    return line + f": **not enough**. {choose}, or lower the resolution or batch size{checkpointing}."
 
 
 def free_gpu_memory() -> int | None:

@@ -558,3 +558,22 @@ def test_merge_into_a_flux_folder_is_the_adapted_model(tmp_path, instance_dir):
     assert not torch.allclose(velocity(merged), velocity(tiny_flux().freeze()), atol=1e-3)
     with pytest.raises(ModelLoadError, match="diffusers folder"):
         merge_to_model("tiny-flux", [(lora, 1.0)], tmp_path / "merged.safetensors")
+
+
+def test_the_planner_knows_flux_dev_before_it_is_downloaded(tmp_path, monkeypatch):
+    """A FLUX hub id not in the cache is planned from the shipped FLUX.1-dev configs: about 11.9 B transformer and
+    4.8 B T5 parameters; in bf16 without quantization the transformer alone is 22 GiB, so the plan says a 24 GB card
+    does not fit (the reason the FLUX presets will quantize the frozen weights)."""
+    from core import vram
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    cfg = Config.from_dict({"model": {"base": "black-forest-labs/FLUX.1-dev"},
+                            "data": {"resolution": 512, "bucketing": False},
+                            "train": {"mixed_precision": "bf16", "gradient_checkpointing": True}})
+    plan = vram.plan(cfg)
+    gib = 2 ** 30
+    assert plan.assumed == ""
+    assert 31 * gib < plan.weights < 32 * gib  # transformer + T5 + CLIP-L + VAE, two bytes a weight
+    assert 8.8 * gib < plan.offloaded - plan.vae < 9.4 * gib  # T5 + CLIP-L wait in main memory
+    said = vram.advice(cfg, 23 * gib)
+    assert "**not enough**" in said and "gradient checkpointing" not in said  # it is on already
