@@ -31,13 +31,26 @@ def text_cached(cfg: Config, text_encoders: Iterable[str], trained: Iterable[str
     return cfg.train.cache_text_embeddings and not set(text_encoders) & set(trained)
 
 
-def offloaded_parts(cfg: Config, text_encoders: tuple[str, ...], trained: Iterable[str]) -> tuple[str, ...]:
+def cached_encoders(cfg: Config, text_encoders: Iterable[str], trained: Iterable[str],
+                    trainable: Iterable[str] | None = None) -> tuple[str, ...]:
+    """The text encoders whose outputs are computed once, before training: all of them when none trains; else
+    those that never train (`text_encoders` not in `trainable`: FLUX's T5 while CLIP-L trains)."""
+    text_encoders = tuple(text_encoders)
+    if not cfg.train.cache_text_embeddings:
+        return ()
+    if text_cached(cfg, text_encoders, trained):
+        return text_encoders
+    return tuple(e for e in text_encoders if trainable is not None and e not in set(trainable))
+
+
+def offloaded_parts(cfg: Config, text_encoders: tuple[str, ...], trained: Iterable[str],
+                    trainable: Iterable[str] | None = None) -> tuple[str, ...]:
     """The frozen parts kept in main memory while training: the VAE when the latents are cached, the text encoders
-    when their embeddings are (none when `train.offload_frozen` is off)."""
+    whose embeddings are (none when `train.offload_frozen` is off)."""
     if not cfg.train.offload_frozen:
         return ()
     vae = ("vae",) if latents_cached(cfg) else ()
-    return vae + (tuple(text_encoders) if text_cached(cfg, text_encoders, trained) else ())
+    return vae + cached_encoders(cfg, text_encoders, trained, trainable)
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

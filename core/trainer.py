@@ -51,7 +51,7 @@ from .families.base import Conditioning, min_snr_weights, training_target  # noq
 from .events import (PAUSE, RESUME, SAMPLE, SAVE, STOP, CheckpointSaved, CompareReady, Emit, Failed, Finished, Log, Paused,
                      Progress, Resumed, RunStarted, SampleReady, ignore)
 from .models import load_base_from_config, place
-from .placement import HOME, latents_cached, move_parts, offloaded_parts, parts_on, text_cached
+from .placement import HOME, cached_encoders, latents_cached, move_parts, offloaded_parts, parts_on, text_cached
 from .precision import DTYPES, frozen_dtype, resolve_precision
 from .rundir import Checkpoint, RunDir
 from .sampling import generate, make_pipeline, save_png
@@ -255,11 +255,20 @@ def encode_prompts(base: BaseModel, prompts: list[str], device) -> torch.Tensor:
     return families.of(base).encode_prompts(base, prompts, device)["hidden"]
 
 
-def prompt_encoder(base: BaseModel, device, fixed: list[str] | None = None) -> Callable[[list[str]], Conditioning]:
+def prompt_encoder(base: BaseModel, device, fixed: list[str] | None = None,
+                   frozen_fixed: list[str] | None = None) -> Callable[[list[str]], Conditioning]:
     """prompts -> the family's conditioning ({"hidden": ..., and e.g. SDXL's "pooled"}, one row per prompt). Frozen
     text encoders give a prompt the same conditioning every step, so the `fixed` prompts are encoded once here and
-    looked up; without them every batch goes through the encoders."""
+    looked up; without them every batch goes through the encoders. `frozen_fixed`: only the part from the
+    encoders that never train (Family.frozen_conditioning: FLUX's T5) is encoded once for these prompts, the
+    training encoders run every step."""
     family = families.of(base)
+    if frozen_fixed:
+        with torch.no_grad():
+            frozen = family.frozen_conditioning(base, frozen_fixed, device)
+        rows = {p: {key: t[i] for key, t in frozen.items()} for i, p in enumerate(frozen_fixed)}
+        return lambda prompts: family.encode_prompts(
+            base, prompts, device, frozen={key: torch.stack([rows[p][key] for p in prompts]) for key in frozen})
     if not fixed:
         return lambda prompts: family.encode_prompts(base, prompts, device)
     with torch.no_grad():
@@ -725,14 +734,17 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     # Each encoder is on the device only with what stays there: the UNet comes after the caches.
     if t.cache_latents and not cfg.data.center_crop:
         main_emit(Log("Random crops differ every step, so latents are not cached (data.center_crop is off)."))
-    offloaded = offloaded_parts(cfg, family.encoders, params)
+    offloaded = offloaded_parts(cfg, family.encoders, params, family.text_encoders)
     with parts_on(base, ["vae"] if latents_cached(cfg) else [], acc.device):
         # in the VAE's own dtype: float32 for a VAE that overflows in half precision (SDXL's), see `place`
         sources = latent_sources(data, base.vae, acc.device, base.vae.dtype, latents_cached(cfg))
     fixed_prompts = sorted({p for s in data.sets.values() for p in s.prompts})
     cache_text = text_cached(cfg, family.encoders, params)
-    with parts_on(base, family.encoders if cache_text else [], acc.device):
-        encode_text = prompt_encoder(base, acc.device, fixed_prompts if cache_text else None)
+    # all encoders frozen: every prompt encoded once; else the ones that never train (FLUX's T5) encoded once
+    cached = cached_encoders(cfg, family.encoders, params, family.text_encoders)
+    with parts_on(base, cached, acc.device):
+        encode_text = prompt_encoder(base, acc.device, fixed_prompts if cache_text else None,
+                                     fixed_prompts if cached and not cache_text else None)
     if offloaded and acc.device != HOME:
         main_emit(Log(f"Kept in main memory while training (their outputs are cached): {', '.join(offloaded)}"))
     move_parts(base, [part for part in base.all_parts if part not in offloaded], acc.device)

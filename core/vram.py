@@ -269,7 +269,7 @@ def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
     }, sort_keys=True, default=str)
     weights, adapter, act, transient, encode = _plan(json.dumps(configs, sort_keys=True, default=str), key)
     by_part = dict(weights)
-    offloaded = sum(by_part[part] for part in offloaded_parts(cfg, family.encoders, specs))
+    offloaded = sum(by_part[part] for part in offloaded_parts(cfg, family.encoders, specs, family.text_encoders))
     return MemoryPlan(sum(by_part.values()), adapter, act, transient, assumed, encode, offloaded, by_part["vae"],
                       latents_cached(cfg), buckets.describe((width, height)) if len(sizes) > 1 else "")
 

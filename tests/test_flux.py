@@ -232,14 +232,24 @@ def test_prior_preservation_batches_instance_then_class(tmp_path, instance_dir, 
         assert e.loss == pytest.approx(e.instance_loss + 0.7 * e.prior_loss, rel=1e-4)
 
 
-def test_cached_embeddings_give_the_live_encoders_loss(tmp_path, instance_dir):
+@pytest.mark.parametrize("train_te", [False, True], ids=["all-frozen", "clip-trains"])
+def test_cached_embeddings_give_the_live_encoders_loss(tmp_path, instance_dir, monkeypatch, train_te):
+    """Cached: every prompt encoded once (encoders frozen), or T5's part alone while CLIP-L trains; the losses are
+    those of running the encoders every step, and T5 runs only before training when it is cached."""
+    t5_calls = []
+
     def run_losses(cache: bool, name: str) -> list[float]:
-        cfg = flux_config(tmp_path, instance_dir, train={"max_steps": 3, "cache_text_embeddings": cache},
+        base = tiny_flux()
+        forward = base.text_encoder_2.forward
+        monkeypatch.setattr(base.text_encoder_2, "forward", lambda *a, **k: t5_calls.append(name) or forward(*a, **k))
+        cfg = flux_config(tmp_path, instance_dir, adapter={"train_text_encoder": train_te},
+                          train={"max_steps": 3, "cache_text_embeddings": cache, "compare_at_end": False},
                           output={"name": name})
-        run_dir, _ = run(cfg)
+        run_dir, _ = run(cfg, base=base)
         return [float(r["loss"]) for r in csv.DictReader(open(run_dir / "loss.csv"))]
 
     assert run_losses(True, "cached") == pytest.approx(run_losses(False, "live"), rel=1e-5)
+    assert t5_calls.count("cached") == 1 and t5_calls.count("live") == 3
 
 
 @pytest.mark.parametrize("option", [{"timestep_sampling": "mode", "flow_shift": "resolution"},
@@ -521,7 +531,7 @@ def test_a_fused_lokr_is_refused_in_plain_words(tmp_path, instance_dir):
 
 def test_the_vram_planner_traces_the_flux_transformer(tmp_path):
     """The planner builds the transformer from its config (a folder's, without loading weights), traces a step,
-    and counts T5 and CLIP-L as waiting in main memory only while both are frozen."""
+    and counts T5 and CLIP-L as waiting in main memory while both are frozen, T5 alone while CLIP-L trains."""
     from core import vram
 
     folder = save_model_folder(tiny_flux(), tmp_path / "flux")
@@ -532,7 +542,7 @@ def test_the_vram_planner_traces_the_flux_transformer(tmp_path):
     clip = sum(p.numel() for p in model.text_encoder.parameters()) * 2
     frozen, trained = plans[False], plans[True]
     assert frozen.assumed == "" and frozen.activations > 0
-    assert frozen.offloaded == frozen.vae + t5 + clip and trained.offloaded == trained.vae
+    assert frozen.offloaded == frozen.vae + t5 + clip and trained.offloaded == trained.vae + t5
     assert trained.adapter > frozen.adapter  # CLIP-L's adapter
     assert frozen.weights == sum(sum(p.numel() for p in m.parameters()) * 2 for m in model.all_parts.values())
 

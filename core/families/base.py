@@ -105,6 +105,11 @@ class Family:
         """The UNet's conditioning for `prompts`, one row per prompt: here the text encoder's last hidden state."""
         return {"hidden": base.text_encoder(self.tokenize(base.tokenizer, prompts, device))[0]}
 
+    def frozen_conditioning(self, base: BaseModel, prompts: Sequence[str], device) -> Conditioning:
+        """The part of the conditioning from encoders that never train (encoded once while others train): none
+        here, where every encoder may train."""
+        return {}
+
     def scale_latents(self, base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
         """The VAE's latents as the denoiser sees them."""
         return latents * base.vae.config.scaling_factor

@@ -218,14 +218,19 @@ class FluxFamily(Family):
 
     # --- training ---------------------------------------------------------------------------------------------------
 
-    def encode_prompts(self, base: BaseModel, prompts: Sequence[str], device) -> Conditioning:
-        """T5's last hidden state (`hidden`) and CLIP-L's pooled output (`pooled`), as FluxPipeline.encode_prompt."""
+    def encode_prompts(self, base: BaseModel, prompts: Sequence[str], device,
+                       frozen: Conditioning | None = None) -> Conditioning:
+        """T5's last hidden state (`hidden`) and CLIP-L's pooled output (`pooled`), as FluxPipeline.encode_prompt;
+        `frozen`: T5's part already encoded (`frozen_conditioning`), so that only CLIP-L runs."""
         clip_ids = self.tokenize(base.tokenizer, prompts, device)
         pooled = base.text_encoder(clip_ids, output_hidden_states=False).pooler_output
+        return {**(frozen or self.frozen_conditioning(base, prompts, device)), "pooled": pooled}
+
+    def frozen_conditioning(self, base: BaseModel, prompts: Sequence[str], device) -> Conditioning:
+        """T5's part: it never trains, so while CLIP-L trains its outputs are still computed once."""
         t5_ids = base.tokenizer_2(list(prompts), padding="max_length", max_length=self.t5_length(base),
                                   truncation=True, return_tensors="pt").input_ids.to(device)
-        hidden = base.text_encoder_2(t5_ids, output_hidden_states=False)[0]
-        return {"hidden": hidden, "pooled": pooled}
+        return {"hidden": base.text_encoder_2(t5_ids, output_hidden_states=False)[0]}
 
     def t5_length(self, base: BaseModel) -> int:
         return min(self.t5_max_length, base.tokenizer_2.model_max_length)
