@@ -97,15 +97,15 @@ def fuse(members: list[tuple[dict[str, torch.Tensor] | None, int]], spec) -> tup
     members' ranks added and alpha grows with it (alpha / rank, the scale, is unchanged). A LoKr is not a
     Kronecker product once stacked: it is written as the full weight change (`.diff`, which ComfyUI and Forge add
     as it is)."""
+    if spec.type == "lokr":
+        members = [(lokr_delta(t, spec.alpha / spec.rank) if t is not None else None, w) for t, w in members]
     present = [t for t, _ in members if t is not None]
-    first_out, unit = next((t, w) for t, w in members if t is not None)
+    first, unit = next((t, w) for t, w in members if t is not None)
     out_key = {"lora": "lora_B.weight", "loha": "hada_w1_a"}.get(spec.type)
-    width = (first_out[out_key].shape[0] if out_key else lokr_delta(first_out, 1.0).shape[0]) // unit
+    width = (first[out_key] if out_key else first).shape[0] // unit
     widths = [w * width for _, w in members]
     if spec.type == "lokr":
-        deltas = [lokr_delta(t, spec.alpha / spec.rank) if t is not None else None for t, _ in members]
-        inputs = next(d for d in deltas if d is not None).shape[1]
-        stacked = [d if d is not None else torch.zeros(w, inputs) for d, w in zip(deltas, widths)]
+        stacked = [d if d is not None else torch.zeros(w, first.shape[1]) for (d, _), w in zip(members, widths)]
         return {"diff": torch.cat(stacked)}, float(spec.rank)
     n = len(present)
     if spec.type == "lora":

@@ -62,7 +62,7 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], step
             out = pipe(prompts, num_inference_steps=steps, height=height, width=width, latents=latents.to(dtype),
                        generator=generators, output_type="latent",
                        callback_on_step_end=_step_callback(on_step) if on_step else None,
-                       **family.call_options(pipe, negative_prompt, len(prompts), guidance, prompts))
+                       **family.call_options(pipe, negative_prompt, len(prompts), guidance))
         # outside autocast, in the VAE's own dtype: a VAE kept in float32 because it overflows in half precision
         # (SDXL's) would otherwise decode in fp16 all the same
         return family.decode(pipe, out.images, height, width)

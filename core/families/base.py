@@ -13,8 +13,7 @@ import diffusers
 import torch
 
 from ..base_model import BaseModel
-from ..errors import ConfigError
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from ..single_file import detect_family, load_single_file
 
 # transformers 5's CLIPTextModel names its modules without the `text_model.` level other tools expect
@@ -32,7 +31,6 @@ class Family:
     # every encoder a prompt goes through (FLUX's T5 too, which never trains): cached and offloaded together
     prompt_encoders: tuple[str, ...] = ()
     default_targets: tuple[str, ...] = ()  # the denoiser's adapter targets by default; () for the UNet's
-    flow_matching = False  # trained by flow matching (sigma, velocity) instead of a DDPM noise schedule
     # the parts adapters attach to -> the prefix of their module names in kohya / A1111 / ComfyUI files
     kohya_prefixes: Mapping[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     default_resolution = 512
@@ -174,7 +172,7 @@ class Family:
         shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
-    def call_options(self, pipe, negative_prompt: str, n: int, guidance: float, prompts: Sequence[str]) -> dict:
+    def call_options(self, pipe, negative_prompt: str, n: int, guidance: float) -> dict:
         """The pipeline call's family-specific keywords: classifier-free guidance and the negative prompt."""
         return {"guidance_scale": guidance, "guidance_rescale": guidance_rescale(pipe.scheduler),
                 "negative_prompt": [negative_prompt] * n if negative_prompt else None}

@@ -26,6 +26,7 @@ from ..base_model import BaseModel, clip_tokenizer
 from ..errors import ConfigError, ModelLoadError
 from .base import Conditioning, Family
 from .flux_parts import tiny_t5_tokenizer
+from .sd import plain_config
 
 # FLUX.1's sampler: the shift grows with the image's token count, from base_shift at 256 tokens (512 px) to
 # max_shift at 4096 (1024 px) (the scheduler config's values; calculate_shift in diffusers' pipeline_flux.py)
@@ -37,9 +38,10 @@ FOLDER_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokeniz
 
 
 # The transformer's modules under the original (BFL) layout's names, which kohya, ComfyUI and Forge use for FLUX
-# LoRAs (`lora_unet_double_blocks_0_img_attn_qkv`): block module -> (BFL module, [(member, width)...]). A BFL layer
-# may fuse several diffusers layers along its outputs (q, k and v; the single block's q, k, v and MLP input): the
-# members in order, each with its output width in units of the attention width (the MLP is 4 times as wide).
+# LoRAs (`lora_unet_double_blocks_0_img_attn_qkv`): block module -> (BFL layer, its place among the layer's
+# members). A BFL layer may fuse several diffusers layers along its outputs (q, k and v; the single block's q, k, v
+# and MLP input): FUSED gives each fused layer's members' output widths, in order, in units of the attention width
+# (the MLP is 4 times as wide).
 DOUBLE_BLOCK = {
     "attn.to_q": ("img_attn_qkv", 0), "attn.to_k": ("img_attn_qkv", 1), "attn.to_v": ("img_attn_qkv", 2),
     "attn.to_out.0": ("img_attn_proj", 0), "attn.add_q_proj": ("txt_attn_qkv", 0),
@@ -52,8 +54,7 @@ SINGLE_BLOCK = {
     "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2), "proj_mlp": ("linear1", 3),
     "proj_out": ("linear2", 0), "norm.linear": ("modulation_lin", 0),
 }
-FUSED = {"img_attn_qkv": ((None, 1),) * 3, "txt_attn_qkv": ((None, 1),) * 3,
-         "linear1": ((None, 1), (None, 1), (None, 1), (None, 4))}
+FUSED = {"img_attn_qkv": (1, 1, 1), "txt_attn_qkv": (1, 1, 1), "linear1": (1, 1, 1, 4)}
 
 
 def bfl_name(module: str) -> tuple[str, int] | None:
@@ -133,7 +134,6 @@ class FluxFamily(Family):
     kohya_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
     default_resolution = 1024
     pipeline = "FluxPipeline"
-    flow_matching = True
     # the diffusers FLUX DreamBooth script's targets: attention and feed-forward projections of the double blocks
     # (image and text streams), and the attention projections of the single blocks (their to_q/k/v)
     default_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
@@ -152,7 +152,8 @@ class FluxFamily(Family):
     def matches_folder(self, index, unet_config) -> bool:
         """Any FLUX.1 pipeline folder (text-to-image, Fill, Kontext ...): check_folder refuses the ones that are not
         plain text-to-image."""
-        return str(index.get("_class_name", "")).startswith("Flux") or "transformer" in index and "text_encoder_2" in index
+        named = str(index.get("_class_name", "")).startswith("Flux")
+        return named or ("transformer" in index and "text_encoder_2" in index)
 
     def check_folder(self, folder, index, unet_config) -> None:
         kind = index.get("_class_name", "")
@@ -165,12 +166,11 @@ class FluxFamily(Family):
 
     def load_folder(self, folder, name=None, **kwargs) -> BaseModel:
         """The parts of a diffusers FLUX.1 folder (local, or a hub id with `local_files_only`) on the CPU."""
-        from diffusers import AutoencoderKL
         from transformers import CLIPTokenizer, T5TokenizerFast
 
         folder = str(folder)
         weights = {"use_safetensors": True, **kwargs}
-        model = BaseModel(
+        return BaseModel(
             name or folder, CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kwargs),
             CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **weights),
             AutoencoderKL.from_pretrained(folder, subfolder="vae", **weights),
@@ -179,7 +179,6 @@ class FluxFamily(Family):
             text_encoder_2=T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **weights),
             tokenizer_2=T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2", **kwargs),
             family_name=self.name)
-        return model
 
     # --- building ---------------------------------------------------------------------------------------------------
 
@@ -228,12 +227,13 @@ class FluxFamily(Family):
 
     def frozen_conditioning(self, base: BaseModel, prompts: Sequence[str], device) -> Conditioning:
         """T5's part: it never trains, so while CLIP-L trains its outputs are still computed once."""
-        t5_ids = base.tokenizer_2(list(prompts), padding="max_length", max_length=self.t5_length(base),
+        t5_ids = base.tokenizer_2(list(prompts), padding="max_length", max_length=self.t5_length(base.tokenizer_2),
                                   truncation=True, return_tensors="pt").input_ids.to(device)
         return {"hidden": base.text_encoder_2(t5_ids, output_hidden_states=False)[0]}
 
-    def t5_length(self, base: BaseModel) -> int:
-        return min(self.t5_max_length, base.tokenizer_2.model_max_length)
+    def t5_length(self, tokenizer) -> int:
+        """T5's prompt length: dev's 512, or less where the tokenizer says so."""
+        return min(self.t5_max_length, tokenizer.model_max_length)
 
     def scale_latents(self, base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
         return (latents - base.vae.config.shift_factor) * base.vae.config.scaling_factor
@@ -298,9 +298,9 @@ class FluxFamily(Family):
                 continue
             name, member = found
             key = self.kohya_prefixes[part] + name.replace(".", "_")
-            layout = FUSED.get(name.rsplit(".", 1)[-1], ((None, 1),))
-            slots = groups.setdefault(key, list(layout))
-            slots[member] = (module, layout[member][1])
+            widths = FUSED.get(name.rsplit(".", 1)[-1], (1,))
+            slots = groups.setdefault(key, [(None, w) for w in widths])
+            slots[member] = (module, widths[member])
         if missing:
             raise ModelLoadError(f"The transformer layers {', '.join(missing[:3])} have no name in the original FLUX "
                                  "layout, so other tools could not load them: export this adapter with --format "
@@ -354,7 +354,7 @@ class FluxFamily(Family):
                 index, _, layer = flat[len(theirs):].partition("_")
                 if layer in FUSED:
                     members = sorted((member, module) for module, (name, member) in table.items() if name == layer)
-                    return [(f"{ours}{index}.{module}", FUSED[layer][m][1]) for m, module in members]
+                    return [(f"{ours}{index}.{module}", FUSED[layer][m]) for m, module in members]
         return None
 
     # --- pipelines --------------------------------------------------------------------------------------------------
@@ -374,22 +374,25 @@ class FluxFamily(Family):
         size)."""
         return int(pipe.vae.config.get("sample_size") or self.default_resolution)
 
+    @staticmethod
+    def latent_side(pipe, pixels: int) -> int:
+        """A latent side for an image side, even (whole 2x2 patches), as FluxPipeline rounds it."""
+        return 2 * (pixels // (pipe.vae_scale_factor * 2))
+
     def start_latents(self, pipe, generators, height: int, width: int, device) -> torch.Tensor:
         """Per-seed noise in the (c, h, w) latent shape, drawn on the CPU, packed as the pipeline wants it."""
-        shape = (pipe.transformer.config.in_channels // 4, 2 * (height // (pipe.vae_scale_factor * 2)),
-                 2 * (width // (pipe.vae_scale_factor * 2)))
+        shape = (pipe.transformer.config.in_channels // 4, self.latent_side(pipe, height),
+                 self.latent_side(pipe, width))
         return pack(torch.stack([torch.randn(shape, generator=g) for g in generators])).to(device)
 
-    def call_options(self, pipe, negative_prompt: str, n: int, guidance: float, prompts: Sequence[str]) -> dict:
+    def call_options(self, pipe, negative_prompt: str, n: int, guidance: float) -> dict:
         """FLUX's guidance is the distilled scale (dev; schnell ignores it); no negative prompt (FLUX.1 has no
         classifier-free guidance)."""
-        return {"guidance_scale": guidance, "max_sequence_length": min(self.t5_max_length,
-                                                                       pipe.tokenizer_2.model_max_length)}
+        return {"guidance_scale": guidance, "max_sequence_length": self.t5_length(pipe.tokenizer_2)}
 
     def decode(self, pipe, latents: torch.Tensor, height: int, width: int) -> list:
         vae = pipe.vae
-        factor = pipe.vae_scale_factor
-        x = unpack(latents, 2 * (height // (factor * 2)), 2 * (width // (factor * 2))).to(vae.dtype)
+        x = unpack(latents, self.latent_side(pipe, height), self.latent_side(pipe, width)).to(vae.dtype)
         x = x / vae.config.scaling_factor + vae.config.shift_factor
         return pipe.image_processor.postprocess(vae.decode(x).sample, output_type="pil")
 
@@ -399,7 +402,6 @@ class FluxFamily(Family):
                               "use `train.flow_loss_weighting` instead.")
 
     def parts_from_configs(self, configs: Mapping[str, dict]) -> dict[str, torch.nn.Module]:
-        from .sd import plain_config
         return {"transformer": FluxTransformer2DModel.from_config(plain_config(configs["transformer"])),
                 "text_encoder": CLIPTextModel(CLIPTextConfig(**plain_config(configs["text_encoder"]))),
                 "text_encoder_2": T5EncoderModel(T5Config(**plain_config(configs["text_encoder_2"]))),

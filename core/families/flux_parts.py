@@ -24,7 +24,7 @@ def _t5_pieces(words: int = 3000) -> tuple[tuple[str, float], ...]:
 
 def tiny_t5_tokenizer(model_max_length: int = 512):
     """A T5 tokenizer (transformers' T5Tokenizer over a Unigram model) with a small vocabulary built in code, for
-    the tiny FLUX test model: the real one (32,100 pieces) ships with the app for real models."""
+    the tiny FLUX test model (real FLUX folders bring their own T5 tokenizer, 32,100 pieces)."""
     from transformers import T5Tokenizer
 
     return T5Tokenizer(vocab=list(_t5_pieces()), extra_ids=0, model_max_length=model_max_length)
