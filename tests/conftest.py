@@ -131,3 +131,43 @@ def hub_cache_copy(folder, repo_id: str, hub, files) -> None:
         (repo / "snapshots" / commit / name).write_bytes((Path(folder) / name).read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+
+
+@dataclass
+class Resumed:
+    """An uninterrupted run and the same run stopped part-way and resumed (see `stop_and_resume`)."""
+
+    full: dict  # the uninterrupted run's adapter tensors
+    resumed: dict  # the stopped-and-resumed run's adapter tensors
+    stopped_events: list  # what the stopped run reported
+    resumed_events: list  # what the resumed run reported
+    run_dir: Path  # the stopped run's folder, which the resume continued
+    full_dir: Path  # the uninterrupted run's folder
+
+
+def stop_and_resume(make_config, stop_at: int) -> Resumed:
+    """Train `make_config("full")` to its end; train `make_config("interrupted")`, send STOP when step `stop_at`
+    is reported, and resume that run from its folder."""
+    import queue
+
+    from core import adapters
+    from core.config import Config
+    from core.events import STOP, Progress
+    from core.rundir import load_run_config
+    from core.trainer import train
+
+    full_dir = train(Config.from_dict(make_config("full")))
+    commands, stopped = queue.Queue(), []
+
+    def emit(e):
+        stopped.append(e)
+        if isinstance(e, Progress) and e.step == stop_at:
+            commands.put(STOP)
+
+    part_dir = train(Config.from_dict(make_config("interrupted")), emit=emit, commands=commands)
+    resumed_events: list = []
+    resumed_dir = train(load_run_config(part_dir), emit=resumed_events.append, resume_dir=part_dir)
+    assert resumed_dir == part_dir
+    return Resumed(adapters.read_adapter(full_dir / "full.safetensors").tensors,
+                   adapters.read_adapter(part_dir / "interrupted.safetensors").tensors, stopped, resumed_events,
+                   part_dir, full_dir)

@@ -10,17 +10,16 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import stop_and_resume, tiny_config
 from PIL import Image
 
-from core import adapters, buckets
+from core import buckets
 from core.batches import BucketBatches
 from core.class_images import class_dir_for
 from core.config import Config
 from core.data import ImageSet, load_rgb, resize_to_cover, scan_folder, to_tensor
 from core.events import STOP, Finished, Log, Progress
 from core.models import build_tiny_model
-from core.rundir import load_run_config
 from core.trainer import TrainData, batch_indices, train
 from core.vram import plan
 
@@ -189,21 +188,10 @@ def test_prior_preservation_in_buckets(tmp_path, mixed_dir, monkeypatch):
 def test_resume_matches_uninterrupted_run_with_buckets(tmp_path, mixed_dir):
     common = dict(data={**BUCKETS, "random_flip": True}, adapter={"dropout": 0.1},
                   train={"max_steps": 6, "checkpoint_every": 3, "batch_size": 2})
-    full_dir, _ = run(tiny_config(tmp_path, mixed_dir, output={"name": "full"}, **common))
-    commands = queue.Queue()
-
-    def emit(e):
-        if isinstance(e, Progress) and e.step == 4:
-            commands.put(STOP)
-
-    cfg = Config.from_dict(tiny_config(tmp_path, mixed_dir, output={"name": "cut"}, **common))
-    part_dir = train(cfg, emit=emit, commands=commands)
-    _, resumed = run(load_run_config(part_dir).to_dict(), resume_dir=part_dir)
-    assert [e.step for e in resumed if isinstance(e, Progress)] == [5, 6]
-    assert [e for e in resumed if isinstance(e, Finished)][0].step == 6
-    a = adapters.read_adapter(full_dir / "full.safetensors").tensors
-    b = adapters.read_adapter(part_dir / "cut.safetensors").tensors
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    r = stop_and_resume(lambda name: tiny_config(tmp_path, mixed_dir, output={"name": name}, **common), 4)
+    assert [e.step for e in r.resumed_events if isinstance(e, Progress)] == [5, 6]
+    assert [e for e in r.resumed_events if isinstance(e, Finished)][0].step == 6
+    assert r.full.keys() == r.resumed.keys() and all(torch.equal(r.full[k], r.resumed[k]) for k in r.full)
 
 
 # ---------------------------------------------------------------------------------------------- SDXL

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import csv
 import math
-import queue
 
 import pytest
 import torch
-from conftest import ADAPTER_TYPES, frozen_weights, hub_cache_copy, tiny_config
+from conftest import ADAPTER_TYPES, frozen_weights, hub_cache_copy, stop_and_resume, tiny_config
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
@@ -17,11 +16,10 @@ from core import adapters, families
 from core.config import Config, TrainConfig
 from core.data import Geometry
 from core.errors import ConfigError, ModelLoadError, UserError
-from core.events import STOP, Progress
+from core.events import Progress
 from core.families.flux import (FluxFamily, draw_sigmas, latent_ids, loss_weights, pack, resolution_shift,
                                 shift_sigmas, unpack)
 from core.models import build_tiny_model, load_base_model, save_model_folder
-from core.rundir import load_run_config
 from core.sampling import generate, make_pipeline
 from core.trainer import Batch, predict, train
 
@@ -185,22 +183,10 @@ def velocity(model) -> torch.Tensor:
 def test_resume_matches_uninterrupted_run(tmp_path, instance_dir):
     common = dict(adapter={"type": "lora", "train_text_encoder": True, "dropout": 0.1},
                   train={"max_steps": 5, "checkpoint_every": 2, "timestep_sampling": "logit_normal"})
-    full_dir, _ = run(flux_config(tmp_path, instance_dir, output={"name": "full"}, **common))
-
-    commands = queue.Queue()
-
-    def stop_at_3(e):
-        if isinstance(e, Progress) and e.step == 3:
-            commands.put(STOP)
-
-    part_dir, _ = run(flux_config(tmp_path, instance_dir, output={"name": "interrupted"}, **common),
-                      commands=commands, emit=stop_at_3)
-    _, resumed = run(load_run_config(part_dir).to_dict(), resume_dir=part_dir)
-    assert [e.step for e in resumed if isinstance(e, Progress)] == [4, 5]
-    a = adapters.read_adapter(full_dir / "full.safetensors").tensors
-    b = adapters.read_adapter(part_dir / "interrupted.safetensors").tensors
-    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    r = stop_and_resume(lambda name: flux_config(tmp_path, instance_dir, output={"name": name}, **common), 3)
+    assert [e.step for e in r.resumed_events if isinstance(e, Progress)] == [4, 5]
+    assert r.full.keys() == r.resumed.keys() and any(k.startswith("text_encoder.") for k in r.full)
+    assert all(torch.equal(r.full[k], r.resumed[k]) for k in r.full), "resumed run diverged from the uninterrupted one"
 
 
 def test_prior_preservation_batches_instance_then_class(tmp_path, instance_dir, monkeypatch):

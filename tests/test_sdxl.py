@@ -6,23 +6,21 @@ from __future__ import annotations
 
 import csv
 import math
-import queue
 
 import numpy as np
 import pytest
 import torch
-from conftest import ADAPTER_TYPES, frozen_weights, hub_cache_copy, tiny_config
+from conftest import ADAPTER_TYPES, frozen_weights, hub_cache_copy, stop_and_resume, tiny_config
 from PIL import Image
 
 from core import adapters, families
 from core.config import Config
 from core.data import resize_shorter_side, to_tensor
 from core.errors import ModelLoadError
-from core.events import STOP, Finished, Progress, SampleReady
+from core.events import Finished, Progress, SampleReady
 from core.families.sdxl import SDXLFamily
 from core.models import (build_tiny_model, load_base_from_config, load_base_model, load_vae, place,
                          save_model_folder)
-from core.rundir import load_run_config
 from core.trainer import Batch, make_optimizer, predict, train
 
 PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")
@@ -120,23 +118,10 @@ def unet_out(model) -> torch.Tensor:
 def test_resume_matches_uninterrupted_run(tmp_path, instance_dir):
     common = dict(adapter={"type": "lora", "train_text_encoder": True, "dropout": 0.1},
                   train={"max_steps": 5, "checkpoint_every": 2})
-    full_dir, _ = run(xl_config(tmp_path, instance_dir, output={"name": "full"}, **common))
-
-    commands = queue.Queue()
-
-    def emit(e):
-        if isinstance(e, Progress) and e.step == 3:
-            commands.put(STOP)
-
-    cfg = Config.from_dict(xl_config(tmp_path, instance_dir, output={"name": "interrupted"}, **common))
-    part_dir = train(cfg, emit=emit, commands=commands)
-    _, resumed = run(load_run_config(part_dir).to_dict(), resume_dir=part_dir)
-    assert [e.step for e in resumed if isinstance(e, Progress)] == [4, 5]
-
-    a = adapters.read_adapter(full_dir / "full.safetensors").tensors
-    b = adapters.read_adapter(part_dir / "interrupted.safetensors").tensors
-    assert a.keys() == b.keys() and any(k.startswith("text_encoder_2.") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    r = stop_and_resume(lambda name: xl_config(tmp_path, instance_dir, output={"name": name}, **common), 3)
+    assert [e.step for e in r.resumed_events if isinstance(e, Progress)] == [4, 5]
+    assert r.full.keys() == r.resumed.keys() and any(k.startswith("text_encoder_2.") for k in r.full)
+    assert all(torch.equal(r.full[k], r.resumed[k]) for k in r.full), "resumed run diverged from the uninterrupted one"
 
 
 def test_prior_preservation_batches_instance_then_class(tmp_path, instance_dir, monkeypatch):

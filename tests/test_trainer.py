@@ -8,7 +8,7 @@ import queue
 import pytest
 import torch
 import yaml
-from conftest import ADAPTER_TYPES, tiny_config
+from conftest import ADAPTER_TYPES, stop_and_resume, tiny_config
 
 from core import adapters
 from core.config import Config
@@ -103,34 +103,17 @@ def test_resume_matches_uninterrupted_run(tmp_path, instance_dir, kind):
     """Stop at step 4 (a checkpoint is saved), resume: the final adapter equals an uninterrupted run's."""
     common = dict(adapter={"type": kind, "train_text_encoder": True, "dropout": 0.1},
                   train={"max_steps": 7, "checkpoint_every": 3, "sample_every": 0})
-    full_dir, _ = run(tiny_config(tmp_path, instance_dir, output={"name": "full"}, **common))
-
-    commands = queue.Queue()
-    events = []
-
-    def emit(e):
-        events.append(e)
-        if isinstance(e, Progress) and e.step == 4:
-            commands.put(STOP)
-
-    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, output={"name": "interrupted"}, **common))
-    part_dir = train(cfg, emit=emit, commands=commands)
-    stop = [e for e in events if isinstance(e, Finished)][0]
+    res = stop_and_resume(lambda name: tiny_config(tmp_path, instance_dir, output={"name": name}, **common), 4)
+    stop = [e for e in res.stopped_events if isinstance(e, Finished)][0]
     assert stop.stopped and stop.step == 4
-    assert [e.step for e in events if isinstance(e, CheckpointSaved)] == [3, 4]
-    assert (part_dir / "checkpoints" / "step_000004" / "state.pt").is_file()
-
-    resumed_dir, resumed_events = run(load_run_config(part_dir).to_dict(), resume_dir=part_dir)
-    assert resumed_dir == part_dir
-    assert [e.step for e in resumed_events if isinstance(e, Progress)] == [5, 6, 7]
-
-    a = adapters.read_adapter(full_dir / "full.safetensors").tensors
-    b = adapters.read_adapter(part_dir / "interrupted.safetensors").tensors
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    assert [e.step for e in res.stopped_events if isinstance(e, CheckpointSaved)] == [3, 4]
+    assert (res.run_dir / "checkpoints" / "step_000004" / "state.pt").is_file()
+    assert [e.step for e in res.resumed_events if isinstance(e, Progress)] == [5, 6, 7]
+    assert res.full.keys() == res.resumed.keys()
+    assert all(torch.equal(res.full[k], res.resumed[k]) for k in res.full), "resumed run diverged from the uninterrupted one"
     # loss.csv continues without duplicate steps, and its losses equal the uninterrupted run's.
-    full_rows = list(csv.DictReader(open(full_dir / "loss.csv")))
-    part_rows = list(csv.DictReader(open(part_dir / "loss.csv")))
+    full_rows = list(csv.DictReader(open(res.full_dir / "loss.csv")))
+    part_rows = list(csv.DictReader(open(res.run_dir / "loss.csv")))
     assert [r["step"] for r in part_rows] == [str(i) for i in range(1, 8)]
     assert [r["loss"] for r in part_rows] == [r["loss"] for r in full_rows]
 
