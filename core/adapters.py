@@ -97,11 +97,11 @@ def inject_all(parts: Parts, specs: dict[str, AdapterSpec], name: str = "default
 
 def state_dict(parts: Parts, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter weights of every part (each must hold adapter `name`), keyed `<part>.<peft key>`, as contiguous
-    CPU float32."""
+    CPU float32 copies (never views of weights that go on training: a paused run's copy must hold still)."""
     out = {}
     for part, module in parts.items():
         sd = get_peft_model_state_dict(module, adapter_name=name)
-        out.update({f"{part}.{k}": v.detach().float().cpu().contiguous() for k, v in sd.items()})
+        out.update({f"{part}.{k}": v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in sd.items()})
     return out
 
 

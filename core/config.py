@@ -144,6 +144,9 @@ class TrainConfig:
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = _setting(0, min=0)
     max_grad_norm: float = _setting(1.0, min=0)
+    # The samples and the saved adapter are an average of the last steps' weights (core/ema.py); 0 turns it off
+    ema_decay: float = _setting(0.0, min=0, max=0.9999, step=0.01,
+                                help="0: off. 0.98: samples and files hold the average of about the last 50 steps.")
     gradient_checkpointing: bool = False
     min_snr_gamma: float | None = _setting(None, min=0, unset="off", help="5 is usual.")  # e.g. 5.0; None turns it off
     noise_offset: float = _setting(0.0, min=0, step=0.01)

@@ -45,6 +45,7 @@ from .buckets import Size
 from .class_images import check_class_prompt, class_sets, ensure_class_images, usable_class_images
 from .config import Config, TrainConfig, adapter_name, resolve_path
 from .data import Geometry, ImageSet, ScanReport, caption_prompts, scan_folder
+from .ema import AdapterEMA, put_back
 from .errors import ConfigError, DataError, ModelLoadError, UserError
 from .fileio import check_writable, disk_error_message, fsync, remove_stale_temps, write_text
 from .families.base import Conditioning, min_snr_weights, training_target  # noqa: F401 (re-exported)
@@ -430,27 +431,31 @@ class Controller:
             cmds = box[0]
         return cmds
 
-    def poll(self, step: int, on_sample, on_save) -> bool:
-        """Handle pending commands; return True when training must stop."""
+    def poll(self, step: int, on_sample, on_save, shown=contextlib.nullcontext) -> bool:
+        """Handle pending commands; return True when training must stop. While paused, the model holds the weights
+        `shown()` puts in it (the average, when the run keeps one): what the playground tests is what gets saved."""
         cmds = self._agree(self._read(block=False))
         paused = False
-        while True:
-            for c in cmds:
-                if c == STOP:
-                    self.stop_requested = True
-                elif c == PAUSE and not paused:
-                    paused = True
-                    self.emit(Paused(step))
-                elif c == RESUME and paused:
-                    paused = False
-                    self.emit(Resumed(step))
-                elif c == SAMPLE:
-                    on_sample()
-                elif c == SAVE:
-                    on_save()
-            if self.stop_requested or not paused:
-                return self.stop_requested
-            cmds = self._agree(self._read(block=True))
+        with contextlib.ExitStack() as hold:
+            while True:
+                for c in cmds:
+                    if c == STOP:
+                        self.stop_requested = True
+                    elif c == PAUSE and not paused:
+                        paused = True
+                        hold.enter_context(shown())
+                        self.emit(Paused(step))
+                    elif c == RESUME and paused:
+                        paused = False
+                        hold.close()
+                        self.emit(Resumed(step))
+                    elif c == SAMPLE:
+                        on_sample()
+                    elif c == SAVE:
+                        on_save()
+                if self.stop_requested or not paused:
+                    return self.stop_requested
+                cmds = self._agree(self._read(block=True))
 
     def drain(self, on_sample, on_save) -> None:
         """After the last step: carry out the sample / save commands that arrived during it (nothing to pause)."""
@@ -495,6 +500,12 @@ class Run:
     loss_rows: list = field(default_factory=list)
     offloaded: tuple[str, ...] = ()  # frozen parts kept in main memory between samples (core/placement.py)
     sample_size: tuple[int, int] | None = None  # (width, height) of the samples; None: the training square
+    trainable: list = field(default_factory=list)  # the adapter's parameters, in a fixed order
+    ema: AdapterEMA | None = None  # the average of the adapter's weights, when train.ema_decay is on
+
+    def averaged(self):
+        """The weights a user sees (samples, files, a pause): the average when there is one, else the trained."""
+        return self.ema.applied() if self.ema else contextlib.nullcontext()
 
     def unwrapped(self, part: str):
         return self.acc.unwrap_model(getattr(self.base, part))
@@ -502,7 +513,8 @@ class Run:
     def save_adapter(self, path: Path) -> Path:
         parts = {part: self.unwrapped(part) for part in self.specs}
         info = adapters.training_metadata(self.cfg, self.step, self.base.name, self.base.family)
-        return adapters.save_adapter(path, parts, self.specs, info)
+        with self.averaged():
+            return adapters.save_adapter(path, parts, self.specs, info)
 
     def sample_prompts(self) -> list[str]:
         cfg = self.cfg
@@ -515,7 +527,7 @@ class Run:
             parts = {part: self.unwrapped(part) for part in self.base.parts}
             pipe = make_pipeline(self.base, self.acc.device, **parts)
             width, height = self.sample_size or (cfg.data.resolution, cfg.data.resolution)
-            with contextlib.nullcontext() if adapter else adapters.adapters_off(parts):
+            with self.averaged() if adapter else adapters.adapters_off(parts):
                 return generate(pipe, prompts, seeds, steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance,
                                 width=width, height=height)
 
@@ -573,8 +585,10 @@ def save_checkpoint(run: Run) -> Path | None:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(), "rng": rng},
-               tmp.state)
+    state = {"optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(), "rng": rng}
+    if run.ema:  # the adapter file holds the average; the weights being trained go here
+        state["ema"] = run.ema.state_dict()
+    torch.save(state, tmp.state)
     tmp.info.write_text(json.dumps({"step": run.step}))
     for f in (tmp.state, tmp.info):  # on disk before the folder gets its final name (the adapter already is)
         fsync(f)
@@ -595,6 +609,10 @@ def load_checkpoint(run: Run, ckpt: Checkpoint) -> None:
     for part in run.specs:
         set_peft_model_state_dict(run.unwrapped(part), adapter.part_state(part), adapter_name="default")
     state = torch.load(ckpt.state, map_location="cpu", weights_only=True)
+    if run.ema:
+        run.ema.load_state_dict(state.get("ema"))
+    elif "ema" in state:  # a run that averaged, resumed without: train on from its trained weights, not the average
+        put_back(run.trainable, state["ema"]["live"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -763,7 +781,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     # Samples come out in the dataset's most common shape; the same images give the same shape on a resume.
     shape = buckets.most_common(data.instance.buckets)
     run = Run(cfg, acc, base, specs, run_dir, weight_dtype, main_emit, optimizer, lr_scheduler, offloaded=offloaded,
-              sample_size=shape)
+              sample_size=shape, trainable=trainable, ema=AdapterEMA(trainable, t.ema_decay) if t.ema_decay else None)
     if resume_dir:
         ckpt = run_dir.latest_checkpoint()  # there is one: `preflight` made sure
         load_checkpoint(run, ckpt)
@@ -776,7 +794,7 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     clock = StepClock()
     stopped = False
     while run.step < t.max_steps:
-        if control.poll(run.step, run.sample, lambda: save_checkpoint(run)):
+        if control.poll(run.step, run.sample, lambda: save_checkpoint(run), run.averaged):
             stopped = True
             break
         tic = time.perf_counter()
@@ -798,6 +816,8 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
             for j, v in enumerate((loss, inst, prior)):
                 if v is not None:
                     sums[j] += v.detach().float() / t.gradient_accumulation_steps
+        if run.ema:
+            run.ema.update()
         sums = torch.stack([torch.as_tensor(v, device=acc.device, dtype=torch.float32) for v in sums])
         if acc.num_processes > 1:
             sums = acc.reduce(sums, reduction="mean")  # log the loss of the whole batch, not of one process

@@ -306,6 +306,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
             c["repeats"] = widget("repeats", initial, label="Repeats per epoch")
             c["lr_scheduler"] = widget("lr_scheduler", initial, label="Learning-rate schedule")
             c["lr_warmup_steps"] = widget("lr_warmup_steps", initial, label="Warm-up steps")
+            c["ema_decay"] = widget("ema_decay", initial, label="Average of the weights (EMA decay)")
             c["seed"] = widget("seed", initial, label="Seed")
         with gr.Row():
             c["text_encoder_learning_rate"] = widget("text_encoder_learning_rate", initial,
