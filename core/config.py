@@ -55,6 +55,12 @@ class ModelConfig:
     allow_pickle: bool = False
     vae: str = _setting("", help="Another VAE instead of the model's own: a diffusers VAE folder, a .safetensors VAE "
                                  "file or a hub id (e.g. the SDXL fp16-fix VAE). Empty: the model's own VAE.")
+    # FLUX.1 single files hold only the transformer: its text encoders (the VAE is model.vae), when they are not
+    # in the file, beside it, or in ComfyUI's / Forge's model folders next to it
+    text_encoder: str = _setting("", help="FLUX.1 file only: the CLIP-L text encoder (clip_l.safetensors or a FLUX "
+                                          "diffusers folder). Empty: looked for beside the file.")
+    text_encoder_2: str = _setting("", help="FLUX.1 file only: the T5-XXL text encoder (t5xxl_fp16.safetensors, an "
+                                            "fp8 one, or a FLUX diffusers folder). Empty: looked for beside the file.")
     zero_terminal_snr: bool = _setting(
         False, help="For models trained with zero terminal SNR (e.g. NoobAI-XL v-pred): the noise schedule reaches "
                     "pure noise. On by itself when the model's file says so.")

@@ -43,16 +43,18 @@ def fuse_into(base: BaseModel, files: list[tuple[str | Path, float]]) -> BaseMod
 
 def merge_to_model(base_spec: str, files: list[tuple[str | Path, float]], out: str | Path,
                    allow_pickle: bool = False) -> Path:
-    """Load `base_spec`, fuse the adapters, save to `out`: a `.safetensors` single file, else a diffusers folder."""
+    """Load `base_spec`, fuse the adapters, save to `out`: a `.safetensors` single file (FLUX.1: the BFL-layout
+    transformer, plus its CLIP-L when an adapter changed it), else a diffusers folder."""
     out = Path(out)
     if out.exists() and out.suffix.lower() != ".safetensors" and any(out.iterdir()):
         raise ModelLoadError(f"{out} already exists and is not empty: choose a new folder for the merged model.")
     base = load_base_model(base_spec, allow_pickle=allow_pickle)
-    if out.suffix.lower() == ".safetensors" and base.family == "flux":
-        raise ModelLoadError("A merged FLUX.1 model is written as a diffusers folder (which ComfyUI, Forge and "
-                             "diffusers load); writing it as one BFL-layout file is not supported yet: give a folder "
-                             "name instead of a .safetensors file.")
     base = fuse_into(base, files)
+    if out.suffix.lower() == ".safetensors" and base.family == "flux":
+        from .families.flux_files import save_merged_flux
+
+        clip_changed = any("text_encoder" in adapters.read_adapter(path).specs for path, weight in files if weight)
+        return save_merged_flux(base, out, clip_changed, {"merged_from": base.name})[0]
     if out.suffix.lower() == ".safetensors":
         return save_single_file(base, out, metadata={"merged_from": base.name})
     tmp = out.with_name(f".{out.name}.tmp")  # a whole folder appears at once, or nothing

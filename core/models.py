@@ -74,11 +74,13 @@ def load_model_folder(folder: str | Path, name: str | None = None, **kwargs) -> 
     return family.load_folder(folder, name=name, **kwargs)
 
 
-def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool = False, **kwargs) -> BaseModel:
+def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool = False,
+                    companions: Mapping[str, str] | None = None, **kwargs) -> BaseModel:
     """Load the base model named by `spec` (see the module docstring) on the CPU in float32, frozen.
 
     `prediction_type` other than "auto" overrides what the model says (e.g. "v_prediction" for an SD 2.x
     768-v checkpoint). `allow_pickle` lets pickled `.ckpt`-style files load (they can run code when opened).
+    `companions` (part -> file or folder) complete a FLUX.1 transformer file: its text encoders and VAE.
     """
     spec = str(spec).strip()
     if prediction_type != "auto" and prediction_type not in PREDICTION_TYPES:
@@ -96,7 +98,8 @@ def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool
     elif path.is_dir():
         model = _load_local_folder(path, spec)
     elif path.is_file():
-        model = checkpoint_family(path).load_file(path, prediction_type, allow_pickle=allow_pickle, name=spec)
+        model = checkpoint_family(path).load_file(path, prediction_type, allow_pickle=allow_pickle, name=spec,
+                                                  companions={k: v for k, v in (companions or {}).items() if v})
     elif looks_like_path(spec) or (path.parent != Path(".") and path.parent.is_dir()):  # "models/x": a local typo
         raise ModelLoadError(f"Base model file or folder not found: {path}. Check the path in model.base.")
     elif _HUB_ID.fullmatch(spec) and "--" not in spec and ".." not in spec:
@@ -124,14 +127,16 @@ def checkpoint_family(path: Path) -> families.Family:
 def load_base_from_config(cfg: Config) -> BaseModel:
     """The base model a config names, with its prediction type, pickle permission, noise schedule and VAE (see
     load_base_model, with_zero_terminal_snr and load_vae)."""
+    companions = {"text_encoder": cfg.model.text_encoder, "text_encoder_2": cfg.model.text_encoder_2,
+                  "vae": cfg.model.vae}
     model = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type,
-                            allow_pickle=cfg.model.allow_pickle)
+                            allow_pickle=cfg.model.allow_pickle, companions=companions)
     if cfg.model.zero_terminal_snr:
         if model.prediction_type == "epsilon":  # at the pure-noise step the noise tells nothing about the image
             raise ConfigError("model.zero_terminal_snr needs a v-prediction (or sample) model: set "
                               "model.prediction_type: v_prediction, as NoobAI-XL v-pred and other zero-SNR models use.")
         with_zero_terminal_snr(model)
-    if cfg.model.vae:
+    if cfg.model.vae and model.vae_source != cfg.model.vae:  # (a FLUX.1 file took it as its VAE already)
         model.vae = load_vae(cfg.model.vae, model.vae).to("cpu", torch.float32).requires_grad_(False).eval()
         model.vae_source = cfg.model.vae
     return model

@@ -180,6 +180,13 @@ def velocity(model) -> torch.Tensor:
         return FLUX.unet_forward(model.transformer, noisy, torch.tensor([100.0, 700.0]), cond, [], torch.float32)
 
 
+def prompt_embeddings(model) -> torch.Tensor:
+    """CLIP-L's pooled output for PROMPTS (what FLUX takes from it)."""
+    ids = model.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model.text_encoder(ids).pooler_output
+
+
 def test_resume_matches_uninterrupted_run(tmp_path, instance_dir):
     common = dict(adapter={"type": "lora", "train_text_encoder": True, "dropout": 0.1},
                   train={"max_steps": 5, "checkpoint_every": 2, "timestep_sampling": "logit_normal"})
@@ -552,8 +559,20 @@ def test_merge_into_a_flux_folder_is_the_adapted_model(tmp_path, instance_dir):
     adapters.set_weights(live.parts, {"a": 1.0, "b": 0.5})
     assert torch.allclose(velocity(merged), velocity(live), atol=1e-5)
     assert not torch.allclose(velocity(merged), velocity(tiny_flux().freeze()), atol=1e-3)
-    with pytest.raises(ModelLoadError, match="diffusers folder"):
-        merge_to_model("tiny-flux", [(lora, 1.0)], tmp_path / "merged.safetensors")
+    # one file: the BFL-layout transformer and (the LoRA changed CLIP-L) `<name>.clip_l.safetensors`, which the app
+    # picks for that file over the base's clip_l.safetensors in the same folder
+    from core.families.flux_files import save_flux_files
+
+    folder = tmp_path / "comfy"
+    save_flux_files(tiny_flux(), folder, dtype=None)
+    out = merge_to_model("tiny-flux", [(lora, 1.0), (loha, 0.5)], folder / "merged.safetensors")
+    assert out == folder / "merged.safetensors" and (folder / "merged.clip_l.safetensors").is_file()
+    one_file = load_base_model(str(out))
+    assert one_file.family == "flux"
+    assert torch.allclose(velocity(one_file), velocity(live), atol=2e-2)  # bf16 weights
+    assert not torch.allclose(velocity(one_file), velocity(tiny_flux().freeze()), atol=2e-2)  # the merge is in it
+    assert torch.allclose(prompt_embeddings(one_file), prompt_embeddings(live), atol=2e-2)
+    assert not torch.allclose(prompt_embeddings(one_file), prompt_embeddings(tiny_flux().freeze()), atol=1e-3)
 
 
 def test_the_planner_knows_flux_dev_before_it_is_downloaded(tmp_path, monkeypatch):

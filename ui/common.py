@@ -171,9 +171,10 @@ def model_picker(prefix: str, label: str = "Base model", value: str = "demo", ot
     """A dropdown (demo, tiny, other) and a text box for the other model, shown when "Other" is chosen."""
     with gr.Group():
         choice = gr.Dropdown(BASE_CHOICES, value=value, label=label, elem_id=f"{prefix}-base",
-                             info="The model you teach. The demo model is tiny and fast; for real photos use an SD 1.x/2.x "
-                                  "or SDXL model (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, "
-                                  "stabilityai/stable-diffusion-xl-base-1.0, or an SDXL .safetensors file).")
+                             info="The model you teach. The demo model is tiny and fast; for real photos use an SD 1.x/2.x, "
+                                  "SDXL or FLUX.1 model (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, "
+                                  "stabilityai/stable-diffusion-xl-base-1.0, an SDXL .safetensors file, or "
+                                  "flux1-dev.safetensors with its text encoders and VAE beside it).")
         other_box = gr.Textbox(other, label="Other base model", visible=value == OTHER, elem_id=f"{prefix}-base-other",
                                placeholder="org/name, /path/to/diffusers-folder or /path/to/model.safetensors")
     choice.change(show_other, choice, other_box, show_progress="hidden", api_visibility="undocumented", queue=False)

@@ -330,6 +330,11 @@ def build(ctx: Ctx, initial: dict) -> dict:
             c["zero_terminal_snr"] = widget("zero_terminal_snr", initial, label="Zero terminal SNR")
             c["vae"] = widget("vae", initial, label="VAE (optional)", placeholder="e.g. madebyollin/sdxl-vae-fp16-fix")
         with gr.Row():
+            c["text_encoder"] = widget("text_encoder", initial, label="CLIP-L text encoder (FLUX.1 file only)",
+                                       placeholder="e.g. models/clip/clip_l.safetensors")
+            c["text_encoder_2"] = widget("text_encoder_2", initial, label="T5-XXL text encoder (FLUX.1 file only)",
+                                         placeholder="e.g. models/clip/t5xxl_fp16.safetensors")
+        with gr.Row():
             c["gradient_checkpointing"] = widget("gradient_checkpointing", initial,
                                                  label="Gradient checkpointing (less memory, slower)")
             c["cache_latents"] = widget("cache_latents", initial, label="Cache latents")

@@ -81,8 +81,9 @@ class Family:
         raise NotImplementedError
 
     def load_file(self, path: Path, prediction_type: str = "auto", allow_pickle: bool = False,
-                  name: str | None = None) -> BaseModel:
-        """A single-file checkpoint in the original layout (core/single_file.py reads it offline)."""
+                  name: str | None = None, companions: Mapping[str, str] | None = None) -> BaseModel:
+        """A single-file checkpoint in the original layout (core/single_file.py reads it offline). `companions`:
+        part -> file or folder, for families whose files hold only the denoiser (FLUX.1); SD files are whole."""
         return load_single_file(path, prediction_type, allow_pickle=allow_pickle, name=name)
 
     def build_tiny(self, seed: int = 0, prediction_type: str = "epsilon") -> BaseModel:

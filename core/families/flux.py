@@ -25,7 +25,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from ..base_model import BaseModel, clip_tokenizer
 from ..errors import ConfigError, ModelLoadError
 from .base import Conditioning, Family
-from .flux_parts import tiny_t5_tokenizer
+from .flux_files import is_flux_transformer, load_flux_file
+from .flux_parts import DOUBLE_BLOCK, FUSED, SINGLE_BLOCK, bfl_name, tiny_t5_tokenizer  # noqa: F401 (re-exported)
 from .sd import plain_config
 
 # FLUX.1's sampler: the shift grows with the image's token count, from base_shift at 256 tokens (512 px) to
@@ -35,38 +36,6 @@ BASE_SEQ, MAX_SEQ, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
 
 # what a diffusers FLUX.1 folder holds (model_index.json)
 FOLDER_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-
-
-# The transformer's modules under the original (BFL) layout's names, which kohya, ComfyUI and Forge use for FLUX
-# LoRAs (`lora_unet_double_blocks_0_img_attn_qkv`): block module -> (BFL layer, its place among the layer's
-# members). A BFL layer may fuse several diffusers layers along its outputs (q, k and v; the single block's q, k, v
-# and MLP input): FUSED gives each fused layer's members' output widths, in order, in units of the attention width
-# (the MLP is 4 times as wide).
-DOUBLE_BLOCK = {
-    "attn.to_q": ("img_attn_qkv", 0), "attn.to_k": ("img_attn_qkv", 1), "attn.to_v": ("img_attn_qkv", 2),
-    "attn.to_out.0": ("img_attn_proj", 0), "attn.add_q_proj": ("txt_attn_qkv", 0),
-    "attn.add_k_proj": ("txt_attn_qkv", 1), "attn.add_v_proj": ("txt_attn_qkv", 2),
-    "attn.to_add_out": ("txt_attn_proj", 0), "ff.net.0.proj": ("img_mlp_0", 0), "ff.net.2": ("img_mlp_2", 0),
-    "ff_context.net.0.proj": ("txt_mlp_0", 0), "ff_context.net.2": ("txt_mlp_2", 0),
-    "norm1.linear": ("img_mod_lin", 0), "norm1_context.linear": ("txt_mod_lin", 0),
-}
-SINGLE_BLOCK = {
-    "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2), "proj_mlp": ("linear1", 3),
-    "proj_out": ("linear2", 0), "norm.linear": ("modulation_lin", 0),
-}
-FUSED = {"img_attn_qkv": (1, 1, 1), "txt_attn_qkv": (1, 1, 1), "linear1": (1, 1, 1, 4)}
-
-
-def bfl_name(module: str) -> tuple[str, int] | None:
-    """(BFL module name, index among the fused layer's members) of a transformer module, or None (no BFL name)."""
-    for prefix, table, theirs in (("transformer_blocks.", DOUBLE_BLOCK, "double_blocks"),
-                                  ("single_transformer_blocks.", SINGLE_BLOCK, "single_blocks")):
-        if module.startswith(prefix):
-            index, _, rest = module[len(prefix):].partition(".")
-            if rest in table:
-                name, member = table[rest]
-                return f"{theirs}.{index}.{name}", member
-    return None
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -163,6 +132,13 @@ class FluxFamily(Family):
         missing = [p for p in FOLDER_PARTS if p not in index]
         if missing:
             raise ModelLoadError(f"{folder} is not a complete FLUX.1 model: it has no {', '.join(missing)}.")
+
+    def matches_checkpoint(self, shapes) -> bool:
+        return is_flux_transformer(shapes)
+
+    def load_file(self, path, prediction_type="auto", allow_pickle=False, name=None, companions=None) -> BaseModel:
+        """A BFL-layout transformer file with its CLIP-L, T5-XXL and VAE (core/families/flux_files.py)."""
+        return load_flux_file(path, name, companions)
 
     def load_folder(self, folder, name=None, **kwargs) -> BaseModel:
         """The parts of a diffusers FLUX.1 folder (local, or a hub id with `local_files_only`) on the CPU."""

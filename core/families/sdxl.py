@@ -58,7 +58,7 @@ class SDXLFamily(Family):
     def load_folder(self, folder, name=None, **kwargs) -> BaseModel:
         return load_sdxl_folder(folder, name, **kwargs)
 
-    def load_file(self, path, prediction_type="auto", allow_pickle=False, name=None) -> BaseModel:
+    def load_file(self, path, prediction_type="auto", allow_pickle=False, name=None, companions=None) -> BaseModel:
         return load_sdxl_single_file(path, prediction_type, allow_pickle=allow_pickle, name=name)
 
     def build_tiny(self, seed: int = 0, prediction_type: str = "epsilon") -> BaseModel:
