@@ -110,7 +110,7 @@ def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool
             "model id (those look like 'org/name', e.g. 'stable-diffusion-v1-5/stable-diffusion-v1-5').")
     if prediction_type != "auto" and prediction_type != model.prediction_type:
         model.scheduler = DDPMScheduler.from_config(model.scheduler.config, prediction_type=prediction_type)
-    return model.to("cpu", torch.float32).freeze()
+    return model.to("cpu", families.of(model).held_dtype(model)).freeze()
 
 
 def checkpoint_family(path: Path) -> families.Family:

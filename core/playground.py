@@ -62,7 +62,7 @@ class Playground:
     def __init__(self, device: str | None = None, allow_pickle: bool = False):
         self.allow_pickle = allow_pickle  # pickled .ckpt base models (the app's --allow-pickle)
         self.device = torch.device(device or default_device())
-        self.precision = "fp16" if self.device.type == "cuda" else "no"  # generation only: fp16 is safe on a GPU
+        self.on_gpu = self.device.type == "cuda"  # generation only: half precision is safe on a GPU
         self._lock = threading.Lock()
         self.base: BaseModel | None = None
         self.base_spec = ""
@@ -77,7 +77,8 @@ class Playground:
             self.base = None  # free the old one first
             self._loaded = {}
             base = load_base_model(spec, allow_pickle=self.allow_pickle)
-            self.base = place(base, self.device, frozen_dtype(self.precision))
+            precision = families.of(base).half_precision if self.on_gpu else "no"  # FLUX.1: bf16, others fp16
+            self.base = place(base, self.device, frozen_dtype(precision))
             self.base_spec = spec
             self.base_loads += 1
         return self.base

@@ -18,11 +18,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_precision(cfg: Config) -> str:
-    """train.mixed_precision as accelerate names it ("no", "fp16", "bf16"); "auto" is fp16 on a GPU."""
+def resolve_precision(cfg: Config, family=None) -> str:
+    """train.mixed_precision as accelerate names it ("no", "fp16", "bf16"); "auto" is the model family's half
+    precision on a GPU (fp16; FLUX.1: bf16), "no" on the CPU. `family`: the base model's (vram.spec_family)."""
     mp = cfg.train.mixed_precision
     if mp == "auto":
-        return "fp16" if torch.cuda.is_available() else "no"
+        return (family.half_precision if family is not None else "fp16") if torch.cuda.is_available() else "no"
     if mp == "fp16" and not torch.cuda.is_available():
         raise ConfigError("Mixed precision fp16 needs an NVIDIA GPU. On the CPU use `bf16` or `no` (train.mixed_precision).")
     return mp

@@ -299,10 +299,11 @@ class ClassImagesJob(Job):
         from .class_images import check_class_prompt, ensure_class_images, usable_class_images
         from .models import load_base_from_config, place
         from .precision import default_device, frozen_dtype, resolve_precision
+        from .vram import spec_family
 
         check_class_prompt(cfg)
         device = default_device()
-        dtype = frozen_dtype(resolve_precision(cfg))  # before the slow load: fp16 without a GPU fails at once
+        dtype = frozen_dtype(resolve_precision(cfg, spec_family(cfg.model.base)))  # before the slow load: fp16 without a GPU fails at once
         # Counted first, so the progress is one count over every set ("5 / 6 new images", not per bucket).
         todo = [(size, want, max(0, want - len(usable_class_images(cfg, size)))) for size, want in sets]
         todo = [(size, want, missing) for size, want, missing in todo if missing]

@@ -55,6 +55,7 @@ from .models import load_base_from_config, place
 from .placement import HOME, cached_encoders, latents_cached, move_parts, offloaded_parts, parts_on, text_cached
 from .precision import DTYPES, frozen_dtype, resolve_precision
 from .rundir import Checkpoint, RunDir
+from .vram import spec_family
 from .sampling import generate, make_pipeline, save_png
 
 LOSS_COLUMNS = ["step", "loss", "instance_loss", "prior_loss", "lr", "seconds"]
@@ -65,7 +66,7 @@ LOSS_COLUMNS = ["step", "loss", "instance_loss", "prior_loss", "lr", "seconds"]
 # ----------------------------------------------------------------------------------------------
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    precision = resolve_precision(cfg)
+    precision = resolve_precision(cfg, spec_family(cfg.model.base))
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, precision) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # One process may run several trainings (the GUI); accelerate keeps a process-wide state that

@@ -115,6 +115,15 @@ def _attention_for(original):
     return attention
 
 
+def spec_family(spec: str) -> Family | None:
+    """The family of base model `spec` from its configs, read without loading weights; None when unknown."""
+    try:
+        configs, assumed = model_configs(spec)
+    except Exception:  # noqa: BLE001 - a bad spec is reported by the loader, in its words
+        return None
+    return None if assumed else family_of(configs)
+
+
 def model_configs(spec: str) -> tuple[dict[str, dict], str]:
     """The diffusers configs of base model `spec` without loading weights, and a note when they are assumed."""
     if spec == "demo":
@@ -257,8 +266,9 @@ def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
     """The expected peak GPU memory of training `cfg` (allocated by PyTorch, without the CUDA context)."""
     configs, assumed = model_configs(cfg.model.base)
     t = cfg.train
-    precision = precision or (t.mixed_precision if t.mixed_precision in DTYPES else "fp16")  # auto: fp16 on a GPU
     family = family_of(configs)
+    # auto: the family's half precision on a GPU
+    precision = precision or (t.mixed_precision if t.mixed_precision in DTYPES else family.half_precision)
     specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser, family.default_targets)
     sizes = buckets.for_settings(cfg.data)
     width, height = largest_bucket(sizes)

@@ -37,6 +37,9 @@ class Family:
     # whether the model's own VAE encodes and decodes in fp16 without overflowing (SDXL's does not: it runs in
     # float32 unless model.vae names another VAE, such as the fp16-fix one)
     vae_fp16_safe = True
+    # the half precision its weights run in on a GPU when train.mixed_precision is auto (FLUX.1: bf16; its
+    # activations overflow fp16)
+    half_precision = "fp16"
     # what a hub repo of this family must hold for `load_folder` (not the .ckpt, fp16 or .bin copies beside it)
     hub_files: tuple[str, ...] = ("model_index.json", "scheduler/*", "tokenizer/*", "unet/config.json",
                                   "vae/config.json", "text_encoder/config.json",
@@ -85,6 +88,10 @@ class Family:
         """A single-file checkpoint in the original layout (core/single_file.py reads it offline). `companions`:
         part -> file or folder, for families whose files hold only the denoiser (FLUX.1); SD files are whole."""
         return load_single_file(path, prediction_type, allow_pickle=allow_pickle, name=name)
+
+    def held_dtype(self, model: BaseModel) -> torch.dtype:
+        """The dtype a loaded model waits in main memory (float32: exact CPU maths; the GPU casts it to half)."""
+        return torch.float32
 
     def build_tiny(self, seed: int = 0, prediction_type: str = "epsilon") -> BaseModel:
         """A tiny random model of this family's architecture (tests, smoke runs)."""

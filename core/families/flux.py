@@ -25,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from ..base_model import BaseModel, clip_tokenizer
 from ..errors import ConfigError, ModelLoadError
 from .base import Conditioning, Family
-from .flux_files import is_flux_transformer, load_flux_file
+from .flux_files import held_dtype, is_flux_transformer, load_flux_file
 from .flux_parts import DOUBLE_BLOCK, FUSED, SINGLE_BLOCK, bfl_name, tiny_t5_tokenizer  # noqa: F401 (re-exported)
 from .sd import plain_config
 
@@ -110,6 +110,7 @@ class FluxFamily(Family):
                        "ff_context.net.2")
     adapter_metadata = {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora"}
     t5_max_length = 512  # dev's; schnell was trained with 256
+    half_precision = "bf16"  # as BFL and diffusers run it: T5's and the transformer's activations overflow fp16
     hub_files = ("model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "transformer/config.json",
                  "transformer/diffusion_pytorch_model*.safetensors*", "vae/config.json",
                  "vae/diffusion_pytorch_model*.safetensors*", "text_encoder/config.json",
@@ -140,12 +141,17 @@ class FluxFamily(Family):
         """A BFL-layout transformer file with its CLIP-L, T5-XXL and VAE (core/families/flux_files.py)."""
         return load_flux_file(path, name, companions)
 
+    def held_dtype(self, model: BaseModel) -> torch.dtype:
+        return held_dtype(model.transformer.config)
+
     def load_folder(self, folder, name=None, **kwargs) -> BaseModel:
-        """The parts of a diffusers FLUX.1 folder (local, or a hub id with `local_files_only`) on the CPU."""
+        """The parts of a diffusers FLUX.1 folder (local, or a hub id with `local_files_only`) on the CPU, in
+        `held_dtype` (bf16 for the real model)."""
         from transformers import CLIPTokenizer, T5TokenizerFast
 
         folder = str(folder)
-        weights = {"use_safetensors": True, **kwargs}
+        config = FluxTransformer2DModel.load_config(folder, subfolder="transformer", **kwargs)
+        weights = {"use_safetensors": True, "torch_dtype": held_dtype(config), **kwargs}
         return BaseModel(
             name or folder, CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kwargs),
             CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **weights),

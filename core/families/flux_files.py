@@ -202,6 +202,16 @@ def _count(keys, blocks: str) -> int:
     return max(found) + 1 if found else 0
 
 
+LARGE_WIDTH = 1024  # a transformer this wide (FLUX.1: 3072) is held in bf16 in main memory, as its files store it
+
+
+def held_dtype(config: Mapping[str, Any]) -> torch.dtype:
+    """The dtype a FLUX model waits in main memory: bf16 for the real model (its 12 B transformer would take 48 GB in
+    float32, 24 GB in bf16; on the GPU it runs in bf16 anyway), float32 for small ones (tests, exact CPU maths)."""
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    return torch.bfloat16 if width >= LARGE_WIDTH else torch.float32
+
+
 def transformer_config(shapes: Mapping[str, Any], metadata: Mapping[str, str], name: str) -> dict:
     """The transformer's diffusers config: the file's own (files this app writes), else FLUX.1-dev's with the
     block counts, the guidance embedding (dev) or not (schnell) and the widths this file has."""
@@ -402,15 +412,17 @@ def _from_state(state, metadata, label, part, dtype):
 
 
 def load_flux_file(path: str | Path, name: str | None = None, companions: Mapping[str, str] | None = None,
-                   dtype: torch.dtype = torch.float32) -> BaseModel:
+                   dtype: torch.dtype | None = None) -> BaseModel:
     """A FLUX.1 model from a BFL-layout transformer file and its CLIP-L, T5-XXL and VAE (`companions`: part ->
-    file or folder; the ones not given are looked for, see the module docstring), on the CPU in `dtype`."""
+    file or folder; the ones not given are looked for, see the module docstring), on the CPU in `dtype` (None:
+    `held_dtype`)."""
     path = Path(path).expanduser()
     label = path.name
     metadata, state = _read(path)
     if not is_flux_transformer(state):
         raise ModelLoadError(f"{label} is not a FLUX.1 transformer in the original layout (no double_blocks.*).")
     config = transformer_config({k: v.shape for k, v in state.items()}, metadata, label)
+    dtype = dtype or held_dtype(config)
     embedded = {part: {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
                 for part, prefix in EMBEDDED.items()}
     transformer = load_transformer(state, config, label, dtype)
