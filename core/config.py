@@ -57,10 +57,10 @@ class ModelConfig:
                                  "file or a hub id (e.g. the SDXL fp16-fix VAE). Empty: the model's own VAE.")
     # FLUX.1 single files hold only the transformer: its text encoders (the VAE is model.vae), when they are not
     # in the file, beside it, or in ComfyUI's / Forge's model folders next to it
-    text_encoder: str = _setting("", help="FLUX.1 file only: the CLIP-L text encoder (clip_l.safetensors or a FLUX "
-                                          "diffusers folder). Empty: looked for beside the file.")
-    text_encoder_2: str = _setting("", help="FLUX.1 file only: the T5-XXL text encoder (t5xxl_fp16.safetensors, an "
-                                            "fp8 one, or a FLUX diffusers folder). Empty: looked for beside the file.")
+    text_encoder: str = _setting("", help="The CLIP-L of a FLUX.1 transformer file: clip_l.safetensors or a FLUX "
+                                          "diffusers folder. Empty: looked for beside the file.")
+    text_encoder_2: str = _setting("", help="The T5-XXL of a FLUX.1 transformer file: t5xxl_fp16.safetensors, an "
+                                            "fp8 one, or a FLUX diffusers folder. Empty: looked for beside the file.")
     zero_terminal_snr: bool = _setting(
         False, help="For models trained with zero terminal SNR (e.g. NoobAI-XL v-pred): the noise schedule reaches "
                     "pure noise. On by itself when the model's file says so.")
@@ -141,7 +141,7 @@ class TrainConfig:
     prior_preservation: bool = True
     prior_loss_weight: float = _setting(1.0, min=0, step=0.1)
     # auto: fp16 on CUDA, no on CPU
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _setting("auto", help="auto: fp16 on an NVIDIA GPU.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _setting("auto", help="auto: fp16 on an NVIDIA GPU (FLUX.1: bf16).")
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
