@@ -134,3 +134,55 @@ def reference_loop_sdxl(base, kind: str, instance_dir: Path, class_dir: Path, si
             loss = per_image[0] + 1.0 * per_image[1]
         seconds.append(optimizer_step(scaler, optimizer, loss, tic))
     return seconds
+
+
+def reference_loop_flux(base, kind: str, instance_dir: Path, class_dir: Path, size: int, steps: int,
+                        device: torch.device) -> list[float]:
+    """train_dreambooth_lora_flux.py's step on 1 instance + 1 class image, with its README's memory settings: the
+    frozen model in bf16 (float32 on a CPU), LoRA r16 on the script's transformer targets (the adapter in the
+    weights' dtype, as the script leaves it under bf16), the text encoders frozen with the prompt embeddings
+    computed once, the VAE encoding every step, sigmas drawn uniformly (its default weighting scheme "none"),
+    guidance 1.0, gradient checkpointing, plain AdamW, `loss.item()` every step; return each step's seconds."""
+    from core.families.flux import FluxFamily, latent_ids, pack, unpack
+
+    family = FluxFamily()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transformer = base.transformer.to(device, dtype).requires_grad_(False)
+    transformer.add_adapter(peft_config(kind, list(family.default_targets), rank=16))
+    transformer.enable_gradient_checkpointing()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    vae = base.vae.to(device, dtype).requires_grad_(False)
+    with torch.no_grad():  # the script's compute_text_embeddings: once, then the encoders leave the GPU
+        for part in (base.text_encoder, base.text_encoder_2):
+            part.to(device, dtype)
+        cond = family.encode_prompts(base, ["a photo of sks dog", "a photo of a dog"], device)
+        for part in (base.text_encoder, base.text_encoder_2):
+            part.to("cpu")
+    hidden, pooled = cond["hidden"].to(dtype), cond["pooled"].to(dtype)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    instance, klass = load_pixels(instance_dir, size), load_pixels(class_dir, size)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    transformer.train()
+    seconds = []
+    for step in range(steps):
+        tic = time.perf_counter()
+        pixels = torch.stack([instance[step % len(instance)], klass[step % len(klass)]]).to(device, dtype)
+        with torch.no_grad():
+            latents = (vae.encode(pixels).latent_dist.sample() - shift) * scale
+        h, w = latents.shape[-2:]
+        noise = torch.randn_like(latents)
+        sigmas = torch.rand(2, device=device, dtype=dtype)
+        noisy = (1 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
+        pred = transformer(hidden_states=pack(noisy), timestep=sigmas, guidance=torch.ones(2, device=device),
+                           pooled_projections=pooled, encoder_hidden_states=hidden,
+                           txt_ids=torch.zeros(hidden.shape[1], 3, device=device, dtype=dtype),
+                           img_ids=latent_ids(h, w, device, dtype)).sample
+        per_image = F.mse_loss(unpack(pred, h, w).float(), (noise - latents).float(),
+                               reduction="none").mean(dim=(1, 2, 3))
+        loss = per_image[0] + 1.0 * per_image[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()
+        seconds.append(time.perf_counter() - tic)
+    return seconds

@@ -4,6 +4,7 @@
     python -m bench.train_step --model tiny --steps 4 --warmup 1      # seconds, anywhere (what the tests run)
     python -m bench.train_step --only ours-default,reference-lora --steps 40 --warmup 10
     python -m bench.train_step --model sdxl --steps 10 --warmup 3   # GPU: SDXL-shaped, 1024 px, the SDXL cases
+    python -m bench.train_step --model flux --steps 6 --warmup 2    # GPU: FLUX.1-dev-shaped, 1024 px, the FLUX cases
 
 Every case trains on 4 instance + 4 class images (random pixels: speed does not depend on content) with
 prior preservation, so a step at batch 1 sees 1 instance + 1 class image. Models are built from configs
@@ -21,6 +22,11 @@ SDXL models (`sdxl`, `tiny-sdxl`) run their own cases instead:
 - ours-24gb / ours-12gb / ours-8gb: `core.trainer.train` with the sdxl-lora-24gb / -12gb / -8gb preset settings as
   they are (on a CPU 8-bit AdamW, which needs a GPU, becomes AdamW);
 - reference-lora: bench/reference.py's SDXL loop, what diffusers' train_dreambooth_lora_sdxl.py does per step.
+FLUX.1 models (`flux`: FLUX.1-dev's shapes in bf16, random weights; `tiny-flux`) run theirs:
+- ours-flux-24gb / ours-flux-16gb: the flux-dev-lora-24gb / -16gb presets as they are (8-bit / NF4 transformer);
+- ours-flux-bf16: the 24 GB preset's settings with the transformer in bf16 at batch 1 and rank 16, the
+  reference loop's own settings (what the two loops' speed-up compares);
+- reference-lora: bench/reference.py's FLUX loop, what diffusers' train_dreambooth_lora_flux.py does per step.
 
 Output: one JSON line per case (stdout, and --out FILE), then a table with ours/reference ratios.
 Step times are medians after --warmup steps; memory is PyTorch's peak allocated / reserved on the GPU
@@ -62,15 +68,23 @@ OURS = {  # case -> (preset, overrides)
     "ours-24gb": ("sdxl-lora-24gb", {}),
     "ours-12gb": ("sdxl-lora-12gb", {}),
     "ours-8gb": ("sdxl-lora-8gb", {}),
+    "ours-flux-24gb": ("flux-dev-lora-24gb", {}),
+    "ours-flux-16gb": ("flux-dev-lora-16gb", {}),
+    # the 24 GB preset's settings with the transformer in bf16 at batch 1: the reference loop's memory settings
+    "ours-flux-bf16": ("flux-dev-lora-24gb", {"model": {"quantize": "none"}, "train": {"batch_size": 1},
+                                              "adapter": {"rank": 16, "alpha": 16}}),
 }
-PRESET_AS_IS = ("ours-24gb", "ours-12gb", "ours-8gb")  # the SDXL presets' own adapters, not the shared r8 one
+# the presets' own adapters, not the shared r8 one
+PRESET_AS_IS = ("ours-24gb", "ours-12gb", "ours-8gb", "ours-flux-24gb", "ours-flux-16gb", "ours-flux-bf16")
 REFERENCE = {"reference-lora": "lora", "reference-loha": "loha", "reference-lokr": "lokr"}
 EXTRA = ("class-images", "preview")
 ALL = (*OURS, *REFERENCE, *EXTRA)
 CPU_DEFAULT = ("ours-default", "ours-loha", "ours-lokr", "ours-batch2", "ours-batch8", "reference-lora",
                "reference-loha", "reference-lokr", "class-images", "preview")
 SDXL_DEFAULT = ("ours-24gb", "ours-12gb", "ours-8gb", "reference-lora")
-SHAPED = {"sd15": "sd1", "sdxl": "sdxl"}  # models built at full size from the shipped configs, random weights
+FLUX_DEFAULT = ("ours-flux-bf16", "reference-lora", "ours-flux-24gb", "ours-flux-16gb")
+# models built at full size from the shipped configs, random weights
+SHAPED = {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux"}
 
 
 # --------------------------------------------------------------------------- models and data
@@ -83,6 +97,8 @@ def build_model(name: str, device: torch.device) -> BaseModel:
 
     cfg = read_config_folder(shipped_config_folder(SHAPED[name], "epsilon"))
     torch.manual_seed(0)
+    if name == "flux":
+        return build_flux(cfg, device)
     with torch.device(device):
         if name == "sdxl":
             base = build_sdxl_from_configs(cfg, "sdxl-random")
@@ -98,12 +114,43 @@ def build_model(name: str, device: torch.device) -> BaseModel:
     return base
 
 
+def build_flux(cfg: dict, device: torch.device) -> BaseModel:
+    """FLUX.1-dev's shapes with random weights (12 B transformer, T5-XXL), made on `device` and kept in bf16 (as the
+    real files are); the shipped tokenizers and scheduler config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from core.families.flux import FluxFamily
+    from core.families.flux_files import t5_tokenizer
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # made in bf16 at once: 33 GB instead of 67 in float32 first
+    try:
+        with torch.device(device):
+            parts = FluxFamily().parts_from_configs(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    for part in parts.values():
+        with torch.no_grad():
+            for p in part.parameters():
+                if p.dim() > 1:
+                    p.mul_(0.5)
+    return BaseModel("flux-random", clip_tokenizer(), parts["text_encoder"], parts["vae"], parts["transformer"],
+                     FlowMatchEulerDiscreteScheduler.from_config(cfg["scheduler"]), text_encoder_2=parts["text_encoder_2"],
+                     tokenizer_2=t5_tokenizer(), family_name="flux")
+
+
 def is_sdxl(model: str) -> bool:
     return model in ("sdxl", "tiny-sdxl")
 
 
+def is_flux(model: str) -> bool:
+    return model in ("flux", "tiny-flux")
+
+
 def native_resolution(base: BaseModel) -> int:
-    return int(base.unet.config.sample_size) * base.vae_scale_factor
+    from core import families
+
+    return int(families.of(base).native_size(base))
 
 
 def make_images(folder: Path, n: int, size: int, seed: int) -> Path:
@@ -118,7 +165,7 @@ def case_config(case: str, model: str, resolution: int, work: Path, steps: int, 
     preset, overrides = OURS[case]
     d = preset_dict(preset)
     d.pop("description", None)
-    d["model"] = {"base": model}
+    d["model"] = {**d.get("model", {}), "base": model}  # a preset's quantization stays
     d["data"].update(instance_dir=str(work / "instance"), instance_prompt="a photo of sks dog", class_dir=str(work / "class"),
                      class_prompt="a photo of a dog", num_class_images=4, resolution=resolution, min_image_size=8)
     if case not in PRESET_AS_IS:
@@ -172,7 +219,7 @@ def summary(seconds: list[float], images_per_step: int) -> dict:
 
 
 def run_ours(case: str, args, device: torch.device, work: Path) -> dict:
-    from core import vram
+    from core import families, vram
     from core.trainer import train
 
     cfg = case_config(case, args.model, args.resolution, work, args.warmup + args.steps + 1, device.type)
@@ -183,7 +230,7 @@ def run_ours(case: str, args, device: torch.device, work: Path) -> dict:
     memory_start(device)
     train(cfg, emit=clock, base=base)
     out = {**summary(clock.step_seconds(), cfg.train.batch_size * 2), **memory_peak(device)}
-    precision = "fp16" if device.type == "cuda" else "no"
+    precision = families.of(base).half_precision if device.type == "cuda" else "no"
     out["planner_gib"] = round(vram.plan(cfg, precision).total / GIB, 3)
     if out["peak_allocated_gib"]:
         out["planner_ratio"] = round(out["planner_gib"] / out["peak_allocated_gib"], 3)
@@ -192,11 +239,11 @@ def run_ours(case: str, args, device: torch.device, work: Path) -> dict:
 
 
 def run_reference(kind: str, args, device: torch.device, work: Path) -> dict:
-    from bench.reference import reference_loop, reference_loop_sdxl
+    from bench.reference import reference_loop, reference_loop_flux, reference_loop_sdxl
 
     base = build_model(args.model, device)
     memory_start(device)
-    loop = reference_loop_sdxl if is_sdxl(args.model) else reference_loop
+    loop = reference_loop_sdxl if is_sdxl(args.model) else reference_loop_flux if is_flux(args.model) else reference_loop
     seconds = loop(base, kind, work / "instance", work / "class", args.resolution, args.warmup + args.steps + 1, device)
     out = {**summary(seconds[args.warmup + 1:], 2), **memory_peak(device)}  # as ours: the first step untimed
     del base
@@ -262,7 +309,8 @@ def table(rows: list[dict]) -> str:
             continue
         kind = {"ours-loha": "loha", "ours-lokr": "lokr"}.get(r["case"], "lora")
         vs = ""
-        if r["case"].startswith("ours-") and kind in ref and r["case"] not in ("ours-batch2", "ours-batch8"):
+        if r["case"].startswith("ours-") and kind in ref and r["case"] not in ("ours-batch2", "ours-batch8",
+                                                                               "ours-flux-24gb"):
             vs = f"{ref[kind]['median_step_s'] / r['median_step_s']:.2f}x"
         lines.append(f"{r['case']:<20} {r['median_step_s']:>7.4f} {r['images_per_s']:>7.2f} "
                      f"{r['peak_allocated_gib']:>9.2f} {r.get('planner_gib', float('nan')):>12.2f}  {vs}")
@@ -293,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     args.model = args.model or ("sd15" if device.type == "cuda" else "demo")
     if not args.resolution:
-        full = {"sd15": 512, "sdxl": 1024}
+        full = {"sd15": 512, "sdxl": 1024, "flux": 1024}
         args.resolution = full.get(args.model) or native_resolution(load_base_model(args.model))
     sd_cases = [c for c in ALL if c not in PRESET_AS_IS] if device.type == "cuda" else CPU_DEFAULT
-    cases = args.only.split(",") if args.only else list(SDXL_DEFAULT if is_sdxl(args.model) else sd_cases)
+    cases = args.only.split(",") if args.only else list(SDXL_DEFAULT if is_sdxl(args.model) else
+                                                        FLUX_DEFAULT if is_flux(args.model) else sd_cases)
     unknown = [c for c in cases if c not in ALL]
     if unknown:
         p.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(ALL)}")

@@ -61,6 +61,10 @@ class ModelConfig:
                                           "diffusers folder. Empty: looked for beside the file.")
     text_encoder_2: str = _setting("", help="The T5-XXL of a FLUX.1 transformer file: t5xxl_fp16.safetensors, an "
                                             "fp8 one, or a FLUX diffusers folder. Empty: looked for beside the file.")
+    # the denoiser's block layers held in 4-bit NF4 or 8-bit integers while training (core/quantize.py; LoRA only)
+    quantize: Literal["none", "nf4", "int8"] = _setting(
+        "none", help="FLUX.1 on a 16-24 GB card: the frozen transformer in 8-bit (int8) or 4-bit (nf4) weights; "
+                     "LoRA only, needs an NVIDIA GPU's bitsandbytes.")
     zero_terminal_snr: bool = _setting(
         False, help="For models trained with zero terminal SNR (e.g. NoobAI-XL v-pred): the noise schedule reaches "
                     "pure noise. On by itself when the model's file says so.")

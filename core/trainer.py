@@ -38,7 +38,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 
-from . import adapters, buckets, families
+from . import adapters, buckets, families, quantize
 from .base_model import BaseModel
 from .batches import BucketBatches, epoch_index
 from .buckets import Size
@@ -113,6 +113,7 @@ def preflight(cfg: Config, resume_dir: str | Path | None = None) -> ScanReport:
     """
     resolve_precision(cfg)
     optimizer_class(cfg)
+    quantize.check(cfg.model.quantize, cfg.adapter.type)
     if resume_dir is not None and RunDir(resume_dir).latest_checkpoint() is None:
         raise ConfigError(f"{resume_dir} has no checkpoint to resume from.")
     named = RunDir(Path(cfg.output.dir) / cfg.output.name) if cfg.output.name and resume_dir is None else None
@@ -644,8 +645,8 @@ def optimizer_class(cfg: Config) -> type[torch.optim.Optimizer]:
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ConfigError("8-bit AdamW needs the bitsandbytes package and an NVIDIA GPU: ./launch.sh installs it when "
-                          "it finds one (or run .venv/bin/pip install -r requirements-gpu.txt).") from None
+        raise ConfigError("8-bit AdamW needs the bitsandbytes package and an NVIDIA GPU: ./launch.sh installs the "
+                          "package (or run .venv/bin/pip install bitsandbytes==0.50.2).") from None
     if not torch.cuda.is_available():
         raise ConfigError("8-bit AdamW needs an NVIDIA GPU; on the CPU use train.optimizer: adamw.")
     return bnb.optim.AdamW8bit
@@ -718,6 +719,10 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
         main_emit(Log(f"Loading base model {cfg.model.base}"))
         base = load_base_from_config(cfg)
     place(base.freeze(), HOME, frozen_dtype(acc.mixed_precision))
+    if cfg.model.quantize != "none":  # quantized when they reach the device (the GPU: at once, not on the CPU)
+        n = quantize.quantize(base.unet, cfg.model.quantize, weight_dtype)
+        main_emit(Log(f"{n} layers of the {families.of(base).denoiser} held in {cfg.model.quantize} "
+                      "(bitsandbytes); the adapter trains in float32"))
 
     # 3. Images; class images are generated now if prior preservation needs more.
     data = load_data(cfg, report, base, acc, main_emit, control.should_stop)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import adapters, buckets, families
+from . import adapters, buckets, families, quantize
 from .adapter_file import AdapterSpec
 from .buckets import Size
 from .config import Config, list_presets, preset_dict
@@ -218,6 +218,15 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _weight_bytes(module: torch.nn.Module, itemsize: int, kind: str) -> int:
+    """A part's weights on the GPU: `itemsize` bytes each, the quantized block layers' at their own size."""
+    if kind == "none":
+        return count(module) * itemsize
+    layers = [layer for _, _, layer in quantize.quantizable(module)]
+    quantized = sum(layer.weight.numel() for layer in layers)
+    return int((count(module) - quantized) * itemsize + sum(quantize.weight_bytes(layer, kind) for layer in layers))
+
+
 def family_of(configs: dict[str, dict]) -> Family:
     """The family of a model by its part configs (SD 1.x when no family claims them: the planner's assumption)."""
     return families.of_configs(configs, configs.get("unet", {})) or families.get("sd1")
@@ -232,7 +241,8 @@ def _plan(configs_json: str, key: str) -> tuple[tuple[tuple[str, int], ...], int
     family = family_of(configs)
     with torch.device("meta"):  # shapes only: no memory, no initialisation work
         models = family.parts_from_configs(configs)
-    weights = tuple((part, count(m) * (dtype.itemsize if part != "vae" or family.vae_fp16_safe else 4))
+    weights = tuple((part, _weight_bytes(m, dtype.itemsize if part != "vae" or family.vae_fp16_safe else 4,
+                                         k["quantize"] if part == family.denoiser else "none"))
                     for part, m in models.items())  # a VAE that overflows in half precision stays fp32
     parts = {part: models[part] for part in family.parts}
     for m in parts.values():
@@ -276,6 +286,7 @@ def plan(cfg: Config, precision: str | None = None) -> MemoryPlan:
         "precision": precision, "optimizer": t.optimizer, "checkpointing": t.gradient_checkpointing,
         "batch": t.batch_size * (2 if t.prior_preservation else 1), "width": width, "height": height,
         "specs": {part: vars(s) for part, s in specs.items()}, "encoded": images_per_encode(cfg),
+        "quantize": cfg.model.quantize,
     }, sort_keys=True, default=str)
     weights, adapter, act, transient, encode = _plan(json.dumps(configs, sort_keys=True, default=str), key)
     by_part = dict(weights)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,24 @@ def test_sdxl_benchmark_runs_a_preset_case_and_the_sdxl_reference(tmp_path):
     assert all(row["steps_timed"] == 1 and row["median_step_s"] > 0 and row["model"] == "tiny-sdxl" for row in rows.values())
     assert rows["ours-8gb"]["planner_gib"] > 0 and rows["ours-8gb"]["resolution"] == 64
     assert "ours-8gb" in r.stdout.split("\n", len(rows))[-1]
+
+
+@pytest.mark.slow  # about 30 s on a 2-core CPU
+def test_flux_benchmark_runs_the_presets_and_the_flux_reference(tmp_path):
+    """The FLUX cases on the tiny FLUX model: a quantized preset (NF4, bitsandbytes' CPU code), the bf16 settings
+    and the diffusers FLUX loop; the table compares the bf16 case with the reference."""
+    out = tmp_path / "bench.jsonl"
+    cases = ["ours-flux-16gb", "ours-flux-bf16", "reference-lora"]
+    r = subprocess.run([sys.executable, "-m", "bench.train_step", "--model", "tiny-flux", "--steps", "2", "--warmup", "1",
+                        "--only", ",".join(cases), "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["case"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert list(rows) == cases
+    assert all(row["steps_timed"] == 2 and row["median_step_s"] > 0 and row["model"] == "tiny-flux" for row in rows.values())
+    assert all(row["planner_gib"] > 0 for case, row in rows.items() if case.startswith("ours-"))
+    table = r.stdout.split("\n", len(rows))[-1]
+    assert re.search(r"ours-flux-bf16 .* \d+\.\d\dx", table), table  # its speed-up against the reference loop
 
 
 def test_benchmark_refuses_unknown_cases():

@@ -80,6 +80,7 @@ FIELDS = [Field(*f) for f in [
     ("use_effective_conv2d", "adapter.use_effective_conv2d"), ("cache_latents", "train.cache_latents"),
     ("prediction_type", "model.prediction_type"), ("zero_terminal_snr", "model.zero_terminal_snr"),
     ("vae", "model.vae"), ("text_encoder", "model.text_encoder"), ("text_encoder_2", "model.text_encoder_2"),
+    ("quantize", "model.quantize"),
     ("offload_frozen", "train.offload_frozen"),
     ("timestep_sampling", "train.timestep_sampling"), ("logit_mean", "train.logit_mean", "float"),
     ("logit_std", "train.logit_std", "float"), ("mode_scale", "train.mode_scale", "float"),

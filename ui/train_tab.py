@@ -334,6 +334,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
                                        placeholder="e.g. models/clip/clip_l.safetensors")
             c["text_encoder_2"] = widget("text_encoder_2", initial, label="T5-XXL text encoder (FLUX.1 file only)",
                                          placeholder="e.g. models/clip/t5xxl_fp16.safetensors")
+            c["quantize"] = widget("quantize", initial, label="Quantized frozen weights")
         with gr.Row():
             c["gradient_checkpointing"] = widget("gradient_checkpointing", initial,
                                                  label="Gradient checkpointing (less memory, slower)")
