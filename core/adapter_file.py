@@ -42,6 +42,7 @@ class AdapterSpec:
     use_effective_conv2d: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module ranks/alphas (imported files)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    blocks: str = "all"  # which of a transformer's blocks the targets are taken in (adapters.block_modules)
 
     def peft_config(self):
         common = dict(r=self.rank, target_modules=list(self.targets), rank_pattern=dict(self.rank_pattern),

@@ -25,8 +25,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .adapter_file import AdapterFile, AdapterSpec, Reader, read_adapter_file, read_ours, save_adapter_file
 from .community import read_diffusers, read_kohya, refuse_checkpoint, resolve_kohya
-from .config import UNET_TARGETS_FULL, Config
-from .errors import ModelLoadError
+from .config import BLOCK_KINDS, UNET_TARGETS_FULL, Config, parse_blocks
+from .errors import ConfigError, ModelLoadError
 from .families.base import Family
 
 Parts = Mapping[str, torch.nn.Module]
@@ -46,7 +46,7 @@ def specs_from_config(cfg: Config, text_encoders: tuple[str, ...] = ("text_encod
         targets = list(family_targets)
     shared = dict(type=a.type, dropout=a.dropout, module_dropout=a.module_dropout, decompose_both=a.decompose_both,
                   decompose_factor=a.decompose_factor, use_effective_conv2d=a.use_effective_conv2d)
-    specs = {denoiser: AdapterSpec(rank=a.rank, alpha=a.alpha, targets=targets, **shared)}
+    specs = {denoiser: AdapterSpec(rank=a.rank, alpha=a.alpha, targets=targets, blocks=a.blocks, **shared)}
     if a.train_text_encoder:
         for part in text_encoders:
             specs[part] = AdapterSpec(rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
@@ -68,14 +68,39 @@ def training_metadata(cfg: Config, step: int, base_name: str, family: str | None
 
 # --- training: inject and save --------------------------------------------------------------------------------------
 
+def block_modules(model: torch.nn.Module, targets: Sequence[str], blocks: str) -> list[str]:
+    """The full names of the `targets` modules (peft's suffix rule) inside the blocks `blocks` names."""
+    chosen = parse_blocks(blocks)
+    if not any(hasattr(model, attr) for attr in BLOCK_KINDS.values()):
+        raise ConfigError("`adapter.blocks` chooses among a FLUX.1 transformer's double and single blocks; this model "
+                          "has none: leave it at all.")
+    names = []
+    for name, _ in model.named_modules():
+        head, _, rest = name.partition(".")
+        index, _, inner = rest.partition(".")
+        kind = next((k for k, attr in BLOCK_KINDS.items() if attr == head), None)
+        if kind not in chosen or not index.isdigit() or not inner:
+            continue
+        wanted = chosen[kind]
+        if (wanted is None or int(index) in wanted) and any(inner == t or inner.endswith("." + t) for t in targets):
+            names.append(name)
+    if not names:
+        raise ConfigError(f"`adapter.blocks` ({blocks}) leaves no target module in this transformer: check the block "
+                          "numbers (FLUX.1 has double blocks 0-18 and single blocks 0-37).")
+    return names
+
+
 def inject(model: torch.nn.Module, spec: AdapterSpec, name: str = "default") -> list[torch.nn.Parameter]:
     """Add adapter `name` to `model` in place; return its parameters (trainable, float32).
 
     Other parameters keep their trainable flag (peft's injection would otherwise change them).
     """
     before = {pname: p.requires_grad for pname, p in model.named_parameters()}
+    config = spec.peft_config()
+    if spec.blocks != "all":
+        config.target_modules = block_modules(model, spec.targets, spec.blocks)
     try:
-        inject_adapter_in_model(spec.peft_config(), model, adapter_name=name)
+        inject_adapter_in_model(config, model, adapter_name=name)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise ModelLoadError(f"The adapter's target modules do not exist in this model: {e}") from None
     # peft has frozen everything but the new adapter, so the cast reaches its weights only: adapters train

@@ -9,6 +9,7 @@ Presets are sparse YAML files with a `version` field, built in (presets/) or the
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,30 @@ UNET_TARGETS_FULL = [
 UNET_TARGETS_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "v_proj"]
 TEXT_ENCODER_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+BLOCK_KINDS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}  # FLUX.1's two kinds
+
+
+def parse_blocks(text: str) -> dict[str, set[int] | None]:
+    """`adapter.blocks` -> {kind: indices (None: all of them)}: "double", "single", "double 0-9, single 0-19,25"
+    (each kind, then optional indices and ranges); "all" -> both kinds, every block."""
+    text = text.strip().lower()
+    if text in ("", "all"):
+        return dict.fromkeys(BLOCK_KINDS)
+    chosen: dict[str, set[int] | None] = {}
+    kind = None
+    for word in re.split(r"[\s,]+", text):
+        if word in BLOCK_KINDS:
+            kind = word
+            chosen.setdefault(kind, None)
+        elif kind is not None and re.fullmatch(r"\d+(-\d+)?", word):
+            lo, _, hi = word.partition("-")
+            chosen[kind] = (chosen[kind] or set()) | set(range(int(lo), int(hi or lo) + 1))
+        elif word:
+            raise ConfigError(f"`adapter.blocks` must be all, double, single, or kinds with block numbers such as "
+                              f"'double 0-9, single 0-19'; {word!r} is not understood.")
+    return chosen
 
 
 def _setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, help: str = "",
@@ -120,6 +145,9 @@ class AdapterConfig:
         factory=lambda: list(UNET_TARGETS_FULL),
         help=f"Attention only: {', '.join(UNET_TARGETS_ATTENTION)}. Full set: {', '.join(UNET_TARGETS_FULL)}. "
              "FLUX.1 (a transformer): the full set means its own list (attn.to_q, attn.add_q_proj, ff.net.2 ...).")
+    # FLUX.1: which transformer blocks get adapters (core/adapters.py, parse_blocks), as kohya's train_blocks
+    blocks: str = _setting("all", help="FLUX.1: all, double, single, or block numbers such as "
+                                       "'double 0-9, single 0-19'.")
     # LoKr: also factorize the small matrix; the split factor (-1 = as square as possible).
     decompose_both: bool = False
     decompose_factor: int = _setting(-1, help="-1: as square as possible.")
@@ -236,6 +264,7 @@ class Config:
         name = self.output.name  # a run name such as "../x" would put the run outside the workspace
         if name in (".", "..") or any(c in name for c in "/\\\0"):
             raise ConfigError(f"`output.name` must be a plain folder name (no / or \\, not . or ..), got {name!r}.")
+        parse_blocks(self.adapter.blocks)
         if self.adapter.train_text_encoder and not self.adapter.text_encoder_targets:
             raise ConfigError("`adapter.text_encoder_targets` is empty while `adapter.train_text_encoder` is on.")
         check_version(vars(self), "This config")

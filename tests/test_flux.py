@@ -592,3 +592,34 @@ def test_the_planner_knows_flux_dev_before_it_is_downloaded(tmp_path, monkeypatc
     assert 8.8 * gib < plan.offloaded - plan.vae < 9.4 * gib  # T5 + CLIP-L wait in main memory
     said = vram.advice(cfg, 23 * gib)
     assert "**not enough**" in said and "gradient checkpointing" not in said  # it is on already
+
+
+@pytest.mark.parametrize("blocks, double, single", [("all", True, True), ("double", True, False),
+                                                    ("single 0", False, True), ("double 0, single", True, True)])
+def test_adapters_can_be_restricted_to_blocks(tmp_path, one_image_dir, blocks, double, single):
+    """adapter.blocks (kohya's train_blocks / block indices): only the chosen blocks get adapters; the file
+    remembers the choice and loads back onto the same layers."""
+    cfg = flux_config(tmp_path, one_image_dir, adapter={"blocks": blocks}, train={"max_steps": 1})
+    run_dir, _ = run(cfg)
+    af = adapters.read_adapter(run_dir / f"{run_dir.name}.safetensors")
+    modules = {k.split(".lora_")[0] for k in af.tensors}
+    assert any(m.startswith("transformer.transformer_blocks.") for m in modules) == double
+    assert any(m.startswith("transformer.single_transformer_blocks.") for m in modules) == single
+    assert af.specs["transformer"].blocks == blocks
+    model = tiny_flux().freeze()
+    adapters.load_into(model.parts, af, "again")
+    wrapped = {f"transformer.{n}" for n, m in model.transformer.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == modules
+
+
+def test_block_choices_are_checked():
+    for bad in ("triple", "double x", "0-3"):
+        with pytest.raises(ConfigError, match="adapter.blocks"):
+            Config.from_dict({"adapter": {"blocks": bad}})
+    from core.config import parse_blocks
+
+    assert parse_blocks("double 0-2,5, single") == {"double": {0, 1, 2, 5}, "single": None}
+    with pytest.raises(ConfigError, match="no target module"):
+        adapters.block_modules(tiny_flux().transformer, ["attn.to_q"], "double 7")
+    with pytest.raises(ConfigError, match="FLUX.1 transformer"):
+        adapters.block_modules(build_tiny_model().unet, ["to_q"], "double")

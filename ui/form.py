@@ -76,7 +76,7 @@ FIELDS = [Field(*f) for f in [
     ("compare_at_end", "train.compare_at_end"),
     ("checkpoint_every", "train.checkpoint_every", "int"), ("unet_targets", "adapter.unet_targets", "list"),
     ("text_encoder_targets", "adapter.text_encoder_targets", "list"),
-    ("decompose_both", "adapter.decompose_both"), ("decompose_factor", "adapter.decompose_factor", "int"),
+    ("blocks", "adapter.blocks"), ("decompose_both", "adapter.decompose_both"), ("decompose_factor", "adapter.decompose_factor", "int"),
     ("use_effective_conv2d", "adapter.use_effective_conv2d"), ("cache_latents", "train.cache_latents"),
     ("prediction_type", "model.prediction_type"), ("zero_terminal_snr", "model.zero_terminal_snr"),
     ("vae", "model.vae"), ("text_encoder", "model.text_encoder"), ("text_encoder_2", "model.text_encoder_2"),

@@ -367,6 +367,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
             c["flow_shift_value"] = widget("flow_shift_value", initial, label="FLUX: fixed shift")
             c["flow_loss_weighting"] = widget("flow_loss_weighting", initial, label="FLUX: loss weighting")
             c["guidance_scale"] = widget("guidance_scale", initial, label="FLUX.1-dev: training guidance")
+            c["blocks"] = widget("blocks", initial, label="FLUX: blocks with adapters")
         with gr.Row():
             c["decompose_both"] = widget("decompose_both", initial, label="LoKr: decompose both factors")
             c["decompose_factor"] = widget("decompose_factor", initial, label="LoKr: factor")
