@@ -8,6 +8,7 @@ within seconds even when a batch takes minutes.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -26,7 +27,7 @@ from .fileio import write_json
 from .events import ClassImagesProgress, ClassImagesStep, Emit, Log, ignore
 from .models import model_fingerprint
 from .placement import parts_on
-from .sampling import generate, make_pipeline, save_png
+from .sampling import encoded_apart, generate, make_pipeline, save_png
 from .words import count
 
 MANIFEST = "manifest.json"
@@ -163,13 +164,16 @@ def ensure_class_images(cfg: Config, base: BaseModel, device: torch.device | str
     if todo:
         shape = f" at {describe(size)}" if size else ""
         emit(Log(f"Generating {count(len(todo), 'class image')}{shape} for '{cfg.data.class_prompt}' in {folder}"))
-        with parts_on(base, base.all_parts, device):  # the whole pipeline generates: all of it on the device
-            _generate(cfg, base, folder, todo, torch.device(device), emit, should_stop, size)
+        # the whole pipeline generates: all of it on the device (FLUX.1: the encoders first, alone, for the prompt)
+        bring = functools.partial(parts_on, base, device=device)
+        with encoded_apart(base, [cfg.data.class_prompt], device, list(base.all_parts), bring) as inputs:
+            _generate(cfg, base, folder, todo, torch.device(device), emit, should_stop, size, inputs)
     return usable_class_images(cfg, size)[:want]
 
 
 def _generate(cfg: Config, base: BaseModel, folder: Path, todo: list[int], device: torch.device, emit: Emit,
-              should_stop: Callable[[], bool], size: Size | None) -> None:
+              should_stop: Callable[[], bool], size: Size | None, inputs: dict | None = None) -> None:
+    """`inputs`: the class prompt's embeddings made ahead (one prompt's; repeated for each batch), or None."""
     d = cfg.data
     width, height = size or (d.resolution, d.resolution)
     pipe = make_pipeline(base, device)
@@ -185,7 +189,9 @@ def _generate(cfg: Config, base: BaseModel, folder: Path, todo: list[int], devic
         try:
             images = generate(pipe, [d.class_prompt] * len(batch), seeds, steps=d.class_steps,
                               guidance=d.class_guidance, width=width, height=height, negative_prompt=d.class_negative_prompt,
-                              on_step=_on_step(emit, should_stop, start, len(todo), len(batch)))
+                              on_step=_on_step(emit, should_stop, start, len(todo), len(batch)),
+                              prompt_inputs=inputs and {k: v.repeat(len(batch), *[1] * (v.dim() - 1))
+                                                        for k, v in inputs.items()})
         except _Stopped:
             emit(stopped)
             return

@@ -37,8 +37,10 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
 def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
              size: int | None = None, negative_prompt: str = "",
              on_step: Callable[[int, int], None] | None = None, width: int | None = None,
-             height: int | None = None) -> list[Image.Image]:
+             height: int | None = None, prompt_inputs: dict | None = None) -> list[Image.Image]:
     """One image per (prompt, seed), in one batch; each image depends only on its own seed.
+
+    `prompt_inputs`: the prompts' embeddings computed ahead (`encoded_apart`), used instead of encoding them here.
 
     `on_step(steps_done, steps)` is called after every denoising step; an exception it raises abandons the batch
     (that is how a stop acts within seconds instead of after a batch of many minutes).
@@ -59,7 +61,8 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], step
         m.eval()  # no adapter dropout while sampling, even mid-training
     try:
         with autocast_for(device, dtype):
-            out = pipe(prompts, num_inference_steps=steps, height=height, width=width, latents=latents.to(dtype),
+            prompt = {"prompt": prompts} if prompt_inputs is None else prompt_inputs
+            out = pipe(**prompt, num_inference_steps=steps, height=height, width=width, latents=latents.to(dtype),
                        generator=generators, output_type="latent",
                        callback_on_step_end=_step_callback(on_step) if on_step else None,
                        **family.call_options(pipe, negative_prompt, len(prompts), guidance))
@@ -69,6 +72,24 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], step
     finally:
         for m, mode in modes.items():
             m.train(mode)
+
+
+@contextlib.contextmanager
+def encoded_apart(base: BaseModel, prompts: list[str], device, away: list[str], bring):
+    """For a family that encodes apart (FLUX.1): the prompts' embeddings, made while only the encoders among `away`
+    (parts kept in main memory) are on the device, then the rest of `away` brought for the block; yields the
+    embeddings (None for the other families: all of `away` is brought, the pipeline encodes itself). `bring(names)`
+    puts parts on the device for a block (core.placement.parts_on)."""
+    family = families.of(base)
+    if not family.encode_apart:
+        with bring(away):
+            yield None
+        return
+    encoders = [p for p in away if p in family.encoders]
+    with bring(encoders):
+        inputs = family.prompt_inputs(base, prompts, device)
+    with bring([p for p in away if p not in encoders]):
+        yield inputs
 
 
 def _step_callback(on_step: Callable[[int, int], None]):

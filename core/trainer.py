@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
@@ -56,7 +57,7 @@ from .placement import HOME, cached_encoders, latents_cached, move_parts, offloa
 from .precision import DTYPES, frozen_dtype, resolve_precision
 from .rundir import Checkpoint, RunDir
 from .vram import spec_family
-from .sampling import generate, make_pipeline, save_png
+from .sampling import encoded_apart, generate, make_pipeline, save_png
 
 LOSS_COLUMNS = ["step", "loss", "instance_loss", "prior_loss", "lr", "seconds"]
 
@@ -524,14 +525,15 @@ class Run:
 
     def images(self, prompts: list[str], seeds: list[int], adapter: bool = True) -> list:
         """Images by the model as it is now (`adapter` False: as if it had none), with the sample settings."""
-        cfg = self.cfg
-        with parts_on(self.base, self.offloaded, self.acc.device):
-            parts = {part: self.unwrapped(part) for part in self.base.parts}
-            pipe = make_pipeline(self.base, self.acc.device, **parts)
-            width, height = self.sample_size or (cfg.data.resolution, cfg.data.resolution)
-            with self.averaged() if adapter else adapters.adapters_off(parts):
+        cfg, device = self.cfg, self.acc.device
+        parts = {part: self.unwrapped(part) for part in self.base.parts}
+        width, height = self.sample_size or (cfg.data.resolution, cfg.data.resolution)
+        bring = functools.partial(parts_on, self.base, device=device)
+        with self.averaged() if adapter else adapters.adapters_off(parts):
+            with encoded_apart(self.base, prompts, device, list(self.offloaded), bring) as inputs:
+                pipe = make_pipeline(self.base, device, **parts)
                 return generate(pipe, prompts, seeds, steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance,
-                                width=width, height=height)
+                                width=width, height=height, prompt_inputs=inputs)
 
     def sample(self) -> None:
         if not self.acc.is_main_process:

@@ -623,3 +623,49 @@ def test_block_choices_are_checked():
         adapters.block_modules(tiny_flux().transformer, ["attn.to_q"], "double 7")
     with pytest.raises(ConfigError, match="FLUX.1 transformer"):
         adapters.block_modules(build_tiny_model().unet, ["to_q"], "double")
+
+
+def test_samples_and_class_images_encode_apart_from_the_denoiser(tmp_path, instance_dir, monkeypatch):
+    """FLUX.1's prompts are encoded with only the encoders brought to the device, then the transformer denoises with
+    T5 and CLIP-L back in main memory (T5 alone is 9.5 GB: both would not fit a 16-24 GB card beside it); the
+    images equal the pipeline's own encoding."""
+    import contextlib
+
+    from core import class_images, trainer
+
+    present: set[str] = set()
+    seen: list[set[str]] = []
+
+    def spy(parts_on):
+        @contextlib.contextmanager
+        def tracked(model, names, device):
+            names = list(names)
+            present.update(names)
+            with parts_on(model, names, device):
+                yield
+            present.difference_update(names)
+        return tracked
+
+    monkeypatch.setattr(trainer, "parts_on", spy(trainer.parts_on))
+    monkeypatch.setattr(class_images, "parts_on", spy(class_images.parts_on))
+    base = tiny_flux()
+    forward = base.transformer.forward
+
+    def watched(*args, **kwargs):
+        if not torch.is_grad_enabled():  # sampling, not a training step
+            seen.append(set(present))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(base.transformer, "forward", watched)
+    cfg = flux_config(tmp_path, instance_dir, train={"max_steps": 2, "sample_every": 2, "prior_preservation": True,
+                                                     "sample_steps": 2})
+    run(cfg, base=base)
+    assert seen, "no sampling ran"
+    assert all("text_encoder_2" not in s and "text_encoder" not in s for s in seen), seen
+    # the same images as the pipeline encoding its prompts itself
+    model = tiny_flux().freeze()
+    pipe = make_pipeline(model)
+    inputs = FLUX.prompt_inputs(model, PROMPTS, "cpu")
+    a = generate(pipe, PROMPTS, [1, 2], steps=2, guidance=3.5, size=32)
+    b = generate(pipe, PROMPTS, [1, 2], steps=2, guidance=3.5, size=32, prompt_inputs=inputs)
+    assert all(list(x.getdata()) == list(y.getdata()) for x, y in zip(a, b))

@@ -180,6 +180,14 @@ class Family:
         shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
+    # whether samples encode their prompts first, with only the encoders on the device, then denoise without them
+    # (FLUX.1: T5 alone is 9.5 GB, too much beside the transformer on a 16-24 GB card); SD / SDXL: one pipeline call
+    encode_apart = False
+
+    def prompt_inputs(self, base: BaseModel, prompts: Sequence[str], device) -> dict:
+        """The pipeline call's prompt keywords computed ahead (`encode_apart` families): its prompt embeddings."""
+        raise NotImplementedError
+
     def call_options(self, pipe, negative_prompt: str, n: int, guidance: float) -> dict:
         """The pipeline call's family-specific keywords: classifier-free guidance and the negative prompt."""
         return {"guidance_scale": guidance, "guidance_rescale": guidance_rescale(pipe.scheduler),

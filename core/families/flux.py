@@ -367,6 +367,14 @@ class FluxFamily(Family):
                  self.latent_side(pipe, width))
         return pack(torch.stack([torch.randn(shape, generator=g) for g in generators])).to(device)
 
+    encode_apart = True
+
+    @torch.no_grad()
+    def prompt_inputs(self, base: BaseModel, prompts: Sequence[str], device) -> dict:
+        """FluxPipeline's `prompt_embeds` (T5) and `pooled_prompt_embeds` (CLIP-L), as its encode_prompt makes them."""
+        cond = self.encode_prompts(base, prompts, device)
+        return {"prompt_embeds": cond["hidden"], "pooled_prompt_embeds": cond["pooled"]}
+
     def call_options(self, pipe, negative_prompt: str, n: int, guidance: float) -> dict:
         """FLUX's guidance is the distilled scale (dev; schnell ignores it); no negative prompt (FLUX.1 has no
         classifier-free guidance)."""
