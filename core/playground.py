@@ -7,6 +7,7 @@ all adapter layers are taken out (`adapters.remove_all`) and the wanted set is l
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -22,7 +23,8 @@ from .base_model import BaseModel
 from .errors import ModelLoadError, UserError
 from .models import load_base_model, place
 from .precision import default_device, frozen_dtype
-from .sampling import generate, make_pipeline, save_png
+from .placement import move_parts, parts_on
+from .sampling import encoded_apart, generate, make_pipeline, save_png
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)  # the compare grid: adapters off, then a strength sweep
 
@@ -67,6 +69,7 @@ class Playground:
         self.base: BaseModel | None = None
         self.base_spec = ""
         self.base_loads = 0  # how many times a base model was loaded (the tests check swaps do not reload)
+        self.apart: list[str] = []  # encoders kept in main memory between prompts (FLUX.1 on a GPU)
         self._loaded: dict[str, tuple[str, AdapterFile]] = {}  # key -> (name in the model, file)
         self._names = itertools.count()
 
@@ -77,8 +80,12 @@ class Playground:
             self.base = None  # free the old one first
             self._loaded = {}
             base = load_base_model(spec, allow_pickle=self.allow_pickle)
-            precision = families.of(base).half_precision if self.on_gpu else "no"  # FLUX.1: bf16, others fp16
-            self.base = place(base, self.device, frozen_dtype(precision))
+            family = families.of(base)
+            precision = family.half_precision if self.on_gpu else "no"  # FLUX.1: bf16, others fp16
+            # FLUX.1's text encoders wait in main memory and come to the GPU only to encode the prompt
+            self.apart = [p for p in family.encoders if family.encode_apart and self.on_gpu]
+            self.base = place(base, "cpu", frozen_dtype(precision))
+            move_parts(self.base, [p for p in self.base.all_parts if p not in self.apart], self.device)
             self.base_spec = spec
             self.base_loads += 1
         return self.base
@@ -117,12 +124,15 @@ class Playground:
             base = self._ensure_base(base_spec)
             weights = self._ensure_adapters(wanted)
             pipe = make_pipeline(base, self.device)
+            bring = functools.partial(parts_on, base, device=self.device)
             images = []
             try:
                 for s in strengths:
                     adapters.set_weights(base.parts, {n: w * s for n, w in weights.items()})
-                    images += generate(pipe, [prompt], [int(seed)], steps=int(steps), guidance=float(guidance),
-                                       width=width or None, height=height or None, negative_prompt=negative_prompt)
+                    with encoded_apart(base, [prompt], self.device, self.apart, bring) as inputs:
+                        images += generate(pipe, [prompt], [int(seed)], steps=int(steps), guidance=float(guidance),
+                                           width=width or None, height=height or None,
+                                           negative_prompt=negative_prompt, prompt_inputs=inputs)
             finally:
                 adapters.set_weights(base.parts, weights)
         return images
