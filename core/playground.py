@@ -17,12 +17,13 @@ from typing import Callable
 
 import torch
 
-from . import adapters, families
+from . import adapters, families, quantize
 from .adapter_file import AdapterFile
 from .base_model import BaseModel
 from .errors import ModelLoadError, UserError
 from .models import load_base_model, place
-from .precision import default_device, frozen_dtype
+from .config import adapter_name
+from .precision import DTYPES, default_device, frozen_dtype
 from .placement import move_parts, parts_on
 from .sampling import encoded_apart, generate, make_pipeline, save_png
 
@@ -70,13 +71,16 @@ class Playground:
         self.base_spec = ""
         self.base_loads = 0  # how many times a base model was loaded (the tests check swaps do not reload)
         self.apart: list[str] = []  # encoders kept in main memory between prompts (FLUX.1 on a GPU)
+        self.quantized = "none"  # the base model's quantization (core/quantize.py)
         self._loaded: dict[str, tuple[str, AdapterFile]] = {}  # key -> (name in the model, file)
         self._names = itertools.count()
 
     # -- model and adapters --------------------------------------------------------------------------------------
-    def _ensure_base(self, spec: str) -> BaseModel:
+    def _ensure_base(self, spec: str, kind: str = "none") -> BaseModel:
+        """The base model `spec` on the device; `kind` (none / int8 / nf4): its denoiser's block layers quantized,
+        as `model.quantize` does in training (FLUX.1 on a 16-24 GB card)."""
         spec = (spec or "").strip()
-        if self.base is None or spec != self.base_spec:
+        if self.base is None or spec != self.base_spec or kind != self.quantized:
             self.base = None  # free the old one first
             self._loaded = {}
             base = load_base_model(spec, allow_pickle=self.allow_pickle)
@@ -85,6 +89,9 @@ class Playground:
             # FLUX.1's text encoders wait in main memory and come to the GPU only to encode the prompt
             self.apart = [p for p in family.encoders if family.encode_apart and self.on_gpu]
             self.base = place(base, "cpu", frozen_dtype(precision))
+            quantize.check(kind, "lora")
+            quantize.quantize(self.base.unet, kind, DTYPES[precision])  # quantized as it reaches the device
+            self.quantized = kind
             move_parts(self.base, [p for p in self.base.all_parts if p not in self.apart], self.device)
             self.base_spec = spec
             self.base_loads += 1
@@ -97,6 +104,10 @@ class Playground:
         for key in [k for k in self._loaded if k not in keys]:
             adapters.delete_adapter(parts, self._loaded.pop(key)[0])
         new = [(w.key, w.load()) for w in wanted if w.key not in self._loaded]
+        lycoris = [f for _, f in new if f.type != "lora"]
+        if lycoris and self.quantized != "none":
+            raise UserError(f"{lycoris[0].path.name} is a {adapter_name(lycoris[0].type)}: LoHa and LoKr cannot run on "
+                            "quantized weights (peft wraps only LoRA around them). Set Quantized weights to none.")
         if any(f.type == "lora" for _, f in new) and adapters.has_lycoris(parts):
             # A LoRA cannot wrap a LoHa/LoKr layer: start again from the plain model and load them all.
             new = [(k, f) for k, (_, f) in self._loaded.items()] + new
@@ -113,7 +124,8 @@ class Playground:
     # -- generation ----------------------------------------------------------------------------------------------
     def generate(self, base_spec: str, wanted: list[Wanted], prompt: str, negative_prompt: str = "", seed: int = 0,
                  steps: int = 25, guidance: float = 7.5, size: int | None = None,
-                 strengths: tuple[float, ...] = (1.0,), width: int | None = None, height: int | None = None) -> list:
+                 strengths: tuple[float, ...] = (1.0,), width: int | None = None, height: int | None = None,
+                 quantize: str = "none") -> list:
         """One image per strength (a multiplier on every adapter's weight), all from the same seed; `width` x
         `height` pixels (`size`: a square; a side not given: the model's own)."""
         if not prompt.strip():
@@ -121,7 +133,7 @@ class Playground:
         width, height = width or size, height or size
         check_sides(width=width, height=height)
         with self._lock:
-            base = self._ensure_base(base_spec)
+            base = self._ensure_base(base_spec, quantize)
             weights = self._ensure_adapters(wanted)
             pipe = make_pipeline(base, self.device)
             bring = functools.partial(parts_on, base, device=self.device)

@@ -118,3 +118,29 @@ def test_the_planner_counts_quantized_weights_and_picks_the_flux_presets():
     full = vram.plan(Config.from_dict({**vram.preset_config("flux-dev-lora-16gb").to_dict(),
                                        "model": {"base": "black-forest-labs/FLUX.1-dev", "quantize": "none"}}))
     assert full.weights - plans["flux-dev-lora-16gb"].weights > 14 * 2 ** 30  # 22 GiB of bf16 weights -> about 6
+
+
+def test_the_playground_loads_the_base_quantized_for_loras_only(tmp_path, instance_dir):
+    """The playground's Quantized weights: the base reloads quantized (once), a LoRA runs on it and changes the
+    image; a LoHa is refused in plain words; back to none reloads the full model."""
+    from core.errors import UserError
+    from core.playground import Playground, Wanted
+
+    lora = train(Config.from_dict(flux_config(tmp_path, instance_dir, output={"name": "l"},
+                                              train={"max_steps": 2, "learning_rate": 5e-2})))
+    loha = train(Config.from_dict(flux_config(tmp_path, instance_dir, output={"name": "h"},
+                                              adapter={"type": "loha"}, train={"max_steps": 1})))
+    pg = Playground(device="cpu")
+    want = lambda path: Wanted(str(path), lambda: adapters.read_adapter(path), 1.0)  # noqa: E731
+    plain = pg.generate("tiny-flux", [], "a photo of sks ball", steps=2, guidance=3.5, size=32, quantize="int8")[0]
+    assert pg.quantized == "int8" and pg.base_loads == 1
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in pg.base.transformer.modules())
+    adapted = pg.generate("tiny-flux", [want(lora / "l.safetensors")], "a photo of sks ball", steps=2, guidance=3.5,
+                          size=32, quantize="int8")[0]
+    assert pg.base_loads == 1 and list(plain.getdata()) != list(adapted.getdata())
+    with pytest.raises(UserError, match="LoHa and LoKr cannot run on quantized weights"):
+        pg.generate("tiny-flux", [want(loha / "h.safetensors")], "a photo of sks ball", steps=2, size=32,
+                    quantize="int8")
+    pg.generate("tiny-flux", [want(loha / "h.safetensors")], "a photo of sks ball", steps=2, size=32)
+    assert pg.quantized == "none" and pg.base_loads == 2
+    assert not any(isinstance(m, bnb.nn.Linear8bitLt) for m in pg.base.transformer.modules())
