@@ -721,9 +721,12 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
         main_emit(Log(f"Loading base model {cfg.model.base}"))
         base = load_base_from_config(cfg)
     place(base.freeze(), HOME, frozen_dtype(acc.mixed_precision))
+    family = families.of(base)
+    family.check_training(t)  # before minutes go into class images
+    family.check_sizes(cfg.data, base.vae_scale_factor)
     if cfg.model.quantize != "none":  # quantized when they reach the device (the GPU: at once, not on the CPU)
         n = quantize.quantize(base.unet, cfg.model.quantize, weight_dtype)
-        main_emit(Log(f"{n} layers of the {families.of(base).denoiser} held in {cfg.model.quantize} "
+        main_emit(Log(f"{n} layers of the {family.denoiser} held in {cfg.model.quantize} "
                       "(bitsandbytes); the adapter trains in float32"))
 
     # 3. Images; class images are generated now if prior preservation needs more.
@@ -737,8 +740,6 @@ def _train(cfg, emit, commands, resume_dir, base, where: dict) -> Path:
     main_emit(RunStarted(str(run_dir)))
 
     # 4. Adapters on the UNet (and text encoders): the only trainable parameters.
-    family = families.of(base)
-    family.check_training(t)
     specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser, family.default_targets)
     try:
         params = seeded(t.seed, lambda: adapters.inject_all(base.parts, specs))

@@ -136,6 +136,9 @@ class Family:
     def check_training(self, t) -> None:
         """Raise a ConfigError for training settings this family cannot use."""
 
+    def check_sizes(self, data, vae_scale_factor: int) -> None:
+        """Raise a ConfigError for image sizes this family cannot train on (`data`: the DataConfig)."""
+
     def unet_forward(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                      geometry: Sequence[Any], dtype: torch.dtype, guidance: float = 1.0) -> torch.Tensor:
         """The denoiser's prediction for a training batch (`geometry`: each image's, see core/data.py Geometry;

@@ -386,6 +386,15 @@ class FluxFamily(Family):
         x = x / vae.config.scaling_factor + vae.config.shift_factor
         return pipe.image_processor.postprocess(vae.decode(x).sample, output_type="pil")
 
+    def check_sizes(self, data, vae_scale_factor: int) -> None:
+        """Latents are packed in 2x2 patches: every training image side must be a multiple of twice the VAE's
+        factor (16 px for FLUX.1)."""
+        unit = 2 * vae_scale_factor
+        key, side = ("data.bucket_step", data.bucket_step) if data.bucketing else ("data.resolution", data.resolution)
+        if side % unit:
+            raise ConfigError(f"`{key}` must be a multiple of {unit} px for FLUX.1 (its latents are packed in 2x2 "
+                              f"patches), got {side}.")
+
     def check_training(self, t) -> None:
         if t.min_snr_gamma:
             raise ConfigError("`train.min_snr_gamma` is for noise-predicting models; FLUX trains by flow matching: "
