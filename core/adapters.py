@@ -224,6 +224,23 @@ def adapters_off(parts: Parts):
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def scaled(parts: Parts, name: str, weight: float):
+    """Within: adapter `name` at `weight` times its trained strength (a training run's own adapter, drawn at a
+    strength while paused); after: at 1.0 again, every parameter's trainable flag as before."""
+    layers = [layer for module in parts.values() for layer in tuner_layers(module)]
+    trains = {p: p.requires_grad for layer in layers for p in layer.parameters()}
+    for layer in layers:
+        layer.set_scale(name, weight)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_scale(name, 1.0)
+        for p, flag in trains.items():
+            p.requires_grad_(flag)
+
+
 def delete_adapter(parts: Parts, name: str) -> None:
     """Remove adapter `name` from every layer that has it (the base weights are untouched)."""
     for module in parts.values():

@@ -180,3 +180,38 @@ def test_job_base_one_at_a_time():
     assert job.wait(0.05) == "running"
     gate.set()
     assert job.wait(10) == "finished" and not job.busy
+
+
+@pytest.mark.parametrize("base", ["tiny", "tiny-flux"])
+def test_pause_and_test_draws_with_the_runs_own_model(tmp_path, instance_dir, base):
+    """While paused, the run's own model draws the test images (no second copy of the base model): at strength 0
+    the base model's own image, at 1 another; after resume the run ends exactly as an uninterrupted one."""
+    from core.models import load_base_model
+    from core.sampling import generate, make_pipeline
+    from core.trainer import train
+
+    def config(name, steps=6):
+        d = tiny_config(tmp_path, instance_dir, output={"name": name},
+                        train={"max_steps": steps, "learning_rate": 5e-2, "sample_every": 0})
+        d["model"] = {"base": base}
+        return Config.from_dict(d)
+
+    train(config("plain"))
+    s = Session()
+    with pytest.raises(UserError, match="No training run is paused"):
+        s.live_images("a photo of sks ball")
+    s.start(config("paused"))
+    wait_for(lambda h: h["step"] >= 2, s)
+    assert s.pause()
+    wait_for(lambda h: h["state"] == "paused", s)
+    off, on = s.live_images("a photo of sks ball", seed=3, steps=2, guidance=3.5, strengths=(0.0, 1.0))
+    fresh = load_base_model(base)
+    alone = generate(make_pipeline(fresh), ["a photo of sks ball"], [3], steps=2, guidance=3.5, size=off.size[0])[0]
+    assert list(off.getdata()) == list(alone.getdata())
+    assert list(on.getdata()) != list(off.getdata())
+    assert s.resume()
+    s.wait(120)
+    assert s.snapshot()["state"] == "finished"
+    a = adapters.read_adapter(Path(tmp_path / "workspace" / "runs" / "plain" / "plain.safetensors")).tensors
+    b = adapters.read_adapter(Path(s.snapshot()["adapter_path"])).tensors
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "drawing while paused changed the run"

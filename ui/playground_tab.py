@@ -23,6 +23,7 @@ MERGE_TARGETS = {"lora": "One LoRA file (LoRAs only; appears in the adapter list
                  "folder": "A new model: a diffusers folder"}
 LIVE = "live"
 LIVE_LABEL = "Live: the paused training run"
+LIVE_RUN = "live run"  # its label in captions
 
 
 def adapter_choices(ctx: Ctx) -> list[tuple[str, str]]:
@@ -40,7 +41,7 @@ def wanted_adapters(ctx: Ctx, spec: str, values: dict) -> list[tuple[str, Wanted
             continue
         if choice == LIVE:
             w = live_wanted(ctx, spec, weight)
-            label = "live run"
+            label = LIVE_RUN
         else:
             w = from_file(choice, weight)
             label = choice.rsplit("/", 1)[-1].removesuffix(".safetensors")
@@ -72,6 +73,12 @@ def settings_text(values: dict, labels: list[str], weights: list[float]) -> str:
 def run_generation(ctx: Ctx, values: dict, strengths) -> tuple[list, str, list[str], list[float]]:
     spec = base_spec(values["pg_base_choice"], values["pg_base_other"])
     chosen = wanted_adapters(ctx, spec, values)
+    if [label for label, _ in chosen] == [LIVE_RUN]:  # the paused run alone: drawn by the run's own model
+        images = ctx.session.live_images(
+            values["pg_prompt"], values.get("pg_negative") or "", int(values["pg_seed"]), int(values["pg_steps"]),
+            float(values["pg_guidance"]), width=int(values.get("pg_width") or 0),
+            height=int(values.get("pg_height") or 0), strengths=tuple(strengths), weight=chosen[0][1].weight)
+        return images, spec, [LIVE_RUN], [chosen[0][1].weight]
     images = ctx.playground.generate(
         spec, [w for _, w in chosen], values["pg_prompt"], values.get("pg_negative") or "", int(values["pg_seed"]),
         int(values["pg_steps"]), float(values["pg_guidance"]), strengths=tuple(strengths),
