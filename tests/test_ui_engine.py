@@ -463,6 +463,25 @@ def test_a_loaded_page_gets_the_form_as_left_in_any_tab_or_a_later_runs_settings
     assert main.restore(ctx)["dataset"]["value"] == "other"
 
 
+def test_a_form_event_that_arrives_after_start_is_no_edit(tmp_path, instance_dir):
+    """The Start click and the last field's change event race: a draft saved after the start with the values the
+    run was started with still gives the run's settings on reload; a real edit after the start gives the form."""
+    from ui import main
+
+    app = main.build_app(workspace=tmp_path / "ws")
+    ctx = app.ctx
+    left = {**{n: None for n in main.DRAFT}, "preset": "demo-lora", "max_steps": 100000, "resolution": 64}
+    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 2}))
+    ctx.session.start(cfg)
+    ctx.started_form = {k: v for k, v in left.items() if k != "preset"}  # what train_tab.start keeps
+    assert ctx.session.wait(120) == "finished"
+    main.remember(ctx, **left)  # the late change event: the same values
+    assert main.restore(ctx)["preset"] is None
+    main.remember(ctx, **{**left, "max_steps": 7})  # an edit after the start
+    restored = main.restore(ctx)
+    assert restored["preset"] == "demo-lora" and restored["max_steps"] == 7
+
+
 def test_samples_show_newest_first_then_the_baseline():
     from ui.train_tab import SAMPLES_SHOWN, samples_value
 

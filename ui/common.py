@@ -35,6 +35,9 @@ class Ctx:
     # second tab shows them (they are process-wide, like the running job).
     draft: dict[str, Any] = field(default_factory=dict)
     draft_at: float = 0.0
+    # The Train tab's form as it was when the current run was started there (None: started otherwise): a draft
+    # saved after the start with these same values is no edit (a change event can arrive after the click)
+    started_form: dict[str, Any] | None = None
 
     @property
     def runs_dir(self) -> Path:

@@ -101,11 +101,19 @@ def remember(ctx: Ctx, **values) -> dict:
     return {}
 
 
+def edited_since_start(ctx: Ctx) -> bool:
+    """Whether the draft differs from the form the current run was started with (a change event of the form can
+    reach the server after the Start click: that is not an edit)."""
+    if ctx.started_form is None:
+        return True
+    return any(ctx.draft.get(k) != v for k, v in ctx.started_form.items() if k in ctx.draft)
+
+
 def restore(ctx: Ctx) -> dict:
     """A loaded page shows what the user last had: the form as left in any tab, or, when a run started after that,
     the settings of that run (running or ended); on a first start, the demo subject."""
     cfg, started = ctx.session.config, ctx.session.snapshot()["started_at"]
-    if ctx.draft and (cfg is None or ctx.draft_at >= started):
+    if ctx.draft and (cfg is None or ctx.draft_at >= started and edited_since_start(ctx)):
         values = dict(ctx.draft)
         dataset = values["dataset"]
     elif cfg is not None:

@@ -425,6 +425,7 @@ def start(ctx: Ctx, dataset, **values) -> dict:
     cfg = form_config(values, ctx.workspace, dataset or "", ctx.allow_pickle)  # "": a plain "No dataset chosen" error
     preflight(cfg)  # the trainer's own checks, now rather than after the model has loaded
     ctx.session.start(cfg)
+    ctx.started_form = dict(values)
     return live(ctx)
 
 
@@ -460,6 +461,7 @@ def continue_run(ctx: Ctx, resume_run) -> dict:
         raise UserError("Choose a stopped run to continue.")
     run_dir = RunDir(ctx.runs_dir / resume_run)
     ctx.session.start(run_dir.read_config(), resume_dir=run_dir.path)
+    ctx.started_form = None
     return live(ctx)
 
 
