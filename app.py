@@ -98,11 +98,10 @@ def cmd_class_images(args) -> int:
     from core.class_images import class_dir_for, ensure_class_images
     from core.models import load_base_from_config, place
     from core.precision import default_device, frozen_dtype, resolve_precision
-    from core.vram import spec_family
 
     cfg = config_from_args(args)
     device = default_device()
-    dtype = frozen_dtype(resolve_precision(cfg, spec_family(cfg.model.base)))  # before the slow load: fp16 without a GPU fails at once
+    dtype = frozen_dtype(resolve_precision(cfg))  # before the slow load: fp16 without a GPU fails at once
     base = place(load_base_from_config(cfg), device, dtype)
     bar = tqdm(unit="image")
 

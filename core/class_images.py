@@ -8,7 +8,6 @@ within seconds even when a batch takes minutes.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -26,7 +25,6 @@ from .errors import DataError
 from .fileio import write_json
 from .events import ClassImagesProgress, ClassImagesStep, Emit, Log, ignore
 from .models import model_fingerprint
-from .placement import parts_on
 from .sampling import encoded_apart, generate, make_pipeline, save_png
 from .words import count
 
@@ -165,8 +163,7 @@ def ensure_class_images(cfg: Config, base: BaseModel, device: torch.device | str
         shape = f" at {describe(size)}" if size else ""
         emit(Log(f"Generating {count(len(todo), 'class image')}{shape} for '{cfg.data.class_prompt}' in {folder}"))
         # the whole pipeline generates: all of it on the device (FLUX.1: the encoders first, alone, for the prompt)
-        bring = functools.partial(parts_on, base, device=device)
-        with encoded_apart(base, [cfg.data.class_prompt], device, list(base.all_parts), bring) as inputs:
+        with encoded_apart(base, [cfg.data.class_prompt], device, list(base.all_parts)) as inputs:
             _generate(cfg, base, folder, todo, torch.device(device), emit, should_stop, size, inputs)
     return usable_class_images(cfg, size)[:want]
 

@@ -89,7 +89,7 @@ class ModelConfig:
     # the denoiser's block layers held in 4-bit NF4 or 8-bit integers while training (core/quantize.py; LoRA only)
     quantize: Literal["none", "nf4", "int8"] = _setting(
         "none", help="FLUX.1 on a 16-24 GB card: the frozen transformer in 8-bit (int8) or 4-bit (nf4) weights; "
-                     "LoRA only, needs an NVIDIA GPU's bitsandbytes.")
+                     "LoRA only (bitsandbytes).")
     zero_terminal_snr: bool = _setting(
         False, help="For models trained with zero terminal SNR (e.g. NoobAI-XL v-pred): the noise schedule reaches "
                     "pure noise. On by itself when the model's file says so.")

@@ -48,8 +48,7 @@ def merge_to_model(base_spec: str, files: list[tuple[str | Path, float]], out: s
     out = Path(out)
     if out.exists() and out.suffix.lower() != ".safetensors" and any(out.iterdir()):
         raise ModelLoadError(f"{out} already exists and is not empty: choose a new folder for the merged model.")
-    base = load_base_model(base_spec, allow_pickle=allow_pickle)
-    base = fuse_into(base, files)
+    base = fuse_into(load_base_model(base_spec, allow_pickle=allow_pickle), files)
     if out.suffix.lower() == ".safetensors" and base.family == "flux":
         from .families.flux_files import save_merged_flux
 

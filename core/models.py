@@ -27,7 +27,8 @@ from . import families
 from .base_model import ASSETS, BaseModel
 from .config import Config
 from .errors import ConfigError, ModelLoadError, first_line
-from .single_file import SINGLE_FILE_SUFFIXES, embedded_configs, read_safetensors_header
+from .single_file import (SINGLE_FILE_SUFFIXES, embedded_configs, read_config_folder, read_safetensors_header,
+                          shipped_config_folder)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,41 @@ def checkpoint_family(path: Path) -> families.Family:
     configs = embedded_configs(metadata)  # files this app wrote say what they hold (tiny models have no SD shapes)
     family = families.of_configs(dict.fromkeys(configs, []), configs.get("unet", {})) if configs else None
     return family or families.of_checkpoint(shapes, path.name)
+
+
+def spec_family(spec: str) -> families.Family | None:
+    """The family of base model `spec` from its configs, read without loading weights; None when unknown."""
+    try:
+        configs, assumed = model_configs(spec)
+    except Exception:  # noqa: BLE001 - a bad spec is reported by the loader, in its words
+        return None
+    return None if assumed else families.of_configs(configs, configs.get("unet", {}))
+
+
+def model_configs(spec: str) -> tuple[dict[str, dict], str]:
+    """The diffusers configs of base model `spec` without loading weights, and a note when they are assumed."""
+    if spec == "demo":
+        return read_config_folder(DEMO_MODEL_DIR), ""
+    if spec in TINY:
+        m = build_tiny_model(family=TINY[spec])
+        configs = {part: module.config for part, module in (*m.all_parts.items(), ("scheduler", m.scheduler))}
+        return {part: c.to_dict() if hasattr(c, "to_dict") else dict(c) for part, c in configs.items()}, ""
+    path = Path(spec).expanduser()
+    if looks_like_path(spec) and path.is_dir():
+        return read_config_folder(path), ""
+    if looks_like_path(spec) and path.is_file() and path.suffix.lower() == ".safetensors":
+        metadata, shapes = read_safetensors_header(path)
+        configs = embedded_configs(metadata)
+        if configs:
+            return configs, ""
+        return read_config_folder(shipped_config_folder(families.of_checkpoint(shapes, path.name).name, "epsilon")), ""
+    snapshots = sorted((hf_cache_dir() / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/model_index.json"))
+    if snapshots:
+        return read_config_folder(snapshots[-1].parent), ""
+    family = next((f for f in families.FAMILIES.values() if spec in f.hub_ids), None)
+    if family is not None:  # a family's reference model, not downloaded yet: its shapes are the shipped configs
+        return read_config_folder(shipped_config_folder(family.name, "epsilon")), ""
+    return read_config_folder(shipped_config_folder("sd1", "epsilon")), "model shape assumed to be SD 1.5"
 
 
 def load_base_from_config(cfg: Config) -> BaseModel:

@@ -7,7 +7,6 @@ all adapter layers are taken out (`adapters.remove_all`) and the wanted set is l
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import threading
 import time
@@ -24,7 +23,7 @@ from .errors import ModelLoadError, UserError
 from .models import load_base_model, place
 from .config import adapter_name
 from .precision import DTYPES, default_device, frozen_dtype
-from .placement import move_parts, parts_on
+from .placement import move_parts
 from .sampling import encoded_apart, generate, make_pipeline, save_png
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)  # the compare grid: adapters off, then a strength sweep
@@ -87,7 +86,7 @@ class Playground:
             family = families.of(base)
             precision = family.half_precision if self.on_gpu else "no"  # FLUX.1: bf16, others fp16
             # FLUX.1's text encoders wait in main memory and come to the GPU only to encode the prompt
-            self.apart = [p for p in family.encoders if family.encode_apart and self.on_gpu]
+            self.apart = list(family.encoders) if family.encode_apart and self.on_gpu else []
             self.base = place(base, "cpu", frozen_dtype(precision))
             quantize.check(kind, "lora")
             quantize.quantize(self.base.unet, kind, DTYPES[precision])  # quantized as it reaches the device
@@ -136,12 +135,11 @@ class Playground:
             base = self._ensure_base(base_spec, quantize)
             weights = self._ensure_adapters(wanted)
             pipe = make_pipeline(base, self.device)
-            bring = functools.partial(parts_on, base, device=self.device)
             images = []
             try:
                 for s in strengths:
                     adapters.set_weights(base.parts, {n: w * s for n, w in weights.items()})
-                    with encoded_apart(base, [prompt], self.device, self.apart, bring) as inputs:
+                    with encoded_apart(base, [prompt], self.device, self.apart) as inputs:
                         images += generate(pipe, [prompt], [int(seed)], steps=int(steps), guidance=float(guidance),
                                            width=width or None, height=height or None,
                                            negative_prompt=negative_prompt, prompt_inputs=inputs)

@@ -20,10 +20,17 @@ def default_device() -> str:
 
 def resolve_precision(cfg: Config, family=None) -> str:
     """train.mixed_precision as accelerate names it ("no", "fp16", "bf16"); "auto" is the model family's half
-    precision on a GPU (fp16; FLUX.1: bf16), "no" on the CPU. `family`: the base model's (vram.spec_family)."""
+    precision on a GPU (fp16; FLUX.1: bf16), "no" on the CPU. `family`: the base model's; None: read from the
+    model's configs (models.spec_family, no weights loaded) when it matters, on a GPU."""
     mp = cfg.train.mixed_precision
     if mp == "auto":
-        return (family.half_precision if family is not None else "fp16") if torch.cuda.is_available() else "no"
+        if not torch.cuda.is_available():
+            return "no"
+        if family is None:
+            from .models import spec_family
+
+            family = spec_family(cfg.model.base)
+        return family.half_precision if family is not None else "fp16"
     if mp == "fp16" and not torch.cuda.is_available():
         raise ConfigError("Mixed precision fp16 needs an NVIDIA GPU. On the CPU use `bf16` or `no` (train.mixed_precision).")
     return mp

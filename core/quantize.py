@@ -97,6 +97,3 @@ def quantize(module: nn.Module, kind: str, compute_dtype: torch.dtype) -> int:
         count += 1
     return count
 
-
-def is_quantized(module: nn.Module) -> bool:
-    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in module.modules())

@@ -13,6 +13,7 @@ from . import families
 from .base_model import BaseModel
 from .families.base import guidance_rescale, zero_terminal_snr  # noqa: F401 (re-exported)
 from .fileio import atomic_path
+from .placement import parts_on
 
 
 def make_pipeline(base: BaseModel, device: torch.device | str = "cpu", **parts) -> DiffusionPipeline:
@@ -75,20 +76,20 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], step
 
 
 @contextlib.contextmanager
-def encoded_apart(base: BaseModel, prompts: list[str], device, away: list[str], bring):
+def encoded_apart(base: BaseModel, prompts: list[str], device, away: list[str]):
     """For a family that encodes apart (FLUX.1): the prompts' embeddings, made while only the encoders among `away`
     (parts kept in main memory) are on the device, then the rest of `away` brought for the block; yields the
-    embeddings (None for the other families: all of `away` is brought, the pipeline encodes itself). `bring(names)`
-    puts parts on the device for a block (core.placement.parts_on)."""
+    embeddings (None for the other families: all of `away` is brought, the pipeline encodes itself). Each part goes
+    back where it was after its phase (core.placement.parts_on)."""
     family = families.of(base)
     if not family.encode_apart:
-        with bring(away):
+        with parts_on(base, away, device):
             yield None
         return
     encoders = [p for p in away if p in family.encoders]
-    with bring(encoders):
+    with parts_on(base, encoders, device):
         inputs = family.prompt_inputs(base, prompts, device)
-    with bring([p for p in away if p not in encoders]):
+    with parts_on(base, [p for p in away if p not in encoders], device):
         yield inputs
 
 

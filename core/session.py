@@ -166,6 +166,15 @@ class Session(Job):
     def save_now(self) -> bool:
         return self.command(ev.SAVE)
 
+    def _paused(self):
+        """(model, config, step, run folder) of the paused run (under `_live_lock`), or a plain UserError."""
+        model, cfg = self._model, self.config
+        with self._lock:
+            state, step, run_dir = self._h.state, self._h.step, self._h.run_dir
+        if state != "paused" or model is None or cfg is None:
+            raise UserError("No training run is paused. Pause the run on the Train tab first, then test it here.")
+        return model, cfg, step, run_dir
+
     def live_adapter(self):
         """A copy of the paused run's adapter as it is now (an in-memory `AdapterFile`), for the playground.
 
@@ -177,11 +186,7 @@ class Session(Job):
         from .adapter_file import AdapterFile
 
         with self._live_lock:
-            model, cfg = self._model, self.config
-            with self._lock:
-                state, step, run_dir = self._h.state, self._h.step, self._h.run_dir
-            if state != "paused" or model is None or cfg is None:
-                raise UserError("No training run is paused. Pause the run on the Train tab first, then test it here.")
+            model, cfg, step, run_dir = self._paused()
             family = families.of(model)
             specs = adapters.specs_from_config(cfg, family.text_encoders, family.denoiser, family.default_targets)
             tensors = adapters.state_dict({part: extract_model_from_parallel(model.parts[part]) for part in specs})
@@ -196,32 +201,25 @@ class Session(Job):
         """Images drawn by the paused run's own model (its adapter at `weight` x each strength; 0: the base alone),
         where its parts already are: no second copy of the base model (which a 16-24 GB card has no room for
         beside a FLUX.1 or SDXL run). The run goes on exactly as if it had not been drawn from."""
-        import functools
-
         from accelerate.utils import extract_model_from_parallel
 
         from . import adapters, families
-        from .placement import device_of, parts_on
+        from .placement import device_of
         from .sampling import encoded_apart, generate, make_pipeline
 
         if not prompt.strip():
             raise UserError("Write a prompt first, e.g. 'a photo of sks dog on the beach'.")
         with self._live_lock:
-            model = self._model
-            with self._lock:
-                state = self._h.state
-            if state != "paused" or model is None:
-                raise UserError("No training run is paused. Pause the run on the Train tab first, then test it here.")
+            model = self._paused()[0]
             family = families.of(model)
             parts = {part: extract_model_from_parallel(m) for part, m in model.parts.items()}
             device = device_of(parts[family.denoiser])
             away = [p for p in model.all_parts if device_of(getattr(model, p)) != device]
             pipe = make_pipeline(model, device, **parts)
-            bring = functools.partial(parts_on, model, device=device)
             images = []
             for s in strengths:
                 with adapters.scaled(parts, "default", weight * s), \
-                        encoded_apart(model, [prompt], device, away, bring) as inputs:
+                        encoded_apart(model, [prompt], device, away) as inputs:
                     images += generate(pipe, [prompt], [int(seed)], steps=int(steps), guidance=float(guidance),
                                        width=width or None, height=height or None, negative_prompt=negative_prompt,
                                        prompt_inputs=inputs)
@@ -336,11 +334,10 @@ class ClassImagesJob(Job):
         from .class_images import check_class_prompt, ensure_class_images, usable_class_images
         from .models import load_base_from_config, place
         from .precision import default_device, frozen_dtype, resolve_precision
-        from .vram import spec_family
 
         check_class_prompt(cfg)
         device = default_device()
-        dtype = frozen_dtype(resolve_precision(cfg, spec_family(cfg.model.base)))  # before the slow load: fp16 without a GPU fails at once
+        dtype = frozen_dtype(resolve_precision(cfg))  # before the slow load: fp16 without a GPU fails at once
         # Counted first, so the progress is one count over every set ("5 / 6 new images", not per bucket).
         todo = [(size, want, max(0, want - len(usable_class_images(cfg, size)))) for size, want in sets]
         todo = [(size, want, missing) for size, want, missing in todo if missing]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import json
 import math
 import os
@@ -56,7 +55,6 @@ from .models import load_base_from_config, place
 from .placement import HOME, cached_encoders, latents_cached, move_parts, offloaded_parts, parts_on, text_cached
 from .precision import DTYPES, frozen_dtype, resolve_precision
 from .rundir import Checkpoint, RunDir
-from .vram import spec_family
 from .sampling import encoded_apart, generate, make_pipeline, save_png
 
 LOSS_COLUMNS = ["step", "loss", "instance_loss", "prior_loss", "lr", "seconds"]
@@ -67,7 +65,7 @@ LOSS_COLUMNS = ["step", "loss", "instance_loss", "prior_loss", "lr", "seconds"]
 # ----------------------------------------------------------------------------------------------
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    precision = resolve_precision(cfg, spec_family(cfg.model.base))
+    precision = resolve_precision(cfg)
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, precision) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # One process may run several trainings (the GUI); accelerate keeps a process-wide state that
@@ -528,9 +526,8 @@ class Run:
         cfg, device = self.cfg, self.acc.device
         parts = {part: self.unwrapped(part) for part in self.base.parts}
         width, height = self.sample_size or (cfg.data.resolution, cfg.data.resolution)
-        bring = functools.partial(parts_on, self.base, device=device)
         with self.averaged() if adapter else adapters.adapters_off(parts):
-            with encoded_apart(self.base, prompts, device, list(self.offloaded), bring) as inputs:
+            with encoded_apart(self.base, prompts, device, list(self.offloaded)) as inputs:
                 pipe = make_pipeline(self.base, device, **parts)
                 return generate(pipe, prompts, seeds, steps=cfg.train.sample_steps, guidance=cfg.train.sample_guidance,
                                 width=width, height=height, prompt_inputs=inputs)

@@ -19,7 +19,6 @@ import json
 import threading
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +29,9 @@ from .adapter_file import AdapterSpec
 from .buckets import Size
 from .config import Config, list_presets, preset_dict
 from .families.base import Family
-from .models import DEMO_MODEL_DIR, TINY, build_tiny_model, hf_cache_dir, looks_like_path
+from .models import model_configs
 from .placement import latents_cached, offloaded_parts
 from .precision import DTYPES
-from .single_file import embedded_configs, read_config_folder, read_safetensors_header, shipped_config_folder
 
 GIB = 2 ** 30
 CUDA_CONTEXT = 0.4 * GIB  # what the CUDA context and kernels take on a card besides PyTorch's allocations
@@ -113,41 +111,6 @@ def _attention_for(original):
         return original(*args, **kwargs)
 
     return attention
-
-
-def spec_family(spec: str) -> Family | None:
-    """The family of base model `spec` from its configs, read without loading weights; None when unknown."""
-    try:
-        configs, assumed = model_configs(spec)
-    except Exception:  # noqa: BLE001 - a bad spec is reported by the loader, in its words
-        return None
-    return None if assumed else family_of(configs)
-
-
-def model_configs(spec: str) -> tuple[dict[str, dict], str]:
-    """The diffusers configs of base model `spec` without loading weights, and a note when they are assumed."""
-    if spec == "demo":
-        return read_config_folder(DEMO_MODEL_DIR), ""
-    if spec in TINY:
-        m = build_tiny_model(family=TINY[spec])
-        configs = {part: module.config for part, module in (*m.all_parts.items(), ("scheduler", m.scheduler))}
-        return {part: c.to_dict() if hasattr(c, "to_dict") else dict(c) for part, c in configs.items()}, ""
-    path = Path(spec).expanduser()
-    if looks_like_path(spec) and path.is_dir():
-        return read_config_folder(path), ""
-    if looks_like_path(spec) and path.is_file() and path.suffix.lower() == ".safetensors":
-        metadata, shapes = read_safetensors_header(path)
-        configs = embedded_configs(metadata)
-        if configs:
-            return configs, ""
-        return read_config_folder(shipped_config_folder(families.of_checkpoint(shapes, path.name).name, "epsilon")), ""
-    snapshots = sorted((hf_cache_dir() / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/model_index.json"))
-    if snapshots:
-        return read_config_folder(snapshots[-1].parent), ""
-    family = next((f for f in families.FAMILIES.values() if spec in f.hub_ids), None)
-    if family is not None:  # a family's reference model, not downloaded yet: its shapes are the shipped configs
-        return read_config_folder(shipped_config_folder(family.name, "epsilon")), ""
-    return read_config_folder(shipped_config_folder("sd1", "epsilon")), "model shape assumed to be SD 1.5"
 
 
 @contextlib.contextmanager

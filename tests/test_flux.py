@@ -631,7 +631,7 @@ def test_samples_and_class_images_encode_apart_from_the_denoiser(tmp_path, insta
     images equal the pipeline's own encoding."""
     import contextlib
 
-    from core import class_images, trainer
+    from core import sampling
 
     present: set[str] = set()
     seen: list[set[str]] = []
@@ -646,8 +646,7 @@ def test_samples_and_class_images_encode_apart_from_the_denoiser(tmp_path, insta
             present.difference_update(names)
         return tracked
 
-    monkeypatch.setattr(trainer, "parts_on", spy(trainer.parts_on))
-    monkeypatch.setattr(class_images, "parts_on", spy(class_images.parts_on))
+    monkeypatch.setattr(sampling, "parts_on", spy(sampling.parts_on))  # samples and class images bring parts there
     base = tiny_flux()
     forward = base.transformer.forward
 

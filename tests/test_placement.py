@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-import core.class_images
+import core.sampling
 import core.trainer
 from core import adapters, placement
 from core.config import Config
@@ -65,7 +65,7 @@ class Ledger:
         self.seen: list[tuple[str, bool, dict]] = []  # (what ran, with gradients, where the parts were)
         monkeypatch.setattr(core.trainer, "move_parts", self.move)
         monkeypatch.setattr(core.trainer, "parts_on", self.parts_on)
-        monkeypatch.setattr(core.class_images, "parts_on", self.parts_on)
+        monkeypatch.setattr(core.sampling, "parts_on", self.parts_on)  # samples and class images
         for name in base.all_parts:
             getattr(base, name).register_forward_pre_hook(lambda *_, name=name: self.record(name))
         base.vae.encoder.register_forward_pre_hook(lambda *_: self.record("vae encode"))

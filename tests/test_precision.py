@@ -43,19 +43,19 @@ def test_frozen_weights_stay_float32_only_without_mixed_precision():
 def test_on_a_gpu_auto_is_each_familys_half_precision(monkeypatch, tmp_path):
     """FLUX.1 runs in bf16 (its activations overflow fp16); the family is read from the model's configs without
     loading it: a name, a folder, a file's header."""
-    from core import vram
     from core.families import get
+    from core.models import spec_family
     from core.families.flux_files import save_flux_files
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     files = save_flux_files(get("flux").build_tiny(), tmp_path / "flux", dtype=None)
     for spec, family, precision in (("tiny-flux", "flux", "bf16"), (str(files["transformer"]), "flux", "bf16"),
                                     ("demo", "sd1", "fp16"), ("tiny-sdxl", "sdxl", "fp16")):
-        found = vram.spec_family(spec)
+        found = spec_family(spec)
         assert found is not None and found.name == family, spec
         assert resolve_precision(config("auto"), found) == precision, spec
-    assert resolve_precision(config("fp16"), vram.spec_family("tiny-flux")) == "fp16"  # asked for: as asked
-    assert vram.spec_family("someone/not-cached-here") is None
+    assert resolve_precision(config("fp16"), spec_family("tiny-flux")) == "fp16"  # asked for: as asked
+    assert spec_family("someone/not-cached-here") is None
 
 
 def test_the_real_flux_waits_in_main_memory_in_bf16():

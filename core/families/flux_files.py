@@ -28,7 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from ..base_model import ASSETS, BaseModel, clip_tokenizer
 from ..errors import ModelLoadError, first_line
-from .flux_parts import DOUBLE_BLOCK, FUSED, SINGLE_BLOCK
+from .flux_parts import DOUBLE_BLOCK, FUSED, SINGLE_BLOCK, bfl_name
 from .sd import plain_config
 
 FLUX_CONFIGS = ASSETS / "model_configs" / "flux-dev"
@@ -107,33 +107,29 @@ def _bfl_layer(name: str) -> str:
     return f"{head}.{tail}" if head else name
 
 
-def _block_tables():
-    return {"transformer_blocks": DOUBLE_BLOCK, "single_transformer_blocks": SINGLE_BLOCK}
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """The final norm's (scale, shift) <-> (shift, scale): diffusers and BFL order its output halves oppositely."""
+    return torch.cat(t.chunk(2, dim=0)[::-1], dim=0)
 
 
 def transformer_to_bfl(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers FluxTransformer2DModel state dict under BFL names, q/k/v (and the single blocks' MLP input)
     fused in BFL's order. Every key is translated or it is an error: nothing is dropped silently."""
-    tables = _block_tables()
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, tuple[str, dict[int, torch.Tensor]]] = {}  # BFL weight -> (its layer, members by place)
     for key, value in state.items():
         module, _, param = key.rpartition(".")
         if module in GLOBAL:
-            if module == SWAPPED:
-                value = torch.cat(value.chunk(2, dim=0)[::-1], dim=0)
-            out[f"{GLOBAL[module]}.{param}"] = value
+            out[f"{GLOBAL[module]}.{param}"] = _swap_halves(value) if module == SWAPPED else value
             continue
-        m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", module)
-        if m is None:
-            raise ValueError(f"No BFL name for the FLUX transformer weight {key}.")
-        blocks, index, inner = m.groups()
-        prefix = f"{BLOCKS[blocks]}.{index}."
+        blocks, _, rest = module.partition(".")
+        index, _, inner = rest.partition(".")
+        found = bfl_name(module)
         if (blocks, inner) in NORMS and param == "weight":
-            out[f"{prefix}{NORMS[blocks, inner]}.scale"] = value
-        elif inner in tables[blocks]:
-            layer, member = tables[blocks][inner]
-            name = f"{prefix}{_bfl_layer(layer)}.{param}"
+            out[f"{BLOCKS[blocks]}.{index}.{NORMS[blocks, inner]}.scale"] = value
+        elif found is not None:
+            (theirs, layer), member = found[0].rsplit(".", 1), found[1]
+            name = f"{theirs}.{_bfl_layer(layer)}.{param}"
             if layer in FUSED:
                 fused.setdefault(name, (layer, {}))[1][member] = value
             else:
@@ -153,37 +149,36 @@ def transformer_from_bfl(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     state = {k[len(BFL_PREFIX):] if k.startswith(BFL_PREFIX) else k: v for k, v in state.items()}
     width = state["img_in.weight"].shape[0]
     back = {bfl: module for module, bfl in GLOBAL.items()}
+    ours = {theirs: blocks for blocks, theirs in BLOCKS.items()}
     norms = {(BLOCKS[blocks], bfl): inner for (blocks, inner), bfl in NORMS.items()}
-    members: dict[tuple[str, str], list[tuple[int, str]]] = {}
-    for blocks, table in _block_tables().items():
+    # (BFL blocks, BFL layer) -> (the layer's flux.py name, [(place among the fused members, diffusers module)])
+    members: dict[tuple[str, str], tuple[str, list[tuple[int, str]]]] = {}
+    for blocks, table in (("transformer_blocks", DOUBLE_BLOCK), ("single_transformer_blocks", SINGLE_BLOCK)):
         for inner, (layer, member) in table.items():
-            members.setdefault((BLOCKS[blocks], _bfl_layer(layer)), []).append((member, inner))
+            members.setdefault((BLOCKS[blocks], _bfl_layer(layer)), (layer, []))[1].append((member, inner))
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         module, _, param = key.rpartition(".")
         if module in back:
-            if back[module] == SWAPPED:
-                value = torch.cat(value.chunk(2, dim=0)[::-1], dim=0)
-            out[f"{back[module]}.{param}"] = value
+            out[f"{back[module]}.{param}"] = _swap_halves(value) if back[module] == SWAPPED else value
             continue
-        m = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", module)
-        if m is None:
+        blocks, _, rest = module.partition(".")
+        index, _, inner = rest.partition(".")
+        if blocks not in ours or not index.isdigit():
             raise ModelLoadError(f"Unknown FLUX transformer weight {key}: the file is not a FLUX.1 transformer.")
-        blocks, index, inner = m.groups()
-        prefix = f"{'transformer_blocks' if blocks == 'double_blocks' else 'single_transformer_blocks'}.{index}."
+        prefix = f"{ours[blocks]}.{index}."
         if (blocks, inner) in norms and param == "scale":
             out[f"{prefix}{norms[blocks, inner]}.weight"] = value
         elif (blocks, inner) in members:
-            parts = sorted(members[blocks, inner])
-            if len(parts) == 1:
+            layer, parts = members[blocks, inner]
+            if layer not in FUSED:
                 out[f"{prefix}{parts[0][1]}.{param}"] = value
                 continue
-            units = FUSED["linear1" if inner == "linear1" else "img_attn_qkv"]
-            widths = [u * width for u in units]
+            widths = [u * width for u in FUSED[layer]]
             if value.shape[0] != sum(widths):
                 raise ModelLoadError(f"{key} has {value.shape[0]} rows where FLUX.1 has {sum(widths)}: the file is "
                                      "not a FLUX.1 transformer (or a variant this app does not know).")
-            for (_, inner_module), piece in zip(parts, value.split(widths, dim=0)):
+            for (_, inner_module), piece in zip(sorted(parts), value.split(widths, dim=0)):
                 out[f"{prefix}{inner_module}.{param}"] = piece.contiguous()  # its own storage, not a view
         else:
             raise ModelLoadError(f"Unknown FLUX transformer weight {key}: the file is not a FLUX.1 transformer.")
