@@ -22,7 +22,13 @@ from .fileio import save_safetensors
 
 FORMAT_TAG = "dreambooth-peft"
 FORMAT_VERSION = "1"
-LORA_TENSORS = ("lora_A.weight", "lora_B.weight")
+LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")  # the magnitude: DoRA's output lengths
+# DoRA only, written beside the peft weights and never loaded into peft: each output row's length in the base weight
+# W and in W + the LoRA change, measured when the file was saved (an export for ComfyUI needs both; see formats.py)
+DORA_NORMS = ("dora_base_norm", "dora_weight_norm")
+# metadata of our DoRA exports: their dora_scale divides by the row lengths of the base weight (ComfyUI's and
+# Forge's reading), where LyCORIS' own files mean the row lengths of W + dW (core/community.py reads both)
+DORA_CONVENTION = "dreambooth_peft_dora_scale"
 LYCORIS_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -47,15 +53,15 @@ class AdapterSpec:
     def peft_config(self):
         common = dict(r=self.rank, target_modules=list(self.targets), rank_pattern=dict(self.rank_pattern),
                       alpha_pattern=dict(self.alpha_pattern))
-        if self.type == "lora":
-            return LoraConfig(lora_alpha=self.alpha, lora_dropout=self.dropout, **common)
+        if self.type in ("lora", "dora"):
+            return LoraConfig(lora_alpha=self.alpha, lora_dropout=self.dropout, use_dora=self.type == "dora", **common)
         lycoris = dict(alpha=self.alpha, rank_dropout=self.dropout, module_dropout=self.module_dropout,
                        use_effective_conv2d=self.use_effective_conv2d, **common)
         if self.type == "loha":
             return LoHaConfig(**lycoris)
         if self.type == "lokr":
             return LoKrConfig(decompose_both=self.decompose_both, decompose_factor=self.decompose_factor, **lycoris)
-        raise ModelLoadError(f"Unknown adapter type {self.type!r}; expected lora, loha or lokr.")
+        raise ModelLoadError(f"Unknown adapter type {self.type!r}; expected lora, dora, loha or lokr.")
 
 
 @dataclass
@@ -77,17 +83,25 @@ class AdapterFile:
         return self.specs.get("unet") or next(iter(self.specs.values()))
 
     def part_state(self, part: str) -> dict[str, torch.Tensor]:
+        """The peft state dict of `part` (without the DoRA norms, which peft does not hold)."""
         prefix = f"{part}."
-        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix):]: v for k, v in self.tensors.items()
+                if k.startswith(prefix) and not k.endswith(DORA_NORMS)}
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The length of each output row of a weight (a convolution's whole filter per output channel), as DoRA
+    takes it."""
+    return weight.flatten(1).norm(dim=1)
 
 
 def split_key(key: str) -> tuple[str, str, str]:
     """'unet.down_blocks.0.attn1.to_q.lora_A.weight' -> ('unet', 'down_blocks.0.attn1.to_q', 'lora_A.weight')."""
     part, _, rest = key.partition(".")
-    for suffix in (*LORA_TENSORS, *LYCORIS_TENSORS):
+    for suffix in (*LORA_TENSORS, *DORA_NORMS, *LYCORIS_TENSORS):
         if rest.endswith("." + suffix):
             return part, rest[: -len(suffix) - 1], suffix
-    raise ModelLoadError(f"Unexpected tensor {key!r} in the adapter file: not a LoRA, LoHa or LoKr weight.")
+    raise ModelLoadError(f"Unexpected tensor {key!r} in the adapter file: not a LoRA, DoRA, LoHa or LoKr weight.")
 
 
 # --- writing ours ---------------------------------------------------------------------------------------------------

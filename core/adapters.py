@@ -22,10 +22,20 @@ from peft.functional import (
 )
 from peft.tuners.lycoris_utils import LycorisLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.integrations import dequantize_module_weight
 
-from .adapter_file import AdapterFile, AdapterSpec, Reader, read_adapter_file, read_ours, save_adapter_file
+from .adapter_file import (
+    AdapterFile,
+    AdapterSpec,
+    Reader,
+    read_adapter_file,
+    read_ours,
+    row_norms,
+    save_adapter_file,
+)
 from .community import read_diffusers, read_kohya, refuse_checkpoint, resolve_kohya
-from .config import BLOCK_KINDS, UNET_TARGETS_FULL, Config, parse_blocks
+from .config import BLOCK_KINDS, LORA_LAYER_TYPES, UNET_TARGETS_FULL, Config, adapter_name, parse_blocks
+from . import families
 from .errors import ConfigError, ModelLoadError
 from .families.base import Family
 
@@ -107,6 +117,10 @@ def inject(model: torch.nn.Module, spec: AdapterSpec, name: str = "default") -> 
     # in float32 even when the frozen weights are fp16/bf16
     set_requires_grad(model, name, True)
     cast_training_params(model, torch.float32)
+    for layer in tuner_layers(model):
+        variant = getattr(layer, "lora_variant", {}).get(name)
+        if variant is not None and not isinstance(variant, WeightedDora):
+            layer.lora_variant[name] = WeightedDora(variant)
     params = []
     for pname, p in model.named_parameters():
         if f".{name}." in f".{pname}.":  # e.g. "...to_q.lora_A.default.weight", "...to_q.hada_w1_a.default"
@@ -122,11 +136,99 @@ def inject_all(parts: Parts, specs: dict[str, AdapterSpec], name: str = "default
 
 def state_dict(parts: Parts, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter weights of every part (each must hold adapter `name`), keyed `<part>.<peft key>`, as contiguous
-    CPU float32 copies (never views of weights that go on training: a paused run's copy must hold still)."""
+    CPU float32 copies (never views of weights that go on training: a paused run's copy must hold still); a DoRA
+    layer also gets its row lengths (`dora_norms`)."""
     out = {}
     for part, module in parts.items():
         sd = get_peft_model_state_dict(module, adapter_name=name)
         out.update({f"{part}.{k}": v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in sd.items()})
+    return out | dora_norms(parts, name)
+
+
+# --- DoRA: strength and the weight a layer computes with ------------------------------------------------------------
+
+class WeightedDora:
+    """peft's DoRA variant of a layer with its whole change times a strength: W + strength x (W' - W).
+
+    peft's own strength (`set_scale`) scales dW inside DoRA's normalisation, so at 0 a DoRA layer still rescales
+    every output row to its learned length (the base model is not drawn) and between 0 and 1 the weight matches
+    no other tool. Scaling the whole change instead is what ComfyUI and Forge do with a DoRA file's strength:
+    0 is the base, 1 is as trained, and the playground and a merge at 0.7 give what ComfyUI gives at 0.7.
+    Everything else (init, merge) is peft's variant's.
+    """
+
+    def __init__(self, inner):
+        self.inner, self.strength = inner, 1.0
+
+    def __getattr__(self, attr):  # only for what this class lacks; "inner" itself is missing only mid-copy
+        if attr == "inner":
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+    def forward(self, module, active_adapter, x, result, **kwargs):
+        out = self.inner.forward(module, active_adapter=active_adapter, x=x, result=result, **kwargs)
+        return out if self.strength == 1.0 else result + self.strength * (out - result)
+
+
+def set_strength(layer: BaseTunerLayer, name: str, strength: float) -> None:
+    """Adapter `name` of `layer` at `strength` x as trained (a DoRA: its whole change, see WeightedDora)."""
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if isinstance(variant, WeightedDora):
+        layer.set_scale(name, 1.0)
+        variant.strength = strength
+    else:
+        layer.set_scale(name, strength)
+
+
+def is_dora(layer: torch.nn.Module, name: str) -> bool:
+    return name in getattr(layer, "lora_magnitude_vector", {})
+
+
+def base_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The frozen weight of a layer, wrapped by peft or not, in float32 (a quantized one dequantized)."""
+    plain = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
+    return dequantize_module_weight(plain).detach().float()
+
+
+def lora_change(layer: BaseTunerLayer, name: str, shape: torch.Size) -> torch.Tensor:
+    """scaling x B @ A of LoRA layer `layer`'s adapter `name`, in float32 and the base weight's `shape`."""
+    a, b = layer.lora_A[name].weight.detach().float(), layer.lora_B[name].weight.detach().float()
+    return (b.flatten(1) @ a.flatten(1) * layer.scaling[name]).reshape(shape)
+
+
+def dora_weight(layer: BaseTunerLayer, name: str, base: torch.Tensor) -> torch.Tensor:
+    """The weight DoRA adapter `name` makes of `base`, as peft computes it: (W + dW) x m / |row of W + dW|, where
+    dW = scaling x B @ A and m is the learned length of each output."""
+    merged = base + lora_change(layer, name, base.shape)
+    magnitude = layer.lora_magnitude_vector[name].weight.detach().float().reshape(-1)
+    return merged * (magnitude / row_norms(merged)).reshape(-1, *[1] * (base.dim() - 1))
+
+
+def weight_change(layer: BaseTunerLayer, name: str) -> torch.Tensor:
+    """What adapter `name` adds to the layer's base weight at its current strength (float32, the weight's
+    shape)."""
+    base = base_weight(layer)
+    if is_dora(layer, name):
+        return (dora_weight(layer, name, base) - base) * layer.lora_variant[name].strength
+    return layer.get_delta_weight(name).detach().float().reshape(base.shape)
+
+
+def dora_norms(parts: Parts, name: str = "default") -> dict[str, torch.Tensor]:
+    """`<part>.<module>.dora_base_norm` / `.dora_weight_norm` of every DoRA layer of adapter `name`: the output
+    rows' lengths in W and in W + dW, which an export for ComfyUI needs (core/formats.py) and a file cannot
+    recompute without the base model. A layer that other tools fuse with a DoRA layer (FLUX's q / k / v / MLP
+    input) but that did not train gets its base lengths alone: the fused layer's scale needs every row."""
+    family = families.of_parts(parts)
+    out = {}
+    for part, module in parts.items():
+        layers = dict(module.named_modules())
+        for path, layer in layers.items():
+            if not (isinstance(layer, BaseTunerLayer) and is_dora(layer, name)):
+                continue
+            base = base_weight(layer)
+            out[f"{part}.{path}.dora_weight_norm"] = row_norms(base + lora_change(layer, name, base.shape)).cpu()
+            for member in family.fused_members(part, path):
+                out[f"{part}.{member}.dora_base_norm"] = row_norms(base_weight(layers[member])).cpu()
     return out
 
 
@@ -159,11 +261,12 @@ def load_into(parts: Parts, adapter: AdapterFile, name: str, family: Family | No
         raise
     except AttributeError as e:
         delete_adapter(parts, name)
-        if spec.type == "lora" and has_lycoris(parts):  # peft: "'Conv2d' object has no attribute 'groups'"
+        if spec.type in LORA_LAYER_TYPES and has_lycoris(parts):  # peft: "'Conv2d' object has no attribute 'groups'"
             raise ModelLoadError(
-                f"{adapter.path.name} is a LoRA and cannot be added on top of the LoHa/LoKr adapters already loaded "
-                f"in this model ({', '.join(adapter_names(parts))}): peft cannot put a LoRA on a layer that already "
-                "has a LoHa or LoKr. Load the LoRA files first, then the LoHa/LoKr ones.") from e
+                f"{adapter.path.name} is a {adapter_name(spec.type)} and cannot be added on top of the LoHa/LoKr "
+                f"adapters already loaded in this model ({', '.join(adapter_names(parts))}): peft cannot put a LoRA "
+                "or DoRA on a layer that already has a LoHa or LoKr. Load the LoRA / DoRA files first, then the "
+                "LoHa/LoKr ones.") from e
         raise
     except (RuntimeError, ValueError, KeyError, TypeError) as e:  # e.g. "size mismatch for ...lora_A..."
         delete_adapter(parts, name)
@@ -173,11 +276,11 @@ def load_into(parts: Parts, adapter: AdapterFile, name: str, family: Family | No
 
 
 def load_all(parts: Parts, files: Mapping[str, AdapterFile], family: Family | None = None) -> None:
-    """Load each file under its name (all or nothing), the LoRA files first: peft cannot put a LoRA on a layer
-    that already holds a LoHa/LoKr, while a LoHa/LoKr wraps a LoRA layer fine."""
+    """Load each file under its name (all or nothing), the LoRA / DoRA files first: peft cannot put a LoRA on a
+    layer that already holds a LoHa/LoKr, while a LoHa/LoKr wraps a LoRA layer fine."""
     loaded = []
     try:
-        for name, adapter in sorted(files.items(), key=lambda item: item[1].type != "lora"):
+        for name, adapter in sorted(files.items(), key=lambda item: item[1].type not in LORA_LAYER_TYPES):
             load_into(parts, adapter, name, family)
             loaded.append(name)
     except Exception:
@@ -231,12 +334,12 @@ def scaled(parts: Parts, name: str, weight: float):
     layers = [layer for module in parts.values() for layer in tuner_layers(module)]
     trains = {p: p.requires_grad for layer in layers for p in layer.parameters()}
     for layer in layers:
-        layer.set_scale(name, weight)
+        set_strength(layer, name, weight)
     try:
         yield
     finally:
         for layer in layers:
-            layer.set_scale(name, 1.0)
+            set_strength(layer, name, 1.0)
         for p, flag in trains.items():
             p.requires_grad_(flag)
 
@@ -251,14 +354,14 @@ def delete_adapter(parts: Parts, name: str) -> None:
 def set_weights(parts: Parts, weights: dict[str, float]) -> None:
     """Activate exactly the adapters in `weights`, each scaled by its weight (1.0 = as trained), all frozen.
 
-    Works across LoRA, LoHa and LoKr at once: every peft tuner layer skips an active name it does not hold,
+    Works across LoRA, DoRA, LoHa and LoKr at once: every peft tuner layer skips an active name it does not hold,
     and `set_scale` ignores one.
     """
     for module in parts.values():
         set_adapter(module, list(weights), inference_mode=True)
         for layer in tuner_layers(module):
             for name, weight in weights.items():
-                layer.set_scale(name, weight)
+                set_strength(layer, name, weight)
 
 
 def adapter_names(parts: Parts) -> list[str]:

@@ -1,4 +1,4 @@
-"""Reading adapter files other tools wrote: kohya / A1111 / Forge / ComfyUI / LyCORIS, and diffusers LoRAs.
+"""Reading adapter files other tools wrote: kohya / A1111 / Forge / ComfyUI / LyCORIS, and diffusers LoRAs / DoRAs.
 
 The kohya layout names each module once (`lora_unet_down_blocks_0_..._to_q`, `lora_te_text_model_encoder_
 layers_0_self_attn_q_proj`), with kohya tensor names (`lora_down` / `lora_up`; LyCORIS keeps `hada_*` and
@@ -13,14 +13,17 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.integrations import dequantize_module_weight
 
 from . import families
-from .adapter_file import AdapterFile, AdapterSpec, split_key
+from .adapter_file import DORA_CONVENTION, AdapterFile, AdapterSpec, row_norms, split_key
 from .config import adapter_name
 from .errors import ModelLoadError
 from .families.base import Family
 
 PART_NAMES = {"unet": "UNet", "text_encoder": "text encoder"}  # in messages; other parts by their own names
+MAGNITUDE = "lora_magnitude_vector"  # peft's name of a DoRA layer's learned lengths
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
 
@@ -46,9 +49,12 @@ def read_diffusers(path: Path, f, metadata: dict[str, str]) -> AdapterFile | Non
     names)."""
     keys = list(f.keys())
     prefixes = tuple({f"{part}." for family in families.FAMILIES.values() for part in family.kohya_prefixes})
-    if not (keys and all(k.startswith(prefixes) and k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)):
+    suffixes = ("lora_A.weight", "lora_B.weight", MAGNITUDE, f"{MAGNITUDE}.weight")
+    if not (keys and all(k.startswith(prefixes) and k.endswith(suffixes) for k in keys)):
         return None
-    return diffusers_lora(path, {k: f.get_tensor(k) for k in keys}, metadata)
+    # a magnitude is saved with or without `.weight` (peft's name; diffusers' text encoders need the other)
+    return diffusers_lora(path, {k.removesuffix(f"{MAGNITUDE}.weight") + MAGNITUDE if k.endswith(f"{MAGNITUDE}.weight")
+                                 else k: f.get_tensor(k) for k in keys}, metadata)
 
 
 def refuse_checkpoint(path: Path, f, metadata: dict[str, str]) -> None:
@@ -73,21 +79,28 @@ def part_spec(kind: str, ranks: dict[str, int], alphas: dict[str, float], **extr
 
 
 def diffusers_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> AdapterFile:
-    """A LoRA in our names; alpha = rank, as diffusers assumes."""
+    """A LoRA in our names; alpha = rank, as diffusers assumes. With peft's magnitudes, a DoRA (diffusers and peft
+    save one so)."""
     ranks: dict[str, dict[str, int]] = {}
+    dora = {split_key(key)[0] for key in tensors if key.endswith(MAGNITUDE)}
     for key, tensor in tensors.items():
         part, module, suffix = split_key(key)
         if suffix == "lora_A.weight":
             ranks.setdefault(part, {})[module] = tensor.shape[0]
-    specs = {part: part_spec("lora", r, {m: float(v) for m, v in r.items()}) for part, r in ranks.items()}
+    specs = {part: part_spec("dora" if part in dora else "lora", r, {m: float(v) for m, v in r.items()})
+             for part, r in ranks.items()}
     return AdapterFile(path, specs, tensors, metadata)
 
 
 def kohya_groups(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """kohya module name -> {tensor suffix: tensor}."""
+    """kohya module name -> {tensor suffix: tensor}. peft's DoRA magnitudes in such files keep some of the module
+    path's dots (diffusers' converter leaves them: `lora_unet_..._attn1.to_k.lora_magnitude_vector`)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        module, _, suffix = key.partition(".")
+        if key.endswith((f".{MAGNITUDE}", f".{MAGNITUDE}.weight")):
+            module, suffix = key[: key.rindex(f".{MAGNITUDE}")].replace(".", "_"), MAGNITUDE
+        else:
+            module, _, suffix = key.partition(".")
         groups.setdefault(module, {})[suffix] = tensor
     return groups
 
@@ -98,11 +111,36 @@ def kohya_kind(path: Path, groups: dict[str, dict[str, torch.Tensor]]) -> str:
                              "q/k/v layers), which ComfyUI and Forge apply as they are but this app cannot load as "
                              "an adapter: load the run's own .safetensors file instead.")
     kinds = {("loha" if any(s.startswith("hada_") for s in g) else "lokr" if any(s.startswith("lokr_") for s in g)
-              else "lora" if "lora_down.weight" in g else "?") for g in groups.values()}
+              else "dora" if {"dora_scale", MAGNITUDE} & g.keys() else "lora" if "lora_down.weight" in g else "?")
+             for g in groups.values()}
     if len(kinds) != 1 or "?" in kinds:
         raise ModelLoadError(f"{path.name} mixes adapter kinds or holds ones this app cannot load "
-                             f"({', '.join(sorted(kinds))}); it loads LoRA (incl. conv), LoHa and LoKr files.")
+                             f"({', '.join(sorted(kinds))}); it loads LoRA (incl. conv), DoRA, LoHa and LoKr files.")
     return kinds.pop()
+
+
+def dora_magnitude(adapter: AdapterFile, module: str, g: dict[str, torch.Tensor], scale: float,
+                   layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{peft's `lora_magnitude_vector`} of a DoRA module of a kohya file, for the base `layer` it loads into.
+
+    peft's magnitude (kept as it is) and LyCORIS' output-axis `dora_scale` mean the same: each row of W + dW is
+    divided by its own length and multiplied by it. Our own exports' `dora_scale` is ComfyUI's reading (the row
+    length of the base W; core/formats.py), converted back here with the base weight."""
+    base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
+    weight = dequantize_module_weight(base).detach().float()
+    shape = (1, -1, 1, 1) if weight.dim() == 4 else (-1,)  # how peft holds it
+    if MAGNITUDE in g:
+        return {MAGNITUDE: g[MAGNITUDE].float().reshape(shape)}
+    dora_scale = g["dora_scale"].float()
+    if dora_scale.shape[0] != weight.shape[0] or dora_scale.numel() != weight.shape[0]:
+        raise ModelLoadError(f"{adapter.path.name}: the DoRA layer {module} keeps its lengths per input column "
+                             "(older LyCORIS / OneTrainer files), which this app cannot load yet; ComfyUI, Forge "
+                             "and A1111 apply it.")
+    if adapter.metadata.get(DORA_CONVENTION) == "comfyui":
+        up, down = g["lora_up.weight"].float(), g["lora_down.weight"].float()
+        merged = weight + (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
+        dora_scale = dora_scale.reshape(-1) * row_norms(merged) / (row_norms(weight) + torch.finfo(torch.float32).eps)
+    return {MAGNITUDE: dora_scale.reshape(shape)}
 
 
 def _lokr_rank(g: dict[str, torch.Tensor]) -> tuple[int, bool]:
@@ -159,16 +197,19 @@ def resolve_kohya(adapter: AdapterFile, parts: Mapping[str, torch.nn.Module], fa
         raise ModelLoadError(f"{adapter.path.name} has {len(unknown)} layer(s) this base model does not have (e.g. "
                              f"{', '.join(unknown[:3])}): it was made for another model family (SD 1.x and 2.x "
                              "differ in the text encoder, SDXL in everything).")
-    unsupported = {"lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2", "dora_scale"}
+    unsupported = {"lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2"}
     tensors, ranks, alphas, decompose = {}, {}, {}, {}
     for module, g in groups.items():
         part, path = names[module]
         if unsupported & g.keys():
-            raise ModelLoadError(f"{adapter.path.name} uses {', '.join(sorted(unsupported & g.keys()))} (Tucker / "
-                                 "DoRA variants), which this app cannot load.")
-        if kind == "lora":
+            raise ModelLoadError(f"{adapter.path.name} uses {', '.join(sorted(unsupported & g.keys()))} (Tucker "
+                                 "decomposition), which this app cannot load.")
+        if kind in ("lora", "dora"):
             rank = g["lora_down.weight"].shape[0]
             renamed = {"lora_A.weight": g["lora_down.weight"], "lora_B.weight": g["lora_up.weight"]}
+            if kind == "dora":
+                scale = float(g["alpha"]) / rank if "alpha" in g else 1.0
+                renamed |= dora_magnitude(adapter, module, g, scale, parts[part].get_submodule(path))
         elif kind == "loha":
             rank = g["hada_w1_b"].shape[0]
             renamed = {k: v for k, v in g.items() if k != "alpha"}

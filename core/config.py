@@ -124,7 +124,12 @@ class DataConfig:
     class_negative_prompt: str = ""
 
 
-ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}  # how each adapter type is written for people
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}  # how each adapter type is written for people
+
+
+# DoRA is peft's LoRA that also learns each output's length (LoraConfig(use_dora=True)): both live in peft's LoRA
+# layers, so what holds for a LoRA layer (load order, quantized weights) holds for a DoRA one
+LORA_LAYER_TYPES = ("lora", "dora")
 
 
 def adapter_name(kind: str) -> str:
@@ -134,8 +139,9 @@ def adapter_name(kind: str) -> str:
 
 @dataclass
 class AdapterConfig:
-    type: Literal["lora", "loha", "lokr"] = _setting(
-        "lora", help="LoRA: the standard. LoHa / LoKr: more expressive per parameter.")
+    type: Literal["lora", "dora", "loha", "lokr"] = _setting(
+        "lora", help="LoRA: the standard. DoRA: LoRA that also learns each output's length (often better "
+                     "likeness; slower steps). LoHa / LoKr: more expressive per parameter.")
     rank: int = _setting(8, min=1, help="Size of the adapter; 4-32.")
     alpha: float = _setting(8.0, min=0, help="Strength scale; usually = rank.")
     # LoRA dropout; for LoHa/LoKr the rank dropout

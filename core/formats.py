@@ -1,4 +1,4 @@
-"""Exporting our adapter files for other tools: diffusers (LoRA), and the kohya / A1111 / Forge / ComfyUI / LyCORIS
+"""Exporting our adapter files for other tools: diffusers (LoRA, DoRA), and the kohya / A1111 / Forge / ComfyUI / LyCORIS
 layout (reading such files is core/community.py).
 
 Our files hold peft-named weights (`unet.<module>.lora_A.weight`, `...hada_w1_a`, `...lokr_w1`). Those
@@ -10,6 +10,12 @@ layers_0_self_attn_q_proj`), kohya tensor names (`lora_down` / `lora_up`; LyCORI
 - LoKr: LyCORIS and ComfyUI use alpha / rank only when a factor is itself low-rank (`lokr_w1_a` or
   `lokr_w2_a` present); with two full factors they use no scale at all, while peft still scales by
   alpha / r. Then the scale is folded into `lokr_w1` and alpha is written as the rank (a no-op).
+- DoRA: a LoRA (`lora_down` / `lora_up` / alpha as LoRA's) plus `dora_scale`, one per output row. peft divides
+  each row of W + dW by its own length and multiplies by the learned magnitude m. ComfyUI and Forge divide an
+  output-axis `dora_scale` by the row length of the base W instead, and LyCORIS by that of W + dW (as peft), so
+  no one `dora_scale` is exact in both: ours is written for ComfyUI / Forge (m x |W row| / |W + dW row|, exact
+  there), its metadata says so, and LyCORIS applies it approximately (README). A1111 reads `dora_scale` per
+  input column only and gets it wrong: merge the adapter into the model for A1111.
 
 diffusers' `load_lora_weights` also reads kohya LoRA files, but it tells the text encoder's key style by an
 `out_proj` entry (kohya's own files always have one): a LoRA text encoder part on q/k/v_proj without out_proj
@@ -23,14 +29,15 @@ layer (see `fuse`).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import families
-from .adapter_file import AdapterFile, split_key
+from .adapter_file import DORA_CONVENTION, DORA_NORMS, AdapterFile, split_key
 from .adapters import read_adapter
-from .config import adapter_name
+from .config import LORA_LAYER_TYPES, adapter_name
 from .errors import ModelLoadError
 from .fileio import save_safetensors
 
@@ -97,6 +104,13 @@ def fuse(members: list[tuple[dict[str, torch.Tensor] | None, int]], spec) -> tup
     members' ranks added and alpha grows with it (alpha / rank, the scale, is unchanged). A LoKr is not a
     Kronecker product once stacked: it is written as the full weight change (`.diff`, which ComfyUI and Forge add
     as it is)."""
+    if spec.type == "dora":  # DoRA works row by row: the rows' scales are stacked as the rows are
+        if any(t is None for t, _ in members):
+            raise ModelLoadError("This DoRA file has no row lengths for the untrained layers fused with its trained "
+                                 "ones (a file this app did not train): merge it into the model instead.")
+        lora = [(t if "lora_A.weight" in t else None, w) for t, w in members]
+        fused, alpha = fuse(lora, replace(spec, type="lora"))
+        return fused | {"dora_scale": torch.cat([dora_scale(t) for t, _ in members])}, alpha
     if spec.type == "lokr":
         members = [(lokr_delta(t, spec.alpha / spec.rank) if t is not None else None, w) for t, w in members]
     present = [t for t, _ in members if t is not None]
@@ -121,11 +135,31 @@ def fuse(members: list[tuple[dict[str, torch.Tensor] | None, int]], spec) -> tup
     return fused, float(spec.alpha) * n
 
 
-def kohya_module(tensors: dict[str, torch.Tensor], spec) -> tuple[dict[str, torch.Tensor], float]:
+def dora_scale(tensors: dict[str, torch.Tensor], module: str = "") -> torch.Tensor:
+    """A DoRA module's `dora_scale` on the output axis, in the convention ComfyUI and Forge apply: they scale each
+    row of W + dW by dora_scale / (|row of W| + eps), where peft scales it by m / |row of W + dW|; so the scale
+    written is m x (|row of W| + eps) / |row of W + dW| (both lengths kept in our file when it was saved), exact
+    there to float32 rounding. Shaped (out, 1) for a linear layer, (out, 1, 1, 1) for a convolution."""
+    eps = torch.finfo(torch.float32).eps
+    if tensors.keys() == {"dora_base_norm"}:  # a layer fused with DoRA layers that did not train: W' = W
+        return (tensors["dora_base_norm"].double() + eps).float().reshape(-1, 1)
+    if not set(DORA_NORMS) <= tensors.keys():
+        raise ModelLoadError(f"The DoRA module {module} has no saved row lengths (a file this app did not train, or an "
+                             "old one): it cannot be exported for ComfyUI without its base model. Merge it into the "
+                             "model instead.")
+    magnitude = tensors["lora_magnitude_vector"].reshape(-1).double()
+    base, merged = (tensors[k].double() for k in DORA_NORMS)
+    return (magnitude * (base + eps) / merged).float().reshape(-1, *[1] * (tensors["lora_A.weight"].dim() - 1))
+
+
+def kohya_module(tensors: dict[str, torch.Tensor], spec, module: str = "") -> tuple[dict[str, torch.Tensor], float]:
     """(tensors, alpha) of one module as the tools read it: LoKr with two whole factors gets its scale folded
-    into lokr_w1 (see the module doc)."""
+    into lokr_w1; a DoRA its `dora_scale` (see the module doc)."""
     if spec.type == "lokr" and not ({"lokr_w1_a", "lokr_w2_a"} & tensors.keys()):
         return dict(tensors, lokr_w1=tensors["lokr_w1"] * (spec.alpha / spec.rank)), float(spec.rank)
+    if spec.type == "dora":
+        lora = {k: tensors[k] for k in ("lora_A.weight", "lora_B.weight")}
+        return lora | {"dora_scale": dora_scale(tensors, module)}, float(spec.alpha)
     return tensors, float(spec.alpha)
 
 
@@ -142,7 +176,7 @@ def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
     for (part, name), members in sorted(export_groups(adapter, family, modules).items()):
         spec = adapter.specs[part]
         if len(members) == 1:
-            tensors, alpha = kohya_module(modules[(part, members[0][0])], spec)
+            tensors, alpha = kohya_module(modules[(part, members[0][0])], spec, name)
         else:
             tensors, alpha = fuse([(modules[(part, m)] if m else None, w) for m, w in members], spec)
         for suffix, tensor in tensors.items():
@@ -152,14 +186,19 @@ def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
 
 
 def to_diffusers(adapter: AdapterFile) -> dict[str, torch.Tensor]:
-    """LoRA for diffusers' `pipe.load_lora_weights`: our peft names (`unet.` / `text_encoder.` prefixes) with
-    alpha / rank folded into `lora_B`, because diffusers assumes alpha = rank when a file does not say."""
-    if adapter.type != "lora":
+    """LoRA / DoRA for diffusers' `pipe.load_lora_weights`: our peft names (`unet.` / `text_encoder.` prefixes) with
+    alpha / rank folded into `lora_B`, because diffusers assumes alpha = rank when a file does not say (a DoRA's
+    `lora_magnitude_vector` as it is: diffusers sees it and loads a DoRA)."""
+    if adapter.type not in LORA_LAYER_TYPES:
         raise ModelLoadError(f"{adapter.path.name} is a {adapter_name(adapter.type)}: diffusers' load_lora_weights loads "
-                             "LoRA only. Export it with --format kohya (A1111, Forge, ComfyUI) instead.")
+                             "LoRA and DoRA only. Export it with --format kohya (A1111, Forge, ComfyUI) instead.")
     out = {}
     for key, tensor in adapter.tensors.items():
         part, _, suffix = split_key(key)
+        if suffix in DORA_NORMS:  # ours, for the kohya export; peft's DoRA recomputes them
+            continue
+        if suffix == "lora_magnitude_vector":  # diffusers loads a text encoder's magnitudes only under this name
+            key += ".weight"
         spec = adapter.specs[part]
         out[key] = (tensor.float() * (spec.alpha / spec.rank) if suffix == "lora_B.weight" else tensor.float()).contiguous()
     return out
@@ -169,17 +208,21 @@ def kohya_metadata(adapter: AdapterFile) -> dict[str, str]:
     """`ss_*` (kohya) and `modelspec.*` keys, all strings, describing the adapter and its training."""
     info = adapter.metadata
     spec = adapter.main_spec
-    lycoris = spec.type in ("loha", "lokr")
+    lycoris = spec.type in ("loha", "lokr", "dora")
     family = families.of_adapter(info, adapter.specs)
+    # a DoRA is LyCORIS' LoRA with its weight decomposition (`dora_wd`), as kohya's trainer writes one
+    args = {"algo": "lora", "dora_wd": "True"} if spec.type == "dora" else {"algo": spec.type} if lycoris else {}
     meta = {
         "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(spec.rank), "ss_network_alpha": str(spec.alpha),
-        "ss_network_args": json.dumps({"algo": spec.type} if lycoris else {}),
+        "ss_network_args": json.dumps(args),
         "ss_output_name": adapter.path.stem,
         "ss_text_encoder_trained": str(any(part in adapter.specs for part in family.text_encoders)).lower(),
         "modelspec.sai_model_spec": "1.0.0", **family.adapter_metadata,
         "modelspec.implementation": "diffusers", "modelspec.title": adapter.path.stem,
     }
+    if spec.type == "dora":  # which norm its dora_scale is meant for, so that importing it back is exact
+        meta[DORA_CONVENTION] = "comfyui"
     for ours, theirs in (("steps", "ss_max_train_steps"), ("learning_rate", "ss_learning_rate"),
                          ("resolution", "ss_resolution"), ("seed", "ss_seed"), ("base_model", "ss_sd_model_name"),
                          ("instance_prompt", "modelspec.trigger_phrase"), ("batch_size", "ss_batch_size_per_device")):

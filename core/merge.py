@@ -1,8 +1,9 @@
 """Fuse adapters into a base model and save the result as a new base model (diffusers folder or one file).
 
-Every adapter type works (LoRA, LoHa, LoKr, ours or imported), mixed, each at its weight: peft computes
-each layer's delta (its own scaling times the weight), the deltas are added to the base weights, and the
-adapter wrappers are taken out, leaving a plain Stable Diffusion model that any tool loads.
+Every adapter type works (LoRA, DoRA, LoHa, LoKr, ours or imported), mixed, each at its weight: peft computes
+each layer's delta (its own scaling times the weight; a DoRA's rescaled weight less the base), the deltas are added
+to the base weights, and the adapter wrappers are taken out, leaving a plain Stable Diffusion model that any tool
+loads.
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ def fuse_into(base: BaseModel, files: list[tuple[str | Path, float]]) -> BaseMod
         for module in base.parts.values():
             for layer in adapters.tuner_layers(module):
                 weight = layer.get_base_layer().weight
-                for name in names:
-                    if name in layer.scaling:
-                        weight += layer.get_delta_weight(name).to(weight.dtype).reshape(weight.shape)
+                # every change is taken against the base weight before any is added (DoRA's depends on it)
+                changes = [adapters.weight_change(layer, name) for name in names if name in layer.scaling]
+                for change in changes:
+                    weight += change.to(weight.device, weight.dtype)
     adapters.remove_all(base.parts)
     base.name = f"{base.name} + " + " + ".join(f"{Path(p).stem}×{w:g}" for p, w in files)
     return base
@@ -120,7 +122,7 @@ def merge_loras(files: list[tuple[str | Path, float]], out: str | Path, base_spe
             f = resolve_kohya(f, base.parts, families.of(base))
         if f.type != "lora" or any(s.type != "lora" for s in f.specs.values()):
             raise ModelLoadError(f"{f.path.name} is a {adapter_name(f.type)}: only LoRAs merge into one LoRA exactly. "
-                                 "Merge LoHa / LoKr adapters into the model instead.")
+                                 "Merge DoRA / LoHa / LoKr adapters into the model instead.")
         for key, (a, b) in lora_pairs(f).items():
             stacks.setdefault(key, []).append((a, b * weight))
         infos.append((f, weight))

@@ -21,7 +21,7 @@ from .adapter_file import AdapterFile
 from .base_model import BaseModel
 from .errors import ModelLoadError, UserError
 from .models import load_base_model, place
-from .config import adapter_name
+from .config import LORA_LAYER_TYPES, adapter_name
 from .precision import DTYPES, default_device, frozen_dtype
 from .placement import move_parts
 from .sampling import encoded_apart, generate, make_pipeline, save_png
@@ -103,11 +103,11 @@ class Playground:
         for key in [k for k in self._loaded if k not in keys]:
             adapters.delete_adapter(parts, self._loaded.pop(key)[0])
         new = [(w.key, w.load()) for w in wanted if w.key not in self._loaded]
-        lycoris = [f for _, f in new if f.type != "lora"]
+        lycoris = [f for _, f in new if f.type not in LORA_LAYER_TYPES]
         if lycoris and self.quantized != "none":
             raise UserError(f"{lycoris[0].path.name} is a {adapter_name(lycoris[0].type)}: LoHa and LoKr cannot run on "
-                            "quantized weights (peft wraps only LoRA around them). Set Quantized weights to none.")
-        if any(f.type == "lora" for _, f in new) and adapters.has_lycoris(parts):
+                            "quantized weights (peft wraps only LoRA and DoRA around them). Set Quantized weights to none.")
+        if any(f.type in LORA_LAYER_TYPES for _, f in new) and adapters.has_lycoris(parts):
             # A LoRA cannot wrap a LoHa/LoKr layer: start again from the plain model and load them all.
             new = [(k, f) for k, (_, f) in self._loaded.items()] + new
             adapters.remove_all(parts)

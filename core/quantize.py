@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .config import LORA_LAYER_TYPES
 from .errors import ConfigError
 
 KINDS = ("none", "nf4", "int8")
@@ -61,9 +62,9 @@ def check(kind: str, adapter_type: str) -> None:
         return
     if kind not in KINDS:
         raise ConfigError(f"`model.quantize` must be one of {', '.join(KINDS)}, got {kind!r}.")
-    if adapter_type != "lora":
-        raise ConfigError(f"`model.quantize: {kind}` works with LoRA only: peft cannot put a LoHa or LoKr around a "
-                          "quantized layer. Choose LoRA, or model.quantize: none (more GPU memory).")
+    if adapter_type not in LORA_LAYER_TYPES:
+        raise ConfigError(f"`model.quantize: {kind}` works with LoRA and DoRA only: peft cannot put a LoHa or LoKr "
+                          "around a quantized layer. Choose LoRA or DoRA, or model.quantize: none (more GPU memory).")
     reason = missing_reason()
     if reason:
         raise ConfigError(reason)

@@ -31,7 +31,8 @@ def _entry(path: Path, origin: str) -> AdapterEntry | None:
             meta = f.metadata() or {}
             keys = list(f.keys()) if "adapters" not in meta else []
         if keys:  # a community file (kohya / LyCORIS / diffusers): its kind from the tensor names, without reading them
-            kind = next(k for s, k in (("hada_", "loha"), ("lokr_", "lokr"), ("lora_", "lora")) if any(s in k for k in keys))
+            kind = next(k for s, k in (("hada_", "loha"), ("lokr_", "lokr"), ("dora_scale", "dora"),
+                                       ("lora_magnitude", "dora"), ("lora_", "lora")) if any(s in k for k in keys))
             meta = {"steps": meta.get("ss_max_train_steps", "?"), "base_model": meta.get("ss_sd_model_name", "?")}
         else:
             specs = json.loads(meta["adapters"])

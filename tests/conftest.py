@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-ADAPTER_TYPES = ["lora", "loha", "lokr"]
+ADAPTER_TYPES = ["lora", "dora", "loha", "lokr"]
 
 
 @pytest.fixture(scope="module", autouse=True)

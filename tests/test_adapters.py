@@ -35,7 +35,7 @@ from core.errors import ModelLoadError
 from core.base_model import BaseModel
 from core.models import build_tiny_model
 
-TYPES = ["lora", "loha", "lokr"]
+TYPES = ["lora", "dora", "loha", "lokr"]
 ATOL = 1e-6
 
 # peft warns "Already found a `peft_config` attribute" whenever a second adapter is injected: expected here.
@@ -158,12 +158,13 @@ def test_peft_config_matches_spec(adapter_type):
     spec = AdapterSpec(type=adapter_type, rank=3, alpha=6.0, targets=["to_q"], dropout=0.1)
     config = spec.peft_config()
     assert config.r == 3 and set(config.target_modules) == {"to_q"}
-    assert (config.lora_alpha if adapter_type == "lora" else config.alpha) == 6.0
+    assert (config.lora_alpha if adapter_type in ("lora", "dora") else config.alpha) == 6.0
+    assert getattr(config, "use_dora", False) == (adapter_type == "dora")
 
 
 def test_unknown_adapter_type_is_a_model_load_error():
-    with pytest.raises(ModelLoadError, match="Unknown adapter type 'dora'"):
-        AdapterSpec(type="dora", rank=1, alpha=1, targets=["to_q"]).peft_config()
+    with pytest.raises(ModelLoadError, match="Unknown adapter type 'oft'"):
+        AdapterSpec(type="oft", rank=1, alpha=1, targets=["to_q"]).peft_config()
 
 
 # ----------------------------------------------------------------------------- inject
@@ -412,9 +413,12 @@ def test_set_weights_scales_between_base_and_trained(adapter_type, files, base_o
     assert not any(p.requires_grad for p in model.unet.parameters())  # set_adapter must not unfreeze
 
 
-def test_lora_weight_is_linear_on_one_module(files):
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_lora_weight_is_linear_on_one_module(files, kind):
+    """The weight is linear for LoRA, and for DoRA too (its whole change scales, as ComfyUI applies a DoRA file's
+    strength; peft's own scale inside the normalisation would not give the base at 0)."""
     model = tiny()
-    load_into(model.parts, read_adapter(files["lora"][0]), "a0")
+    load_into(model.parts, read_adapter(files[kind][0]), "a0")
     layer = model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     assert "a0" in layer.scaling
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
@@ -435,7 +439,7 @@ def test_lora_weight_is_linear_on_one_module(files):
 
 @pytest.fixture(scope="module")
 def mixed(files):
-    """LoRA, LoHa and LoKr in one model (LoRA first: peft cannot wrap a LoHa/LoKr layer in a LoRA)."""
+    """LoRA, DoRA, LoHa and LoKr in one model (LoRA / DoRA first: peft cannot wrap a LoHa/LoKr layer in a LoRA)."""
     model = tiny()
     for i, t in enumerate(TYPES):
         load_into(model.parts, read_adapter(files[t][0]), f"a{i}")
@@ -443,7 +447,7 @@ def mixed(files):
 
 
 def test_mixed_model_has_all_adapters(mixed):
-    assert adapter_names(mixed.parts) == ["a0", "a1", "a2"]
+    assert adapter_names(mixed.parts) == [f"a{i}" for i in range(len(TYPES))]
 
 
 @pytest.mark.parametrize("index", range(len(TYPES)), ids=TYPES)
@@ -454,13 +458,15 @@ def test_enabling_one_adapter_reproduces_it_alone(mixed, files, index):
     assert_same(te_out(mixed), expected_t)
 
 
-def test_two_adapters_together_differ_from_each_alone(mixed, files):
-    set_weights(mixed.parts, {"a0": 1.0, "a1": 1.0})
+@pytest.mark.parametrize("pair", [("lora", "loha"), ("dora", "lokr"), ("lora", "dora")])
+def test_two_adapters_together_differ_from_each_alone(mixed, files, pair):
+    first, second = (f"a{TYPES.index(kind)}" for kind in pair)
+    set_weights(mixed.parts, {first: 1.0, second: 1.0})
     both = unet_out(mixed)
-    assert_differs(both, files["lora"][1][0])
-    assert_differs(both, files["loha"][1][0])
-    set_weights(mixed.parts, {"a0": 0.0, "a1": 1.0})  # weight 0 removes the LoRA's contribution
-    assert_same(unet_out(mixed), files["loha"][1][0])
+    assert_differs(both, files[pair[0]][1][0])
+    assert_differs(both, files[pair[1]][1][0])
+    set_weights(mixed.parts, {first: 0.0, second: 1.0})  # weight 0 removes the first one's contribution
+    assert_same(unet_out(mixed), files[pair[1]][1][0])
 
 
 @pytest.mark.parametrize("first", ["loha", "lokr"])
@@ -469,7 +475,7 @@ def test_lora_after_loha_or_lokr_is_refused_cleanly(first, files):
     # 'groups'); load_into turns that into a plain message and leaves the model as it was.
     model = tiny()
     load_into(model.parts, read_adapter(files[first][0]), "a0")
-    with pytest.raises(ModelLoadError, match="Load the LoRA files first"):
+    with pytest.raises(ModelLoadError, match="Load the LoRA / DoRA files first"):
         load_into(model.parts, read_adapter(files["lora"][0]), "a1")
     assert adapter_names(model.parts) == ["a0"]
     set_weights(model.parts, {"a0": 1.0})
@@ -591,7 +597,8 @@ def test_inject_on_a_trainable_bfloat16_base_casts_the_adapter_only(adapter_type
 def test_load_all_loads_lora_files_first_whatever_the_order(files):
     model = tiny()
     adapters.load_all(model.parts, {f"a{i}": read_adapter(files[t][0]) for i, t in reversed(list(enumerate(TYPES)))})
-    assert adapter_names(model.parts) == ["a0", "a1", "a2"]  # the LoRA (a0) came last here and still loaded
+    # the LoRA (a0) and DoRA (a1) came last here and still loaded
+    assert adapter_names(model.parts) == [f"a{i}" for i in range(len(TYPES))]
     for i, t in enumerate(TYPES):
         set_weights(model.parts, {f"a{i}": 1.0})
         assert_same(unet_out(model), files[t][1][0])

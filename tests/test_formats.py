@@ -120,12 +120,13 @@ def test_kohya_file_names_and_metadata(tmp_path, adapter_type):
     with safe_open(str(out), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in keys)
-    suffixes = {"lora": "lora_down.weight", "loha": "hada_w1_a", "lokr": "lokr_w1"}
+    suffixes = {"lora": "lora_down.weight", "dora": "dora_scale", "loha": "hada_w1_a", "lokr": "lokr_w1"}
     assert any(k.endswith(suffixes[adapter_type]) for k in keys)
     modules = {k.split(".")[0] for k in keys}
     assert {m + ".alpha" for m in modules} <= set(keys)  # one alpha per module
     assert all(isinstance(v, str) for v in meta.values())
     assert meta["ss_network_module"] == ("networks.lora" if adapter_type == "lora" else "lycoris.kohya")
+    assert (json.loads(meta["ss_network_args"]).get("dora_wd") == "True") == (adapter_type == "dora")
     assert meta["ss_max_train_steps"] == "400" and meta["modelspec.trigger_phrase"] == "a photo of tms star"
     assert not list((tmp_path / "out").glob("*.tmp*"))  # written through a temp file, nothing left over
 
@@ -139,13 +140,14 @@ def test_export_refuses_foreign_files_and_formats(tmp_path):
         formats.export_adapter(formats.export_adapter(ours, tmp_path / "k.safetensors"), tmp_path / "again.safetensors")
 
 
-def test_diffusers_export_loads_with_load_lora_weights(tmp_path):
-    """diffusers' own loader on the exported LoRA gives our model's outputs and our images."""
+@pytest.mark.parametrize("adapter_type", ["lora", "dora"])
+def test_diffusers_export_loads_with_load_lora_weights(tmp_path, adapter_type):
+    """diffusers' own loader on the exported LoRA / DoRA gives our model's outputs and our images."""
     from test_adapters import SAMPLE, TIMESTEPS, TOKENS, CONTEXT
 
     from core.sampling import generate, make_pipeline
 
-    base, specs = adapted("lora")
+    base, specs = adapted(adapter_type)
     ours = adapters.save_adapter(tmp_path / "ours.safetensors", base.parts, specs, {"steps": 3})
     out = formats.export_adapter(ours, tmp_path / "diffusers.safetensors", fmt="diffusers")
     plain = tiny()
@@ -193,7 +195,7 @@ def test_kohya_export_loads_with_diffusers_load_lora_weights(tmp_path, te_target
 def test_diffusers_export_refuses_lycoris_types(tmp_path, adapter_type):
     base, specs = adapted(adapter_type)
     ours = adapters.save_adapter(tmp_path / "a.safetensors", base.parts, specs, {})
-    with pytest.raises(ModelLoadError, match="LoRA only.*--format kohya"):
+    with pytest.raises(ModelLoadError, match="LoRA and DoRA only.*--format kohya"):
         formats.export_adapter(ours, tmp_path / "d.safetensors", fmt="diffusers")
     assert not (tmp_path / "d.safetensors").exists()
 

@@ -238,6 +238,11 @@ class Family:
         fuse layers (FLUX's q, k, v) lists several, None where a member did not train, with their relative widths."""
         return {name: [(m, 1)] for m, name in self.export_names(part, modules, unet_config).items()}
 
+    def fused_members(self, part: str, module: str) -> list[str]:
+        """The layers of `part` that other tools' files fuse with `module` into one (itself included, in order):
+        FLUX's q, k, v (and a single block's MLP input); here every layer stands alone."""
+        return [module]
+
     def split_kohya(self, groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
         """A kohya file's modules (name -> tensors) with layers other tools fuse split into this app's layers
         (FLUX's qkv); as they are here."""

@@ -315,16 +315,27 @@ class FluxFamily(Family):
                 raise ModelLoadError(f"The layer {name} fuses q, k and v as a LoKr or a full weight change, which "
                                      "cannot be split into the separate layers this app loads; load the diffusers "
                                      "form of that adapter instead.")
+            total = tensors[rows].shape[0]
+            # a DoRA's lengths are per output row too (a row's length per input column spans the fused members)
+            dora = [k for k in ("dora_scale", "lora_magnitude_vector") if k in tensors]
+            if any(tensors[k].numel() != total for k in dora):
+                raise ModelLoadError(f"The DoRA layer {name} keeps its lengths per input column of the fused q, k "
+                                     "and v, which cannot be split into the separate layers this app loads.")
             split_keys = [k for k in ("lora_up.weight", "hada_w1_a", "hada_w2_a") if k in tensors]
-            unit = tensors[rows].shape[0] // sum(w for _, w in fused)
+            unit = total // sum(w for _, w in fused)
             start = 0
             for module, width in fused:
-                part = {k: tensors[k][start:start + width * unit] for k in split_keys}
+                part = {k: tensors[k][start:start + width * unit] for k in split_keys + dora}
                 start += width * unit
-                if all(t.abs().max() == 0 for t in part.values()):
+                if not dora and all(t.abs().max() == 0 for t in part.values()):
                     continue
                 out[self.kohya_name(self.denoiser, module)] = {**tensors, **part}
         return out
+
+    def fused_members(self, part: str, module: str) -> list[str]:
+        found = bfl_name(module) if part == self.denoiser else None
+        members = self._fused_members(found[0].replace(".", "_")) if found else None
+        return [m for m, _ in members] if members else [module]
 
     @staticmethod
     def _fused_members(flat: str) -> list[tuple[str, int]] | None:
