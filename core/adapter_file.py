@@ -29,6 +29,9 @@ DORA_NORMS = ("dora_base_norm", "dora_weight_norm")
 # metadata of our DoRA exports: their dora_scale divides by the row lengths of the base weight (ComfyUI's and
 # Forge's reading), where LyCORIS' own files mean the row lengths of W + dW (core/community.py reads both)
 DORA_CONVENTION = "dreambooth_peft_dora_scale"
+# an imported DoRA whose lengths are per input column (older LyCORIS / OneTrainer files): peft has no such layer, so
+# these are held beside peft's LoRA weights and applied by core/adapters.py's ColumnDora
+COLUMN_SCALE = "dora_scale"
 LYCORIS_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -49,12 +52,14 @@ class AdapterSpec:
     rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module ranks/alphas (imported files)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     blocks: str = "all"  # which of a transformer's blocks the targets are taken in (adapters.block_modules)
+    dora_axis: str = "output"  # DoRA: lengths per output row (peft's, trained here) or per input column (imported)
 
     def peft_config(self):
         common = dict(r=self.rank, target_modules=list(self.targets), rank_pattern=dict(self.rank_pattern),
                       alpha_pattern=dict(self.alpha_pattern))
         if self.type in ("lora", "dora"):
-            return LoraConfig(lora_alpha=self.alpha, lora_dropout=self.dropout, use_dora=self.type == "dora", **common)
+            use_dora = self.type == "dora" and self.dora_axis == "output"  # per column: a LoRA + ColumnDora
+            return LoraConfig(lora_alpha=self.alpha, lora_dropout=self.dropout, use_dora=use_dora, **common)
         lycoris = dict(alpha=self.alpha, rank_dropout=self.dropout, module_dropout=self.module_dropout,
                        use_effective_conv2d=self.use_effective_conv2d, **common)
         if self.type == "loha":
@@ -83,10 +88,10 @@ class AdapterFile:
         return self.specs.get("unet") or next(iter(self.specs.values()))
 
     def part_state(self, part: str) -> dict[str, torch.Tensor]:
-        """The peft state dict of `part` (without the DoRA norms, which peft does not hold)."""
+        """The peft state dict of `part` (without the DoRA lengths peft does not hold)."""
         prefix = f"{part}."
         return {k[len(prefix):]: v for k, v in self.tensors.items()
-                if k.startswith(prefix) and not k.endswith(DORA_NORMS)}
+                if k.startswith(prefix) and not k.endswith((*DORA_NORMS, COLUMN_SCALE))}
 
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -98,7 +103,7 @@ def row_norms(weight: torch.Tensor) -> torch.Tensor:
 def split_key(key: str) -> tuple[str, str, str]:
     """'unet.down_blocks.0.attn1.to_q.lora_A.weight' -> ('unet', 'down_blocks.0.attn1.to_q', 'lora_A.weight')."""
     part, _, rest = key.partition(".")
-    for suffix in (*LORA_TENSORS, *DORA_NORMS, *LYCORIS_TENSORS):
+    for suffix in (*LORA_TENSORS, *DORA_NORMS, COLUMN_SCALE, *LYCORIS_TENSORS):
         if rest.endswith("." + suffix):
             return part, rest[: -len(suffix) - 1], suffix
     raise ModelLoadError(f"Unexpected tensor {key!r} in the adapter file: not a LoRA, DoRA, LoHa or LoKr weight.")

@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import dequantize_module_weight
 
 from .adapter_file import (
+    COLUMN_SCALE,
     AdapterFile,
     AdapterSpec,
     Reader,
@@ -170,10 +171,34 @@ class WeightedDora:
         return out if self.strength == 1.0 else result + self.strength * (out - result)
 
 
+class ColumnDora:
+    """A DoRA whose lengths are per input column (older LyCORIS and OneTrainer files), which peft has no layer
+    for: on a peft LoRA layer, W' = (W + dW) x d / |column of W + dW|, as ComfyUI, Forge, A1111 and LyCORIS apply
+    such a file (their one shared reading), at a strength as WeightedDora's."""
+
+    def __init__(self, scale: torch.Tensor):
+        self.scale, self.strength = scale.float(), 1.0
+
+    def weight(self, layer: BaseTunerLayer, name: str, base: torch.Tensor) -> torch.Tensor:
+        merged = base + lora_change(layer, name, base.shape)
+        columns = merged.transpose(0, 1).flatten(1).norm(dim=1)  # one length per input (channel)
+        scale = self.scale.to(base.device).reshape(1, -1, *[1] * (base.dim() - 2))
+        return merged * scale / (columns.reshape(1, -1, *[1] * (base.dim() - 2)) + torch.finfo(torch.float32).eps)
+
+    def forward(self, module, active_adapter, x, result, **kwargs):
+        base = base_weight(module)
+        change = (self.weight(module, active_adapter, base) - base) * self.strength
+        plain = module.get_base_layer()
+        if isinstance(plain, torch.nn.Conv2d):
+            return result + torch.nn.functional.conv2d(x, change.to(x.dtype), None, plain.stride, plain.padding,
+                                                       plain.dilation, plain.groups)
+        return result + torch.nn.functional.linear(x, change.to(x.dtype))
+
+
 def set_strength(layer: BaseTunerLayer, name: str, strength: float) -> None:
     """Adapter `name` of `layer` at `strength` x as trained (a DoRA: its whole change, see WeightedDora)."""
     variant = getattr(layer, "lora_variant", {}).get(name)
-    if isinstance(variant, WeightedDora):
+    if isinstance(variant, (WeightedDora, ColumnDora)):
         layer.set_scale(name, 1.0)
         variant.strength = strength
     else:
@@ -210,6 +235,9 @@ def weight_change(layer: BaseTunerLayer, name: str) -> torch.Tensor:
     base = base_weight(layer)
     if is_dora(layer, name):
         return (dora_weight(layer, name, base) - base) * layer.lora_variant[name].strength
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if isinstance(variant, ColumnDora):
+        return (variant.weight(layer, name, base) - base) * variant.strength
     return layer.get_delta_weight(name).detach().float().reshape(base.shape)
 
 
@@ -297,6 +325,11 @@ def has_lycoris(parts: Parts) -> bool:
 def _load_part(module: torch.nn.Module, spec: AdapterSpec, adapter: AdapterFile, part: str, name: str) -> None:
     inject(module, spec, name)
     result = set_peft_model_state_dict(module, adapter.part_state(part), adapter_name=name)
+    suffix = f".{COLUMN_SCALE}"
+    for key, scale in adapter.tensors.items():  # imported DoRA lengths per input column
+        if key.startswith(f"{part}.") and key.endswith(suffix):
+            layer = module.get_submodule(key[len(part) + 1: -len(suffix)])
+            layer.lora_variant[name] = ColumnDora(scale.to(layer.lora_A[name].weight.device))
     # the adapter name must match a whole key component, as in `inject`: a substring test would count base keys
     # such as "...attentions.0.norm.weight" as missing for an adapter called "a"
     missing = [k for k in result.missing_keys if f".{name}." in f".{k}."]

@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import dequantize_module_weight
 
 from . import families
-from .adapter_file import DORA_CONVENTION, AdapterFile, AdapterSpec, row_norms, split_key
+from .adapter_file import COLUMN_SCALE, DORA_CONVENTION, AdapterFile, AdapterSpec, row_norms, split_key
 from .config import adapter_name
 from .errors import ModelLoadError
 from .families.base import Family
@@ -133,9 +133,11 @@ def dora_magnitude(adapter: AdapterFile, module: str, g: dict[str, torch.Tensor]
         return {MAGNITUDE: g[MAGNITUDE].float().reshape(shape)}
     dora_scale = g["dora_scale"].float()
     if dora_scale.shape[0] != weight.shape[0] or dora_scale.numel() != weight.shape[0]:
-        raise ModelLoadError(f"{adapter.path.name}: the DoRA layer {module} keeps its lengths per input column "
-                             "(older LyCORIS / OneTrainer files), which this app cannot load yet; ComfyUI, Forge "
-                             "and A1111 apply it.")
+        if dora_scale.numel() != weight.shape[1]:
+            raise ModelLoadError(f"{adapter.path.name}: the DoRA layer {module} has {dora_scale.numel()} lengths, "
+                                 f"but this base model's layer has {weight.shape[0]} outputs and {weight.shape[1]} "
+                                 "inputs: the file is for another model.")
+        return {COLUMN_SCALE: dora_scale.reshape(1, -1)}  # per input column: core/adapters.py's ColumnDora
     if adapter.metadata.get(DORA_CONVENTION) == "comfyui":
         up, down = g["lora_up.weight"].float(), g["lora_down.weight"].float()
         merged = weight + (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
@@ -222,7 +224,16 @@ def resolve_kohya(adapter: AdapterFile, parts: Mapping[str, torch.nn.Module], fa
         ranks.setdefault(part, {})[path] = rank
         alphas.setdefault(part, {})[path] = alpha
         tensors.update({f"{part}.{path}.{suffix}": t.float() for suffix, t in renamed.items()})
-    extra = lambda part: {"decompose_both": decompose.get(part, False)} if kind == "lokr" else {}  # noqa: E731
+    columns = {split_key(k)[0] for k in tensors if k.endswith(f".{COLUMN_SCALE}")}
+    if any(len({k.endswith(COLUMN_SCALE) for k in tensors if k.startswith(f"{p}.") and
+                k.endswith((COLUMN_SCALE, MAGNITUDE))}) > 1 for p in columns):
+        raise ModelLoadError(f"{adapter.path.name} mixes DoRA layers with lengths per output row and per input "
+                             "column in one part, which this app cannot load.")
+
+    def extra(part: str) -> dict:
+        if kind == "lokr":
+            return {"decompose_both": decompose.get(part, False)}
+        return {"dora_axis": "input"} if part in columns else {}
     specs = {part: part_spec(kind, ranks[part], alphas[part], **extra(part)) for part in ranks}
     return AdapterFile(adapter.path, specs, tensors, adapter.metadata)
 

@@ -19,7 +19,7 @@ import torch
 from . import adapters, families, quantize
 from .adapter_file import AdapterFile
 from .base_model import BaseModel
-from .errors import ModelLoadError, UserError
+from .errors import ConfigError, ModelLoadError, UserError
 from .models import load_base_model, place
 from .config import LORA_LAYER_TYPES, adapter_name
 from .precision import DTYPES, default_device, frozen_dtype
@@ -107,6 +107,11 @@ class Playground:
         if lycoris and self.quantized != "none":
             raise UserError(f"{lycoris[0].path.name} is a {adapter_name(lycoris[0].type)}: LoHa and LoKr cannot run on "
                             "quantized weights (peft wraps only LoRA and DoRA around them). Set Quantized weights to none.")
+        for _, f in new:
+            try:
+                quantize.check(self.quantized, f.type)
+            except ConfigError as e:  # e.g. a DoRA on int8 weights
+                raise UserError(f"{f.path.name}: {e}") from None
         if any(f.type in LORA_LAYER_TYPES for _, f in new) and adapters.has_lycoris(parts):
             # A LoRA cannot wrap a LoHa/LoKr layer: start again from the plain model and load them all.
             new = [(k, f) for k, (_, f) in self._loaded.items()] + new

@@ -65,6 +65,9 @@ def check(kind: str, adapter_type: str) -> None:
     if adapter_type not in LORA_LAYER_TYPES:
         raise ConfigError(f"`model.quantize: {kind}` works with LoRA and DoRA only: peft cannot put a LoHa or LoKr "
                           "around a quantized layer. Choose LoRA or DoRA, or model.quantize: none (more GPU memory).")
+    if adapter_type == "dora" and kind == "int8":  # found in tests/test_quantize.py: int8 + DoRA fails in forward
+        raise ConfigError("`model.quantize: int8` does not work with DoRA: bitsandbytes' 8-bit layers lose their "
+                          "scales when peft reads the weight back for DoRA's row lengths. Choose nf4 (or none).")
     reason = missing_reason()
     if reason:
         raise ConfigError(reason)

@@ -224,3 +224,72 @@ def test_peft_named_dora_files_load(tmp_path, exported):
         model = tiny()
         adapters.load_into(model.parts, imported, "p")
         torch.testing.assert_close(unet_out(model), unet_out(base), atol=1e-5, rtol=1e-5, msg=str(path))
+
+
+def test_a_dora_file_with_lengths_per_input_column_loads_as_the_tools_apply_it(tmp_path):
+    """Older LyCORIS (and OneTrainer) files keep dora_scale per input column, which every tool reads alike (ComfyUI's
+    rule, LyCORIS' module): loaded here on a peft LoRA layer with ColumnDora, the layer computes that weight; a
+    strength scales the whole change, and a merge gives the same model."""
+    from core.merge import fuse_into
+
+    path = tmp_path / "columns.safetensors"
+    weights = lycoris_dora_file(path, wd_on_out=False, seed=3)
+    tensors = load_file(str(path))
+    assert all(t.shape[0] == 1 for k, t in tensors.items() if k.endswith("dora_scale"))
+    imported = adapters.read_adapter(path)
+    model = tiny()
+    adapters.load_into(model.parts, imported, "c")
+    resolved = community.resolve_kohya(imported, tiny().parts)
+    assert {s.type for s in resolved.specs.values()} == {"dora"}
+    assert {s.dora_axis for s in resolved.specs.values()} == {"input"}
+    assert all(isinstance(model.parts[p].get_submodule(m).lora_variant["c"], adapters.ColumnDora) for p, m in weights)
+    for strength in (1.0, 0.4):
+        adapters.set_weights(model.parts, {"c": strength})
+        for (part, module), want in weights.items():
+            layer = model.parts[part].get_submodule(module)
+            w = adapters.base_weight(layer)
+            comfy = comfyui_weight(w, tensors, community.kohya_name(part, module), strength)
+            torch.testing.assert_close(comfy, w + strength * (want - w), atol=1e-5, rtol=1e-5)  # two readings agree
+            x = probe(layer)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), with_weight(layer, comfy, x), atol=1e-5, rtol=1e-5, msg=module)
+    adapters.set_weights(model.parts, {"c": 0.4})
+    merged = fuse_into(tiny(), [(path, 0.4)])
+    torch.testing.assert_close(unet_out(merged), unet_out(model), atol=1e-5, rtol=1e-5)
+
+
+def test_flux_fused_layers_export_as_comfyui_computes_them_and_import_back(tmp_path, instance_dir):
+    """FLUX.1: q, k, v (and a single block's MLP input, which did not train) are one layer in BFL's layout; the
+    exported dora_scale stacks each row's scale, the untrained rows' keep W as it is, and ComfyUI's rule on the
+    fused layer gives the trained layers' weights stacked. The file imports back as the trained model."""
+    from test_flux import tiny_flux, trained_flux_adapter
+
+    path = trained_flux_adapter(tmp_path, instance_dir, "dora")
+    tensors = load_file(str(formats.export_adapter(path, tmp_path / "kohya.safetensors")))
+    model = tiny_flux().freeze()
+    adapters.load_into(model.parts, adapters.read_adapter(path), "a")
+    layers = dict(model.transformer.named_modules())
+
+    def trained(module: str) -> torch.Tensor:
+        layer, base = layers[module], adapters.base_weight(layers[module])
+        return adapters.dora_weight(layer, "a", base) if adapters.is_dora(layer, "a") else base
+
+    d, s = "transformer_blocks.0.", "single_transformer_blocks.0."
+    fused = {"double_blocks_0_img_attn_qkv": [d + f"attn.to_{x}" for x in "qkv"],
+             "double_blocks_0_txt_attn_qkv": [d + f"attn.add_{x}_proj" for x in "qkv"],
+             "single_blocks_0_linear1": [s + f"attn.to_{x}" for x in "qkv"] + [s + "proj_mlp"],
+             "double_blocks_0_img_attn_proj": [d + "attn.to_out.0"]}
+    assert not adapters.is_dora(layers[s + "proj_mlp"], "a")  # not a target: its rows must stay as they are
+    for name, members in fused.items():
+        base = torch.cat([adapters.base_weight(layers[m]) for m in members])
+        want = torch.cat([trained(m) for m in members])
+        torch.testing.assert_close(comfyui_weight(base, tensors, f"lora_unet_{name}"), want, atol=1e-5, rtol=1e-5,
+                                   msg=name)
+        assert (want - base).abs().max() > 1e-4, name
+    again = tiny_flux().freeze()
+    adapters.load_into(again.parts, adapters.read_adapter(tmp_path / "kohya.safetensors"), "k")
+    again_layers = dict(again.transformer.named_modules())
+    for module in (m for members in fused.values() for m in members):
+        x = probe(layers[module])
+        with torch.no_grad():
+            torch.testing.assert_close(again_layers[module](x), layers[module](x), atol=1e-5, rtol=1e-5, msg=module)

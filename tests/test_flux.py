@@ -447,12 +447,14 @@ def test_kohya_export_names_bfl_layers_and_gives_the_trained_weight_change(tmp_p
 # ----------------------------------------------------------------------------------------------- playground and CLI
 
 
-def test_playground_mixes_lora_and_lokr_on_flux(tmp_path, instance_dir):
+@pytest.mark.parametrize("first", ["lora", "dora"])
+def test_playground_mixes_lora_and_lokr_on_flux(tmp_path, instance_dir, first):
+    """A LoRA or a DoRA mixed with a LoKr, each at its weight; strength 0 is the plain model (a DoRA too)."""
     import numpy as np
 
     from core.playground import Playground, from_file
 
-    lora = trained_flux_adapter(tmp_path, instance_dir, "lora")
+    lora = trained_flux_adapter(tmp_path, instance_dir, first)
     lokr = trained_flux_adapter(tmp_path, instance_dir, "lokr", train_text_encoder=True)
     pg = Playground(device="cpu")
     prompt = "a photo of sks ball"

@@ -62,13 +62,14 @@ def test_block_layers_are_quantized_and_stay_close(kind, dtype, tolerance):
     assert ((got - want).norm() / want.norm()).item() < tolerance
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_a_lora_trains_on_quantized_weights_and_loads_into_the_full_model(tmp_path, instance_dir, kind):
+@pytest.mark.parametrize("kind, adapter_type", [("nf4", "lora"), ("int8", "lora"), ("nf4", "dora")])
+def test_a_lora_trains_on_quantized_weights_and_loads_into_the_full_model(tmp_path, instance_dir, kind, adapter_type):
     """Only the adapter trains (the quantized weights keep their bytes); the loss is finite; the adapter file has
-    the same names as one trained on full weights, and loads into the unquantized model."""
+    the same names as one trained on full weights, and loads into the unquantized model (a DoRA too: peft
+    dequantizes the weight for its row lengths)."""
     base = FLUX.build_tiny()
     events = []
-    cfg = flux_config(tmp_path, instance_dir, model={"quantize": kind},
+    cfg = flux_config(tmp_path, instance_dir, model={"quantize": kind}, adapter={"type": adapter_type},
                       train={"max_steps": 4, "learning_rate": 1e-2, "prior_preservation": True})
     run_dir = train(Config.from_dict(cfg), emit=events.append, base=base)
     assert any(isinstance(e, Log) and f"held in {kind}" in e.message for e in events)
@@ -80,7 +81,7 @@ def test_a_lora_trains_on_quantized_weights_and_loads_into_the_full_model(tmp_pa
     losses = [e.loss for e in events if isinstance(e, Progress)]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses)
     plain = train(Config.from_dict(flux_config(tmp_path, instance_dir, output={"name": "plain"},
-                                               train={"max_steps": 1})))
+                                               adapter={"type": adapter_type}, train={"max_steps": 1})))
     ours = adapters.read_adapter(run_dir / f"{run_dir.name}.safetensors")
     theirs = adapters.read_adapter(plain / "plain.safetensors")
     assert ours.tensors.keys() == theirs.tensors.keys()
@@ -97,10 +98,13 @@ def test_resume_on_quantized_weights_matches_an_uninterrupted_run(tmp_path, inst
     assert all(torch.equal(r.full[k], r.resumed[k]) for k in r.full)
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr"])
-def test_lycoris_types_on_quantized_weights_are_refused_before_loading(tmp_path, instance_dir, kind):
-    cfg = flux_config(tmp_path, instance_dir, model={"quantize": "nf4"}, adapter={"type": kind})
-    with pytest.raises(ConfigError, match="LoRA only"):
+@pytest.mark.parametrize("kind, quantize, message", [("loha", "nf4", "LoRA and DoRA only"),
+                                                     ("lokr", "nf4", "LoRA and DoRA only"),
+                                                     ("dora", "int8", "does not work with DoRA.*nf4")])
+def test_lycoris_types_on_quantized_weights_are_refused_before_loading(tmp_path, instance_dir, kind, quantize,
+                                                                        message):
+    cfg = flux_config(tmp_path, instance_dir, model={"quantize": quantize}, adapter={"type": kind})
+    with pytest.raises(ConfigError, match=message):
         train(Config.from_dict(cfg))
 
 
