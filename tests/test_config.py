@@ -91,7 +91,7 @@ def test_section_that_is_not_a_mapping_is_rejected():
         ({"train": {"max_steps": True}}, "train.max_steps"),  # bool is an int subclass in Python; still wrong
         ({"data": {"center_crop": "yes"}}, "data.center_crop"),
         ({"data": {"center_crop": 1}}, "data.center_crop"),
-        ({"adapter": {"type": "dora"}}, "adapter.type"),
+        ({"adapter": {"type": "oft"}}, "adapter.type"),
         ({"train": {"mixed_precision": "fp8"}}, "train.mixed_precision"),
         ({"train": {"learning_rate": "fast"}}, "train.learning_rate"),
         ({"data": {"instance_prompt": 5}}, "data.instance_prompt"),
@@ -108,8 +108,8 @@ def test_wrong_types_name_the_key(d, key):
 
 def test_literal_error_lists_the_choices():
     with pytest.raises(ConfigError) as info:
-        Config.from_dict({"adapter": {"type": "dora"}})
-    for choice in ("lora", "loha", "lokr"):
+        Config.from_dict({"adapter": {"type": "oft"}})
+    for choice in ("lora", "dora", "loha", "lokr"):
         assert choice in str(info.value)
 
 
@@ -441,7 +441,7 @@ def test_a_newer_user_preset_is_refused_as_newer_by_the_app_and_the_command_line
 
 def test_there_are_presets_for_every_adapter_type():
     assert list_presets() == PRESETS
-    assert {p.rsplit("-", 1)[-1] for p in PRESETS} >= {"lora", "loha", "lokr"}
+    assert {p.rsplit("-", 1)[-1] for p in PRESETS} >= {"lora", "dora", "loha", "lokr"}
 
 
 @pytest.mark.parametrize("name", PRESETS)

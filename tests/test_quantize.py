@@ -112,13 +112,15 @@ def test_the_planner_counts_quantized_weights_and_picks_the_flux_presets():
     """Planned (meta-device trace of the real FLUX.1-dev, no GPU measurement): the 24 GB preset (8-bit) and the 16 GB
     preset (NF4) fit their cards with room to spare (issue 17's targets: 22 and 14.5 GiB); a card's free memory picks
     the preset."""
-    plans = {name: vram.plan(vram.preset_config(name)) for name in ("flux-dev-lora-24gb", "flux-dev-lora-16gb")}
+    names = ("flux-dev-lora-24gb", "flux-dev-lora-16gb", "flux-dev-dora-16gb")
+    plans = {name: vram.plan(vram.preset_config(name)) for name in names}
     need = {name: (p.total + vram.CUDA_CONTEXT) / 2 ** 30 for name, p in plans.items()}
-    assert need["flux-dev-lora-24gb"] <= 22 and need["flux-dev-lora-16gb"] <= 14.5
+    assert need["flux-dev-lora-24gb"] <= 22 and need["flux-dev-lora-16gb"] <= 14.5 and need["flux-dev-dora-16gb"] <= 14.5
     transformer = 11.9e9  # parameters
     assert plans["flux-dev-lora-16gb"].weights < plans["flux-dev-lora-24gb"].weights < transformer * 2
     assert vram.suggest_preset(FLUX, int(23.5 * 2 ** 30)) == "flux-dev-lora-24gb"
     assert vram.suggest_preset(FLUX, int(15.5 * 2 ** 30)) == "flux-dev-lora-16gb"
+    assert vram.suggest_preset(FLUX, int(15.5 * 2 ** 30), "dora") == "flux-dev-dora-16gb"
     full = vram.plan(Config.from_dict({**vram.preset_config("flux-dev-lora-16gb").to_dict(),
                                        "model": {"base": "black-forest-labs/FLUX.1-dev", "quantize": "none"}}))
     assert full.weights - plans["flux-dev-lora-16gb"].weights > 14 * 2 ** 30  # 22 GiB of bf16 weights -> about 6

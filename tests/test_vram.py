@@ -86,7 +86,7 @@ def test_a_hub_model_not_downloaded_is_assumed_sd15(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["sd15-lora", "sd15-lora-lowvram", "sdxl-lora-24gb", "sdxl-lora-12gb", "sdxl-lora-8gb",
-                                  "sdxl-loha", "sdxl-lokr"])
+                                  "sdxl-loha", "sdxl-lokr", "sdxl-dora", "sd15-dora"])
 def test_presets_load(name):
     assert Config.from_dict({k: v for k, v in preset_dict(name).items() if k != "description"}).model.base
 
@@ -121,7 +121,7 @@ def test_tracing_leaves_attention_alone_in_other_threads():
 
 SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 # GiB planned (allocated, CUDA context included)
-CARD_LIMITS = {"sdxl-lora-24gb": 22.0, "sdxl-lora-12gb": 10.5, "sdxl-lora-8gb": 7.0}
+CARD_LIMITS = {"sdxl-lora-24gb": 22.0, "sdxl-lora-12gb": 10.5, "sdxl-lora-8gb": 7.0, "sdxl-dora": 22.0}
 
 
 def sdxl_parts():
