@@ -23,8 +23,8 @@ from core.config import TEXT_ENCODER_TARGETS, UNET_TARGETS_ATTENTION, UNET_TARGE
 
 
 def peft_config(kind: str, targets: list[str], rank: int = 8):
-    if kind == "lora":
-        return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
+    if kind in ("lora", "dora"):
+        return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, use_dora=kind == "dora")
     if kind == "loha":
         return LoHaConfig(r=rank, alpha=rank, target_modules=targets)
     return LoKrConfig(r=rank, alpha=rank, target_modules=targets)

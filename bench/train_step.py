@@ -12,10 +12,10 @@ with random weights (`sd15` / `sdxl`: the shipped SD 1.5 / SDXL 1.0 configs; not
 (`demo`, `tiny`, `tiny-sdxl`).
 
 Cases (adapters r8 on the full UNet target set + the text encoder's q/v, as the issue asks):
-- ours-default / ours-lowvram / ours-loha / ours-lokr: `core.trainer.train` with the sd15-lora,
-  sd15-lora-lowvram preset settings (LoHa/LoKr: the default preset with that adapter type);
+- ours-default / ours-lowvram / ours-dora / ours-loha / ours-lokr: `core.trainer.train` with the sd15-lora,
+  sd15-lora-lowvram preset settings (DoRA/LoHa/LoKr: the default preset with that adapter type);
 - ours-batch2 / ours-batch8: the default preset at 2 and 8 instance images per step (throughput);
-- reference-lora / -loha / -lokr: the plain loop in bench/reference.py (peft get_peft_model, fp16 autocast
+- reference-lora / -dora / -loha / -lokr: the plain loop in bench/reference.py (peft get_peft_model, fp16 autocast
   on a GPU, VAE encode and text encoder every step, AdamW, loss.item() every step);
 - class-images: generation images/s, one at a time vs batched; preview: seconds per preview during training.
 SDXL models (`sdxl`, `tiny-sdxl`) run their own cases instead:
@@ -61,6 +61,7 @@ GIB = 2 ** 30
 OURS = {  # case -> (preset, overrides)
     "ours-default": ("sd15-lora", {}),
     "ours-lowvram": ("sd15-lora-lowvram", {}),
+    "ours-dora": ("sd15-lora", {"adapter": {"type": "dora"}}),
     "ours-loha": ("sd15-lora", {"adapter": {"type": "loha"}}),
     "ours-lokr": ("sd15-lora", {"adapter": {"type": "lokr"}}),
     "ours-batch2": ("sd15-lora", {"train": {"batch_size": 2}}),
@@ -76,11 +77,11 @@ OURS = {  # case -> (preset, overrides)
 }
 # the presets' own adapters, not the shared r8 one
 PRESET_AS_IS = ("ours-24gb", "ours-12gb", "ours-8gb", "ours-flux-24gb", "ours-flux-16gb", "ours-flux-bf16")
-REFERENCE = {"reference-lora": "lora", "reference-loha": "loha", "reference-lokr": "lokr"}
+REFERENCE = {"reference-lora": "lora", "reference-dora": "dora", "reference-loha": "loha", "reference-lokr": "lokr"}
 EXTRA = ("class-images", "preview")
 ALL = (*OURS, *REFERENCE, *EXTRA)
-CPU_DEFAULT = ("ours-default", "ours-loha", "ours-lokr", "ours-batch2", "ours-batch8", "reference-lora",
-               "reference-loha", "reference-lokr", "class-images", "preview")
+CPU_DEFAULT = ("ours-default", "ours-dora", "ours-loha", "ours-lokr", "ours-batch2", "ours-batch8", "reference-lora",
+               "reference-dora", "reference-loha", "reference-lokr", "class-images", "preview")
 SDXL_DEFAULT = ("ours-24gb", "ours-12gb", "ours-8gb", "reference-lora")
 FLUX_DEFAULT = ("ours-flux-bf16", "reference-lora", "ours-flux-24gb", "ours-flux-16gb")
 # models built at full size from the shipped configs, random weights
@@ -307,7 +308,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "median_step_s" not in r:
             continue
-        kind = {"ours-loha": "loha", "ours-lokr": "lokr"}.get(r["case"], "lora")
+        kind = {"ours-dora": "dora", "ours-loha": "loha", "ours-lokr": "lokr"}.get(r["case"], "lora")
         vs = ""
         if r["case"].startswith("ours-") and kind in ref and r["case"] not in ("ours-batch2", "ours-batch8",
                                                                                "ours-flux-24gb"):

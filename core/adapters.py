@@ -167,8 +167,20 @@ class WeightedDora:
         return getattr(self.inner, attr)
 
     def forward(self, module, active_adapter, x, result, **kwargs):
-        out = self.inner.forward(module, active_adapter=active_adapter, x=x, result=result, **kwargs)
-        return out if self.strength == 1.0 else result + self.strength * (out - result)
+        # peft rescales `result` as the base layer's output: with other adapters active on this layer before this
+        # one it already holds their changes, which this DoRA would rescale too; each adapter's change is taken
+        # against the base alone (in any order: as a merge adds them), so the base output is computed again
+        others = any(a != active_adapter and a in module.lora_A for a in module.active_adapters)
+        base = result
+        if others:
+            plain = module.get_base_layer()
+            weight = getattr(plain, "weight", None)
+            floating = weight is not None and weight.dtype.is_floating_point  # (quantized layers cast themselves)
+            base = plain(x.to(weight.dtype) if floating else x).to(result.dtype)
+        out = self.inner.forward(module, active_adapter=active_adapter, x=x, result=base, **kwargs)
+        if base is result and self.strength == 1.0:
+            return out
+        return result + self.strength * (out - base)
 
 
 class ColumnDora:

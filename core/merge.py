@@ -31,13 +31,17 @@ def fuse_into(base: BaseModel, files: list[tuple[str | Path, float]]) -> BaseMod
     adapters.load_all(base.parts, {name: f for name, (f, _) in loaded.items()}, families.of(base))
     adapters.set_weights(base.parts, names)
     with torch.no_grad():
+        # each base weight with the peft layers around it (a LoHa / LoKr layer wraps a LoRA / DoRA layer of the
+        # same weight); all of a weight's changes are taken against it before any is added (a DoRA's depends on it)
+        around: dict[int, list] = {}
         for module in base.parts.values():
             for layer in adapters.tuner_layers(module):
-                weight = layer.get_base_layer().weight
-                # every change is taken against the base weight before any is added (DoRA's depends on it)
-                changes = [adapters.weight_change(layer, name) for name in names if name in layer.scaling]
-                for change in changes:
-                    weight += change.to(weight.device, weight.dtype)
+                around.setdefault(id(layer.get_base_layer().weight), []).append(layer)
+        for layers in around.values():
+            weight = layers[0].get_base_layer().weight
+            changes = [adapters.weight_change(layer, name) for layer in layers for name in names if name in layer.scaling]
+            for change in changes:
+                weight += change.to(weight.device, weight.dtype)
     adapters.remove_all(base.parts)
     base.name = f"{base.name} + " + " + ".join(f"{Path(p).stem}×{w:g}" for p, w in files)
     return base

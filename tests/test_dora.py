@@ -293,3 +293,35 @@ def test_flux_fused_layers_export_as_comfyui_computes_them_and_import_back(tmp_p
         x = probe(layers[module])
         with torch.no_grad():
             torch.testing.assert_close(again_layers[module](x), layers[module](x), atol=1e-5, rtol=1e-5, msg=module)
+
+
+def test_a_dora_beside_other_adapters_on_a_layer_adds_its_own_change_in_any_order(tmp_path, exported):
+    """peft would rescale whatever the adapters before it in the layer added; here each adapter's change is taken
+    against the base alone, so the order of the mix does not matter (and a merge adds them up the same way)."""
+    from test_formats import adapted
+
+    _, ours, _ = exported
+    lora_base, lora_specs = adapted("lora")
+    lora = adapters.save_adapter(tmp_path / "lora.safetensors", lora_base.parts, lora_specs, {})
+    model = tiny()
+    adapters.load_all(model.parts, {"d": adapters.read_adapter(ours), "l": adapters.read_adapter(lora)})
+    adapters.set_weights(model.parts, {"d": 0.8, "l": 1.0})
+    first = unet_out(model)
+    adapters.set_weights(model.parts, {"l": 1.0, "d": 0.8})
+    torch.testing.assert_close(unet_out(model), first, atol=1e-5, rtol=1e-5)
+    alone = {}
+    for name in ("d", "l"):
+        adapters.set_weights(model.parts, {name: 0.8 if name == "d" else 1.0})
+        alone[name] = unet_out(model)
+    assert (first - alone["d"]).abs().max() > 1e-3 and (first - alone["l"]).abs().max() > 1e-3
+    layer = dora_layers(model.parts, "d")[("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")]
+    x = probe(layer)
+    adapters.set_weights(model.parts, {"l": 1.0, "d": 0.8})
+    with torch.no_grad():
+        both = layer(x)
+        adapters.set_weights(model.parts, {"d": 0.8})
+        only_d = layer(x)
+        adapters.set_weights(model.parts, {"l": 1.0})
+        only_l = layer(x)
+        adapters.set_weights(model.parts, {})
+        torch.testing.assert_close(both, only_d + only_l - layer(x), atol=1e-5, rtol=1e-5)

@@ -19,14 +19,14 @@ def saved(tmp_path, kind, seed_name, **extra):
 
 def with_adapters(files):
     model = tiny()
-    for i, (path, _) in enumerate(sorted(files, key=lambda f: 0 if adapters.read_adapter(f[0]).type == "lora" else 1)):
+    order = sorted(files, key=lambda f: adapters.read_adapter(f[0]).type not in ("lora", "dora"))  # LoRA layers first
+    for i, (path, _) in enumerate(order):
         adapters.load_into(model.parts, adapters.read_adapter(path), f"x{i}")
-    order = sorted(files, key=lambda f: 0 if adapters.read_adapter(f[0]).type == "lora" else 1)
     adapters.set_weights(model.parts, {f"x{i}": w for i, (_, w) in enumerate(order)})
     return outputs(model)
 
 
-@pytest.mark.parametrize("kinds", [("lora",), ("loha",), ("lokr",), ("lora", "loha", "lokr")])
+@pytest.mark.parametrize("kinds", [("lora",), ("dora",), ("loha",), ("lokr",), ("lora", "loha", "lokr"), ("dora", "lora", "lokr")])
 def test_fused_model_equals_base_plus_adapters(tmp_path, kinds):
     files = [(saved(tmp_path, kind, f"{kind}{i}"), w) for i, (kind, w) in enumerate(zip(kinds, (0.7, 1.2, -0.5)))]
     expected = with_adapters(files)
