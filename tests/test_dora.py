@@ -325,3 +325,23 @@ def test_a_dora_beside_other_adapters_on_a_layer_adds_its_own_change_in_any_orde
         only_l = layer(x)
         adapters.set_weights(model.parts, {})
         torch.testing.assert_close(both, only_d + only_l - layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_files_that_cannot_be_used_say_why(tmp_path, exported):
+    from core.adapter_file import DORA_NORMS
+
+    _, ours, out = exported
+    adapter = adapters.read_adapter(ours)
+    stripped = tmp_path / "no-lengths.safetensors"
+    save_file({k: v for k, v in adapter.tensors.items() if not k.endswith(DORA_NORMS)}, str(stripped), adapter.metadata)
+    with pytest.raises(ModelLoadError, match="no saved row lengths.*Merge it into the model"):
+        formats.export_adapter(stripped, tmp_path / "k.safetensors")
+    assert not (tmp_path / "k.safetensors").exists()
+    tensors = load_file(str(out))
+    key = next(k for k in tensors if k.endswith(".dora_scale") and tensors[k].dim() == 2)
+    tensors[key] = torch.ones(1, 3)  # neither this layer's outputs nor its inputs
+    save_file(tensors, str(tmp_path / "wrong.safetensors"))
+    model = tiny()
+    with pytest.raises(ModelLoadError, match="has 3 lengths.*for another model"):
+        adapters.load_into(model.parts, adapters.read_adapter(tmp_path / "wrong.safetensors"), "w")
+    assert adapters.adapter_names(model.parts) == []  # nothing half-loaded
