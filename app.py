@@ -162,9 +162,12 @@ def cmd_sample(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from core.formats import export_adapter
+    from core.adapters import read_adapter
+    from core.formats import export_adapter, where_to_use
 
     print(export_adapter(args.adapter, args.out, args.format))
+    if args.format == "kohya":
+        print(where_to_use(read_adapter(args.adapter).type).replace("`", ""), file=sys.stderr)
     return 0
 
 

@@ -231,6 +231,15 @@ def kohya_metadata(adapter: AdapterFile) -> dict[str, str]:
     return meta
 
 
+def where_to_use(kind: str) -> str:
+    """One sentence for a user about where an exported kohya file of adapter type `kind` goes (and where not)."""
+    if kind == "dora":
+        return ("Put it in ComfyUI's `models/loras` or Forge's `models/Lora` folder: both apply a DoRA exactly. "
+                "A1111 reads DoRA files differently and would draw wrong pictures: for A1111, merge the adapter "
+                "into a model (playground: Merge the chosen adapters).")
+    return "Put it in A1111/Forge's `models/Lora` or ComfyUI's `models/loras` folder."
+
+
 def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya") -> Path:
     """Write our adapter file `path` in format `fmt` to `out` (atomic)."""
     if fmt not in FORMATS:

@@ -345,3 +345,12 @@ def test_dora_files_that_cannot_be_used_say_why(tmp_path, exported):
     with pytest.raises(ModelLoadError, match="has 3 lengths.*for another model"):
         adapters.load_into(model.parts, adapters.read_adapter(tmp_path / "wrong.safetensors"), "w")
     assert adapters.adapter_names(model.parts) == []  # nothing half-loaded
+
+
+def test_the_export_command_says_where_a_dora_file_works(cli, tmp_path, exported):
+    _, ours, _ = exported
+    r = cli("export", "--adapter", ours, "--out", tmp_path / "cli-kohya.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert "ComfyUI" in r.stderr and "A1111" in r.stderr and "merge the adapter" in r.stderr
+    with safe_open(str(tmp_path / "cli-kohya.safetensors"), "pt") as f:
+        assert any(k.endswith(".dora_scale") for k in f.keys())

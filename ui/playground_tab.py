@@ -9,7 +9,7 @@ from core.errors import ModelLoadError, UserError
 from core.adapters import read_adapter
 from core.datasets import check_name
 from core.community import describe
-from core.formats import export_adapter
+from core.formats import export_adapter, where_to_use
 from core.merge import merge_loras, merge_to_model
 from core.playground import STRENGTHS, Wanted, from_file
 from core.runs import IMPORTED_DIR, import_adapter, list_adapters
@@ -89,7 +89,7 @@ def run_generation(ctx: Ctx, values: dict, strengths) -> tuple[list, str, list[s
 
 def build(ctx: Ctx, initial: dict) -> dict:
     c: dict = {}
-    gr.Markdown("Try your adapters: mix several (LoRA, LoHa and LoKr together), each with its own weight. "
+    gr.Markdown("Try your adapters: mix several (LoRA, DoRA, LoHa and LoKr together), each with its own weight. "
                 "Switching adapters does not reload the base model.", elem_classes="db-note")
     c["live_note"] = gr.Markdown(elem_id="pg-live-note")
     with gr.Row():
@@ -98,7 +98,7 @@ def build(ctx: Ctx, initial: dict) -> dict:
                                                                    other=initial["base_other"])
             c["pg_quantize"] = gr.Dropdown(["none", "int8", "nf4"], value="none", label="Quantized weights",
                                            elem_id="pg-quantize",
-                                           info="FLUX.1 on a 24 GB card: int8; 16 GB: nf4. LoRA adapters only.")
+                                           info="FLUX.1 on a 24 GB card: int8; 16 GB: nf4. LoRA adapters (DoRA: nf4) only.")
             choices = adapter_choices(ctx)
             for i in range(1, SLOTS + 1):
                 with gr.Row(equal_height=True):
@@ -200,8 +200,7 @@ def export(ctx: Ctx, adapter_1) -> dict:
     source = Path(adapter_1)
     out = export_adapter(source, ctx.workspace / "exports" / f"{source.stem}-kohya.safetensors")
     return {"export_file": gr.update(value=str(out), visible=True),
-            "import_msg": f"Exported `{out.name}` to `{out.parent}`: put it in A1111/Forge's `models/Lora` "
-                          "or ComfyUI's `models/loras` folder."}
+            "import_msg": f"Exported `{out.name}` to `{out.parent}`. {where_to_use(read_adapter(source).type)}"}
 
 
 def merge(ctx: Ctx, merge_into, merge_name, merge_rank, **values) -> dict:
