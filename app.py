@@ -168,6 +168,9 @@ def cmd_export(args) -> int:
     print(export_adapter(args.adapter, args.out, args.format))
     if args.format == "kohya":
         print(where_to_use(read_adapter(args.adapter).type).replace("`", ""), file=sys.stderr)
+    elif args.format == "lycoris" and read_adapter(args.adapter).type == "dora":
+        print("This DoRA file is for LyCORIS' own loader; for ComfyUI and Forge export with --format kohya.",
+              file=sys.stderr)
     return 0
 
 
@@ -248,8 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .png")
     e = sub.add_parser("export", help="write an adapter for A1111 / Forge / ComfyUI (kohya / LyCORIS layout)")
     e.add_argument("--adapter", required=True, help="an adapter file this app wrote (a run's .safetensors)")
-    e.add_argument("--format", default="kohya", choices=["kohya", "diffusers"],
-                   help="kohya: A1111, Forge, ComfyUI, LyCORIS (LoRA, LoHa, LoKr); diffusers: pipe.load_lora_weights (LoRA)")
+    e.add_argument("--format", default="kohya", choices=["kohya", "diffusers", "lycoris"],
+                   help="kohya: A1111, Forge, ComfyUI, LyCORIS (LoRA, DoRA, LoHa, LoKr; a DoRA exact in ComfyUI / "
+                        "Forge); lycoris: the same with a DoRA exact in LyCORIS' own loader; diffusers: "
+                        "pipe.load_lora_weights (LoRA, DoRA)")
     e.add_argument("--out", required=True, help="output .safetensors")
     m = sub.add_parser("merge", help="fuse adapters into the base model (a new model), or several LoRAs into one LoRA")
     m.add_argument("--into", choices=["model", "lora"], default="model",

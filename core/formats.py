@@ -42,7 +42,8 @@ from .errors import ModelLoadError
 from .fileio import save_safetensors
 
 PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-FORMATS = ("kohya", "diffusers")
+# kohya: the kohya / A1111 / Forge / ComfyUI layout; lycoris: the same, a DoRA's dora_scale for LyCORIS' own loader
+FORMATS = ("kohya", "diffusers", "lycoris")
 
 
 def zero_out_proj(adapter: AdapterFile, modules: dict[tuple[str, str], dict[str, torch.Tensor]],
@@ -97,7 +98,8 @@ def block_rows(blocks: list[torch.Tensor | None], widths: list[int], columns: in
     return out
 
 
-def fuse(members: list[tuple[dict[str, torch.Tensor] | None, int]], spec) -> tuple[dict[str, torch.Tensor], float]:
+def fuse(members: list[tuple[dict[str, torch.Tensor] | None, int]], spec,
+         reader: str = "comfyui") -> tuple[dict[str, torch.Tensor], float]:
     """(tensors, alpha) of one layer that fuses several along its outputs (FLUX's q, k, v), whose weight change is
     exactly the members' changes stacked (zeros for members that did not train). LoRA and LoHa stay low-rank:
     the down / inner factors are concatenated and the up / outer ones placed block-diagonally, so the rank is the
@@ -110,7 +112,7 @@ def fuse(members: list[tuple[dict[str, torch.Tensor] | None, int]], spec) -> tup
                                  "ones (a file this app did not train): merge it into the model instead.")
         lora = [(t if "lora_A.weight" in t else None, w) for t, w in members]
         fused, alpha = fuse(lora, replace(spec, type="lora"))
-        return fused | {"dora_scale": torch.cat([dora_scale(t) for t, _ in members])}, alpha
+        return fused | {"dora_scale": torch.cat([dora_scale(t, reader=reader) for t, _ in members])}, alpha
     if spec.type == "lokr":
         members = [(lokr_delta(t, spec.alpha / spec.rank) if t is not None else None, w) for t, w in members]
     present = [t for t, _ in members if t is not None]
@@ -135,36 +137,42 @@ def fuse(members: list[tuple[dict[str, torch.Tensor] | None, int]], spec) -> tup
     return fused, float(spec.alpha) * n
 
 
-def dora_scale(tensors: dict[str, torch.Tensor], module: str = "") -> torch.Tensor:
-    """A DoRA module's `dora_scale` on the output axis, in the convention ComfyUI and Forge apply: they scale each
-    row of W + dW by dora_scale / (|row of W| + eps), where peft scales it by m / |row of W + dW|; so the scale
-    written is m x (|row of W| + eps) / |row of W + dW| (both lengths kept in our file when it was saved), exact
-    there to float32 rounding. Shaped (out, 1) for a linear layer, (out, 1, 1, 1) for a convolution."""
+def dora_scale(tensors: dict[str, torch.Tensor], module: str = "", reader: str = "comfyui") -> torch.Tensor:
+    """A DoRA module's `dora_scale` on the output axis for `reader`. ComfyUI and Forge scale each row of W + dW by
+    dora_scale / (|row of W| + eps), where peft scales it by m / |row of W + dW|: for them the scale written is
+    m x (|row of W| + eps) / |row of W + dW| (both lengths kept in our file when it was saved), exact there to
+    float32 rounding. LyCORIS divides by |row of W + dW| + eps as peft does: for it, m itself. Shaped (out, 1) for
+    a linear layer, (out, 1, 1, 1) for a convolution."""
     eps = torch.finfo(torch.float32).eps
     if tensors.keys() == {"dora_base_norm"}:  # a layer fused with DoRA layers that did not train: W' = W
-        return (tensors["dora_base_norm"].double() + eps).float().reshape(-1, 1)
+        return (tensors["dora_base_norm"].double() + (eps if reader == "comfyui" else 0.0)).float().reshape(-1, 1)
+    shape = (-1, *[1] * (tensors["lora_A.weight"].dim() - 1))
+    magnitude = tensors["lora_magnitude_vector"].reshape(-1).double()
+    if reader == "lycoris":
+        return magnitude.float().reshape(shape)
     if not set(DORA_NORMS) <= tensors.keys():
         raise ModelLoadError(f"The DoRA module {module} has no saved row lengths (a file this app did not train, or an "
                              "old one): it cannot be exported for ComfyUI without its base model. Merge it into the "
                              "model instead.")
-    magnitude = tensors["lora_magnitude_vector"].reshape(-1).double()
     base, merged = (tensors[k].double() for k in DORA_NORMS)
-    return (magnitude * (base + eps) / merged).float().reshape(-1, *[1] * (tensors["lora_A.weight"].dim() - 1))
+    return (magnitude * (base + eps) / merged).float().reshape(shape)
 
 
-def kohya_module(tensors: dict[str, torch.Tensor], spec, module: str = "") -> tuple[dict[str, torch.Tensor], float]:
+def kohya_module(tensors: dict[str, torch.Tensor], spec, module: str = "",
+                 reader: str = "comfyui") -> tuple[dict[str, torch.Tensor], float]:
     """(tensors, alpha) of one module as the tools read it: LoKr with two whole factors gets its scale folded
     into lokr_w1; a DoRA its `dora_scale` (see the module doc)."""
     if spec.type == "lokr" and not ({"lokr_w1_a", "lokr_w2_a"} & tensors.keys()):
         return dict(tensors, lokr_w1=tensors["lokr_w1"] * (spec.alpha / spec.rank)), float(spec.rank)
     if spec.type == "dora":
         lora = {k: tensors[k] for k in ("lora_A.weight", "lora_B.weight")}
-        return lora | {"dora_scale": dora_scale(tensors, module)}, float(spec.alpha)
+        return lora | {"dora_scale": dora_scale(tensors, module, reader)}, float(spec.alpha)
     return tensors, float(spec.alpha)
 
 
-def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under kohya / LyCORIS names, with an `.alpha` per module (see the module doc)."""
+def to_kohya(adapter: AdapterFile, reader: str = "comfyui") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under kohya / LyCORIS names, with an `.alpha` per module (see the module doc); a DoRA's
+    `dora_scale` as `reader` (comfyui: ComfyUI and Forge; lycoris: LyCORIS' own loader) applies it exactly."""
     family = families.of_adapter(adapter.metadata, adapter.specs)
     modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in adapter.tensors.items():
@@ -176,9 +184,9 @@ def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
     for (part, name), members in sorted(export_groups(adapter, family, modules).items()):
         spec = adapter.specs[part]
         if len(members) == 1:
-            tensors, alpha = kohya_module(modules[(part, members[0][0])], spec, name)
+            tensors, alpha = kohya_module(modules[(part, members[0][0])], spec, name, reader)
         else:
-            tensors, alpha = fuse([(modules[(part, m)] if m else None, w) for m, w in members], spec)
+            tensors, alpha = fuse([(modules[(part, m)] if m else None, w) for m, w in members], spec, reader)
         for suffix, tensor in tensors.items():
             out[f"{name}.{PEFT_TO_KOHYA.get(suffix, suffix)}"] = tensor.contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
@@ -204,7 +212,7 @@ def to_diffusers(adapter: AdapterFile) -> dict[str, torch.Tensor]:
     return out
 
 
-def kohya_metadata(adapter: AdapterFile) -> dict[str, str]:
+def kohya_metadata(adapter: AdapterFile, reader: str = "comfyui") -> dict[str, str]:
     """`ss_*` (kohya) and `modelspec.*` keys, all strings, describing the adapter and its training."""
     info = adapter.metadata
     spec = adapter.main_spec
@@ -222,7 +230,7 @@ def kohya_metadata(adapter: AdapterFile) -> dict[str, str]:
         "modelspec.implementation": "diffusers", "modelspec.title": adapter.path.stem,
     }
     if spec.type == "dora":  # which norm its dora_scale is meant for, so that importing it back is exact
-        meta[DORA_CONVENTION] = "comfyui"
+        meta[DORA_CONVENTION] = reader
     for ours, theirs in (("steps", "ss_max_train_steps"), ("learning_rate", "ss_learning_rate"),
                          ("resolution", "ss_resolution"), ("seed", "ss_seed"), ("base_model", "ss_sd_model_name"),
                          ("instance_prompt", "modelspec.trigger_phrase"), ("batch_size", "ss_batch_size_per_device")):
@@ -252,4 +260,5 @@ def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya") -> Pat
         meta = {"format": "pt", "exported_by": "dreambooth-peft", "exported_from": adapter.path.name}
         meta.update({k: v for k, v in adapter.metadata.items() if k not in ("format", "format_version", "adapters")})
         return save_safetensors(to_diffusers(adapter), out, meta)
-    return save_safetensors(to_kohya(adapter), out, kohya_metadata(adapter))
+    reader = "lycoris" if fmt == "lycoris" else "comfyui"
+    return save_safetensors(to_kohya(adapter, reader), out, kohya_metadata(adapter, reader))

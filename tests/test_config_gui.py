@@ -42,7 +42,7 @@ BAD_FORMS = [
     ({"text_encoder_rank": -4}, "adapter.text_encoder_rank"),
     ({"text_encoder_alpha": -1}, "adapter.text_encoder_alpha"),
     ({"alpha": [1]}, "adapter.alpha"),
-    ({"adapter_type": "dora"}, "adapter.type"),
+    ({"adapter_type": "oft"}, "adapter.type"),
     ({"lr_scheduler": "sometimes"}, "train.lr_scheduler"),
     ({"train_text_encoder": "yes"}, "adapter.train_text_encoder"),
     ({"unet_targets": ""}, "adapter.unet_targets"),
@@ -211,7 +211,7 @@ BAD_SETS = [
     ("adapter.rank=abc", "adapter.rank"),
     ("adapter.rank=1.5", "adapter.rank"),
     ("train.max_steps=[1, 2]", "train.max_steps"),
-    ("adapter.type=dora", "adapter.type"),
+    ("adapter.type=oft", "adapter.type"),
     ("data.center_crop=maybe", "data.center_crop"),
     ("output.name=../elsewhere", "output.name"),
 ]

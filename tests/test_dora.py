@@ -354,3 +354,26 @@ def test_the_export_command_says_where_a_dora_file_works(cli, tmp_path, exported
     assert "ComfyUI" in r.stderr and "A1111" in r.stderr and "merge the adapter" in r.stderr
     with safe_open(str(tmp_path / "cli-kohya.safetensors"), "pt") as f:
         assert any(k.endswith(".dora_scale") for k in f.keys())
+
+
+def test_the_lycoris_export_is_what_lycoris_computes(tmp_path, exported):
+    """`--format lycoris`: the same file with each DoRA row's scale as LyCORIS reads it (its own module, built
+    from the file by its own state-dict loader, gives the trained weight), and it imports back as trained."""
+    from lycoris.modules import get_module, make_module
+
+    base, ours, _ = exported
+    out = formats.export_adapter(ours, tmp_path / "lyco.safetensors", fmt="lycoris")
+    tensors = load_file(str(out))
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()[formats.DORA_CONVENTION] == "lycoris"
+    plain = tiny()
+    for (part, path), layer in dora_layers(base.parts).items():
+        name = community.kohya_name(part, path)
+        kind, params = get_module(tensors, name)
+        lyco = make_module(kind, params, name, plain.parts[part].get_submodule(path))
+        with torch.no_grad():
+            want = adapters.dora_weight(layer, "default", adapters.base_weight(layer))
+            torch.testing.assert_close(lyco.get_merged_weight()[0].float(), want, atol=1e-5, rtol=1e-5, msg=path)
+    model = tiny()
+    adapters.load_into(model.parts, adapters.read_adapter(out), "l")
+    torch.testing.assert_close(unet_out(model), unet_out(base), atol=1e-5, rtol=1e-5)
