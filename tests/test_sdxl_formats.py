@@ -168,7 +168,7 @@ def test_kohya_export_names_sgm_modules_and_lycoris_applies_our_delta(tmp_path, 
             torch.testing.assert_close(their_delta, our_delta, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("adapter_type", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("adapter_type", ["lora", "dora", "loha", "lokr"])
 def test_kohya_export_metadata_says_sdxl(tmp_path, adapter_type):
     _, ours = saved_xl(tmp_path, "star", adapter_type, text_encoders=False)
     with safe_open(str(formats.export_adapter(ours, tmp_path / "k.safetensors")), "pt") as f:
@@ -229,8 +229,9 @@ def test_diffusers_export_loads_with_sdxl_load_lora_weights(tmp_path):
 
 # --- importing community SDXL files -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("adapter_type,extra", CASES, ids=IDS)
+@pytest.mark.parametrize("adapter_type,extra", CASES + [("dora", {})], ids=IDS + ["dora"])
 def test_exported_kohya_files_import_back(tmp_path, adapter_type, extra):
+    """Our SGM-named export read back (a DoRA's dora_scale too, in ComfyUI's reading) gives the trained model."""
     base, ours = saved_xl(tmp_path, "a", adapter_type, **extra)
     f = adapters.read_adapter(formats.export_adapter(ours, tmp_path / "community.safetensors"))
     assert f.layout == "kohya" and f.type == adapter_type
