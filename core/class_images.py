@@ -47,7 +47,8 @@ def cache_name(text: str) -> str:
 
 
 def class_dir_for(cfg: Config, size: Size | None = None) -> Path:
-    """The user's class folder, or a cache folder per base model (its name and weights), prompt and size.
+    """The user's class folder, or a cache folder per base model (its name and weights, its VAE / text encoder files
+    and quantization when set), prompt and size.
 
     `size` is the (width, height) the images are made at (None: the resolution's square). The square keeps the
     plain folder name (so a run without buckets finds the images it always did); another bucket's images go to a
@@ -60,8 +61,13 @@ def class_dir_for(cfg: Config, size: Size | None = None) -> Path:
     workspace = Path(cfg.output.dir).expanduser().parent
     prompt_folder = f"{cache_name(cfg.data.class_prompt)}-{cfg.data.resolution if square else describe(size)}"
     weights = model_fingerprint(cfg.model.base)
-    if cfg.model.vae:  # another VAE decodes other images
-        weights += f"-vae{cache_name(cfg.model.vae)}{model_fingerprint(cfg.model.vae)}"
+    # another VAE decodes other images; other text encoders (FLUX.1's CLIP-L / T5 files) read the prompt otherwise;
+    # a quantized denoiser (class images are drawn by the model as it trains) draws slightly other images
+    for part, tag in ((cfg.model.vae, "vae"), (cfg.model.text_encoder, "te"), (cfg.model.text_encoder_2, "te2")):
+        if part:
+            weights += f"-{tag}{cache_name(part)}{model_fingerprint(part)}"
+    if cfg.model.quantize != "none":
+        weights += f"-{cfg.model.quantize}"
     model_folder = cache_name(cfg.model.base) + (f"-w{weights}" if weights else "")
     return workspace / "class_images" / model_folder / prompt_folder
 

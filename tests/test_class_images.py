@@ -305,6 +305,29 @@ def test_cache_folder_is_per_model_prompt_and_resolution(tmp_path):
     assert "32" in default.name and "dog" in default.name  # readable names
 
 
+def test_cache_folder_is_per_companion_file_and_quantization(tmp_path):
+    """FLUX.1 draws its class images with the text encoders and VAE chosen beside it and with its transformer
+    quantized as it trains: another T5 / CLIP-L / VAE file, or another quantization, makes other images."""
+    t5, clip = tmp_path / "t5xxl_fp8.safetensors", tmp_path / "clip_l.safetensors"
+    t5.write_bytes(b"t5 weights")
+    clip.write_bytes(b"clip weights")
+
+    def folder(**model):
+        cfg = make_cfg(tmp_path)
+        for key, value in {"base": "tiny-flux", **model}.items():
+            setattr(cfg.model, key, value)
+        return class_dir_for(cfg)
+
+    plain = folder()
+    assert not any(tag in plain.parent.name for tag in ("-vae", "-te", "-nf4", "-int8"))  # the model alone
+    others = [folder(text_encoder_2=str(t5)), folder(text_encoder=str(clip)), folder(vae=str(clip)),
+              folder(quantize="nf4"), folder(quantize="int8")]
+    assert len({plain, *others}) == 6  # each its own cache
+    assert folder(text_encoder_2=str(t5)) == others[0]  # and stable
+    t5.write_bytes(b"t5 weights, another version")
+    assert folder(text_encoder_2=str(t5)) != others[0]
+
+
 def test_cache_folder_keeps_long_or_similar_names_apart(tmp_path):
     # regression: the folder name was a 60-character slug, so these pairs shared one cache
     long_prefix = "/home/someone/stable-diffusion-webui/models/Stable-diffusion/checkpoints/"
