@@ -88,11 +88,19 @@ class Session(Job):
 
     def __init__(self):
         super().__init__()
-        self._commands: queue.Queue = queue.Queue()
+        # held while the playground copies a paused run's adapter or draws with its model; the training thread
+        # takes it to carry out a command while paused (sample now, save now, resume), so the two never use the
+        # model at once (the queue hands it to the trainer's Controller)
+        self._live_lock = threading.Lock()
+        self._commands: queue.Queue = self._new_queue()
         self._h = History()
         self.config: Config | None = None  # the settings of the current (or last) run
         self._model = None  # the run's base model (with its adapter) while the run is alive
-        self._live_lock = threading.Lock()  # held while the playground copies a paused run's adapter
+
+    def _new_queue(self) -> queue.Queue:
+        commands: queue.Queue = queue.Queue()
+        commands.model_lock = self._live_lock
+        return commands
 
     # -- control --------------------------------------------------------------------------------
     @property
@@ -127,7 +135,7 @@ class Session(Job):
                         self._h.state = "failed" if self._h.error else "finished"
 
         def reset():
-            self._commands = queue.Queue()
+            self._commands = self._new_queue()
             self._h = History(state="running", total=cfg.train.max_steps, started_at=time.time())
             self._h.logs.append("Starting...")
             self.config = cfg

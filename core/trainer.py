@@ -411,6 +411,9 @@ class Controller:
     def __init__(self, commands: queue.Queue | None, acc: Accelerator, emit: Emit):
         self.commands, self.acc, self.emit = commands, acc, emit
         self.stop_requested = False
+        # a session's queue carries the lock its playground holds while it draws with a paused run's model:
+        # commands are carried out under it, never beside such a drawing
+        self.lock = getattr(commands, "model_lock", None) or contextlib.nullcontext()
 
     def _read(self, block: bool) -> list[str]:
         if self.commands is None:
@@ -439,32 +442,35 @@ class Controller:
         paused = False
         with contextlib.ExitStack() as hold:
             while True:
-                for c in cmds:
-                    if c == STOP:
-                        self.stop_requested = True
-                    elif c == PAUSE and not paused:
-                        paused = True
-                        hold.enter_context(shown())
-                        self.emit(Paused(step))
-                    elif c == RESUME and paused:
-                        paused = False
-                        hold.close()
-                        self.emit(Resumed(step))
-                    elif c == SAMPLE:
-                        on_sample()
-                    elif c == SAVE:
-                        on_save()
+                with self.lock if cmds else contextlib.nullcontext():
+                    for c in cmds:
+                        if c == STOP:
+                            self.stop_requested = True
+                        elif c == PAUSE and not paused:
+                            paused = True
+                            hold.enter_context(shown())
+                            self.emit(Paused(step))
+                        elif c == RESUME and paused:
+                            paused = False
+                            hold.close()
+                            self.emit(Resumed(step))
+                        elif c == SAMPLE:
+                            on_sample()
+                        elif c == SAVE:
+                            on_save()
                 if self.stop_requested or not paused:
                     return self.stop_requested
                 cmds = self._agree(self._read(block=True))
 
     def drain(self, on_sample, on_save) -> None:
         """After the last step: carry out the sample / save commands that arrived during it (nothing to pause)."""
-        for c in self._agree(self._read(block=False)):
-            if c == SAMPLE:
-                on_sample()
-            elif c == SAVE:
-                on_save()
+        cmds = self._agree(self._read(block=False))
+        with self.lock if cmds else contextlib.nullcontext():
+            for c in cmds:
+                if c == SAMPLE:
+                    on_sample()
+                elif c == SAVE:
+                    on_save()
 
     def should_stop(self) -> bool:
         """For long set-up work (class images): look for a stop without consuming other commands."""

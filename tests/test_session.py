@@ -58,6 +58,25 @@ def test_pause_sample_save_resume_stop(tmp_path, instance_dir):
     assert not s.busy and not s.stop()  # nothing to stop any more
 
 
+def test_commands_while_paused_wait_for_a_drawing_with_the_runs_model(tmp_path, instance_dir):
+    """The playground draws with a paused run's model under the session's lock; "sample now" (or save, resume)
+    pressed meanwhile is carried out after it, never in the training thread at the same time."""
+    cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 100000, "sample_every": 0}))
+    s = Session()
+    s.start(cfg)
+    wait_for(lambda h: h["step"] >= 1, s)
+    assert s.pause()
+    paused = wait_for(lambda h: h["state"] == "paused", s)
+    with s._live_lock:  # as Session.live_images holds it while drawing
+        assert s.sample_now()
+        time.sleep(1.5)
+        assert not s.snapshot()["samples"], "the training thread sampled while the model was being drawn with"
+    snap = wait_for(lambda h: h["samples"], s)
+    assert {step for step, _, _ in snap["samples"]} == {paused["step"]}
+    assert s.stop()
+    assert s.wait(60) == "stopped"
+
+
 def test_finished_run_and_history(tmp_path, instance_dir):
     cfg = Config.from_dict(tiny_config(tmp_path, instance_dir, train={"max_steps": 3, "sample_every": 3}))
     s = Session()
