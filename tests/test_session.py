@@ -201,16 +201,17 @@ def test_job_base_one_at_a_time():
     assert job.wait(10) == "finished" and not job.busy
 
 
-@pytest.mark.parametrize("base", ["tiny", "tiny-flux"])
-def test_pause_and_test_draws_with_the_runs_own_model(tmp_path, instance_dir, base):
+@pytest.mark.parametrize("base, kind", [("tiny", "lora"), ("tiny", "dora"), ("tiny-flux", "lora")])
+def test_pause_and_test_draws_with_the_runs_own_model(tmp_path, instance_dir, base, kind):
     """While paused, the run's own model draws the test images (no second copy of the base model): at strength 0
-    the base model's own image, at 1 another; after resume the run ends exactly as an uninterrupted one."""
+    the base model's own image (a DoRA's too), at 1 another; after resume the run ends exactly as an uninterrupted
+    one."""
     from core.models import load_base_model
     from core.sampling import generate, make_pipeline
     from core.trainer import train
 
     def config(name, steps=6):
-        d = tiny_config(tmp_path, instance_dir, output={"name": name},
+        d = tiny_config(tmp_path, instance_dir, output={"name": name}, adapter={"type": kind},
                         train={"max_steps": steps, "learning_rate": 5e-2, "sample_every": 0})
         d["model"] = {"base": base}
         return Config.from_dict(d)
