@@ -94,12 +94,6 @@ class AdapterFile:
                 if k.startswith(prefix) and not k.endswith((*DORA_NORMS, COLUMN_SCALE))}
 
 
-def row_norms(weight: torch.Tensor) -> torch.Tensor:
-    """The length of each output row of a weight (a convolution's whole filter per output channel), as DoRA
-    takes it."""
-    return weight.flatten(1).norm(dim=1)
-
-
 def split_key(key: str) -> tuple[str, str, str]:
     """'unet.down_blocks.0.attn1.to_q.lora_A.weight' -> ('unet', 'down_blocks.0.attn1.to_q', 'lora_A.weight')."""
     part, _, rest = key.partition(".")

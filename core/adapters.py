@@ -22,7 +22,6 @@ from peft.functional import (
 )
 from peft.tuners.lycoris_utils import LycorisLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.integrations import dequantize_module_weight
 
 from .adapter_file import (
     COLUMN_SCALE,
@@ -31,13 +30,13 @@ from .adapter_file import (
     Reader,
     read_adapter_file,
     read_ours,
-    row_norms,
     save_adapter_file,
 )
 from .community import read_diffusers, read_kohya, refuse_checkpoint, resolve_kohya
 from .config import BLOCK_KINDS, LORA_LAYER_TYPES, UNET_TARGETS_FULL, Config, adapter_name, parse_blocks
 from . import families
 from .errors import ConfigError, ModelLoadError
+from .weights import base_weight, lora_product, row_norms
 from .families.base import Family
 
 Parts = Mapping[str, torch.nn.Module]
@@ -221,16 +220,9 @@ def is_dora(layer: torch.nn.Module, name: str) -> bool:
     return name in getattr(layer, "lora_magnitude_vector", {})
 
 
-def base_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """The frozen weight of a layer, wrapped by peft or not, in float32 (a quantized one dequantized)."""
-    plain = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
-    return dequantize_module_weight(plain).detach().float()
-
-
 def lora_change(layer: BaseTunerLayer, name: str, shape: torch.Size) -> torch.Tensor:
     """scaling x B @ A of LoRA layer `layer`'s adapter `name`, in float32 and the base weight's `shape`."""
-    a, b = layer.lora_A[name].weight.detach().float(), layer.lora_B[name].weight.detach().float()
-    return (b.flatten(1) @ a.flatten(1) * layer.scaling[name]).reshape(shape)
+    return lora_product(layer.lora_B[name].weight.detach(), layer.lora_A[name].weight.detach(), layer.scaling[name], shape)
 
 
 def dora_weight(layer: BaseTunerLayer, name: str, base: torch.Tensor) -> torch.Tensor:

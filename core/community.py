@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.integrations import dequantize_module_weight
 
 from . import families
-from .adapter_file import COLUMN_SCALE, DORA_CONVENTION, AdapterFile, AdapterSpec, row_norms, split_key
+from .adapter_file import COLUMN_SCALE, DORA_CONVENTION, AdapterFile, AdapterSpec, split_key
 from .config import adapter_name
 from .errors import ModelLoadError
 from .families.base import Family
+from .weights import base_weight, lora_product, row_norms
 
 PART_NAMES = {"unet": "UNet", "text_encoder": "text encoder"}  # in messages; other parts by their own names
 MAGNITUDE = "lora_magnitude_vector"  # peft's name of a DoRA layer's learned lengths
@@ -126,8 +125,7 @@ def dora_magnitude(adapter: AdapterFile, module: str, g: dict[str, torch.Tensor]
     peft's magnitude (kept as it is) and LyCORIS' output-axis `dora_scale` mean the same: each row of W + dW is
     divided by its own length and multiplied by it. Our own exports' `dora_scale` is ComfyUI's reading (the row
     length of the base W; core/formats.py), converted back here with the base weight."""
-    base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
-    weight = dequantize_module_weight(base).detach().float()
+    weight = base_weight(layer)
     shape = (1, -1, 1, 1) if weight.dim() == 4 else (-1,)  # how peft holds it
     if MAGNITUDE in g:
         return {MAGNITUDE: g[MAGNITUDE].float().reshape(shape)}
@@ -139,8 +137,7 @@ def dora_magnitude(adapter: AdapterFile, module: str, g: dict[str, torch.Tensor]
                                  "inputs: the file is for another model.")
         return {COLUMN_SCALE: dora_scale.reshape(1, -1)}  # per input column: core/adapters.py's ColumnDora
     if adapter.metadata.get(DORA_CONVENTION) == "comfyui":
-        up, down = g["lora_up.weight"].float(), g["lora_down.weight"].float()
-        merged = weight + (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
+        merged = weight + lora_product(g["lora_up.weight"], g["lora_down.weight"], scale, weight.shape)
         dora_scale = dora_scale.reshape(-1) * row_norms(merged) / (row_norms(weight) + torch.finfo(torch.float32).eps)
     return {MAGNITUDE: dora_scale.reshape(shape)}
 
@@ -224,9 +221,12 @@ def resolve_kohya(adapter: AdapterFile, parts: Mapping[str, torch.nn.Module], fa
         ranks.setdefault(part, {})[path] = rank
         alphas.setdefault(part, {})[path] = alpha
         tensors.update({f"{part}.{path}.{suffix}": t.float() for suffix, t in renamed.items()})
-    columns = {split_key(k)[0] for k in tensors if k.endswith(f".{COLUMN_SCALE}")}
-    if any(len({k.endswith(COLUMN_SCALE) for k in tensors if k.startswith(f"{p}.") and
-                k.endswith((COLUMN_SCALE, MAGNITUDE))}) > 1 for p in columns):
+    axes = {}  # part -> the DoRA length kinds its layers hold: per input column (COLUMN_SCALE), per output row
+    for key in tensors:
+        if key.endswith((COLUMN_SCALE, MAGNITUDE)):
+            axes.setdefault(split_key(key)[0], set()).add("input" if key.endswith(COLUMN_SCALE) else "output")
+    columns = {part for part, kinds in axes.items() if "input" in kinds}
+    if any(len(kinds) > 1 for kinds in axes.values()):
         raise ModelLoadError(f"{adapter.path.name} mixes DoRA layers with lengths per output row and per input "
                              "column in one part, which this app cannot load.")
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from test_adapters import make_cfg, randomise, tiny, unet_out
 
 from core import adapters, community, formats
-from core.adapter_file import row_norms
+from core.weights import row_norms
 from core.errors import ModelLoadError
 
 EPS = torch.finfo(torch.float32).eps
@@ -345,6 +345,28 @@ def test_dora_files_that_cannot_be_used_say_why(tmp_path, exported):
     with pytest.raises(ModelLoadError, match="has 3 lengths.*for another model"):
         adapters.load_into(model.parts, adapters.read_adapter(tmp_path / "wrong.safetensors"), "w")
     assert adapters.adapter_names(model.parts) == []  # nothing half-loaded
+
+
+def test_a_file_mixing_row_and_column_lengths_in_one_part_is_refused(tmp_path, exported):
+    """A kohya DoRA file whose UNet layers hold lengths per output row for some and per input column for others
+    (no tool writes that): one plain message, nothing loaded. Column lengths in every layer of a part load."""
+    _, _, out = exported
+    tensors = load_file(str(out))
+    unet = sorted(k for k in tensors if k.startswith("lora_unet_") and k.endswith(".dora_scale"))
+    assert len(unet) >= 2
+
+    def as_columns(key):  # the layer's inputs are the down weight's columns
+        down = tensors[key.replace(".dora_scale", ".lora_down.weight")]
+        return torch.ones(1, down.shape[1])
+
+    save_file({**tensors, unet[0]: as_columns(unet[0])}, str(tmp_path / "mixed.safetensors"))
+    model = tiny()
+    with pytest.raises(ModelLoadError, match="mixes DoRA layers with lengths per output row and per input column"):
+        adapters.load_into(model.parts, adapters.read_adapter(tmp_path / "mixed.safetensors"), "m")
+    assert adapters.adapter_names(model.parts) == []
+    save_file({**tensors, **{k: as_columns(k) for k in unet}}, str(tmp_path / "columns.safetensors"))
+    adapters.load_into(model.parts, adapters.read_adapter(tmp_path / "columns.safetensors"), "c")
+    assert adapters.adapter_names(model.parts) == ["c"]
 
 
 def test_the_export_command_says_where_a_dora_file_works(cli, tmp_path, exported):
