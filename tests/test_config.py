@@ -323,7 +323,7 @@ def test_load_config_merge_order(tmp_path):
     defaults = Config()
     assert cfg.adapter.type == "loha"  # from the preset
     assert cfg.data.num_class_images == preset["data"]["num_class_images"] != defaults.data.num_class_images
-    assert cfg.train.learning_rate == pytest.approx(2e-4)  # preset over default 1e-4
+    assert cfg.train.learning_rate == pytest.approx(preset["train"]["learning_rate"]) != defaults.train.learning_rate
     assert cfg.adapter.rank == 4 != preset["adapter"]["rank"]  # file over preset
     assert cfg.train.max_steps == 123
     assert cfg.adapter.alpha == 1.0  # --set over file (2) and preset (8)
@@ -442,6 +442,21 @@ def test_a_newer_user_preset_is_refused_as_newer_by_the_app_and_the_command_line
 def test_there_are_presets_for_every_adapter_type():
     assert list_presets() == PRESETS
     assert {p.rsplit("-", 1)[-1] for p in PRESETS} >= {"lora", "dora", "loha", "lokr"}
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_lycoris_presets_train_at_the_rates_the_demo_measured_against_lora(model):
+    """What the demo measured (issue 16) carried to the real models: LoHa at 6x and LoKr at 12x LoRA's learning
+    rate (at LoRA's rate they learn little), every text encoder at or below its UNet's rate."""
+    lora = load_config(preset=f"{model}-lora" if model == "sd15" else f"{model}-lora-24gb").train.learning_rate
+    demo_lora = load_config(preset="demo-lora").train.learning_rate
+    for kind, times in (("loha", 6), ("lokr", 12)):
+        assert load_config(preset=f"{model}-{kind}").train.learning_rate == pytest.approx(times * lora)
+        assert load_config(preset=f"demo-{kind}").train.learning_rate == pytest.approx(times * demo_lora)
+    for name in PRESETS:
+        cfg = load_config(preset=name)
+        if name.startswith(model) and cfg.adapter.train_text_encoder:
+            assert cfg.text_encoder_learning_rate <= cfg.train.learning_rate, name
 
 
 @pytest.mark.parametrize("name", PRESETS)
