@@ -465,6 +465,11 @@ def preset_dict(name: str, workspace: str | Path | None = None) -> dict[str, Any
     return {k: v for k, v in data.items() if k not in PRESET_ONLY_KEYS}
 
 
+def preset_description(name: str, workspace: str | Path | None = None) -> str:
+    """The one-line description preset `name` gives of itself ("" when it has none, e.g. a preset the user saved)."""
+    return str(read_settings(preset_path(name, workspace)).get("description") or "").strip()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None,
                 workspace: str | Path | None = None, settings: dict[str, Any] | None = None) -> Config:
     """Defaults <- preset (the file's own `preset:` key or the argument) <- file <- `settings` <- overrides.

@@ -274,10 +274,12 @@ def test_presets(ui, client):
     out = ui.call(client, "load_preset", preset="sd15-loha")
     assert out["adapter_type"] == "loha" and out["resolution"] == 512 and out["base_choice"] == "other"
     assert out["base_other"] == "stable-diffusion-v1-5/stable-diffusion-v1-5" and out["train_text_encoder"] is True
+    assert "Loaded preset **sd15-loha**: LoHa r8 on SD 1.5" in out["preset_msg"]  # the preset's own description
     saved = ui.call(client, "save_preset", preset_name="quick", **dict(TRAIN, max_steps=77, adapter_type="lokr"))
     assert saved["preset"]["value"] == "quick" and (ui.workspace / "presets" / "quick.yaml").is_file()
     back = ui.call(client, "load_preset", preset="quick")
     assert back["max_steps"] == 77 and back["adapter_type"] == "lokr" and back["base_choice"] == "tiny"
+    assert "Loaded preset **quick**. Dataset" in back["preset_msg"]  # a saved preset has no description
     with pytest.raises(AppError, match="built-in preset"):
         ui.call(client, "save_preset", preset_name="sd15-lora")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from core import families, vram
-from core.config import ADAPTER_NAMES
+from core.config import ADAPTER_NAMES, preset_description
 from core.data import scan_folder
 from core.datasets import dataset_dir
 from core.errors import UserError
@@ -467,8 +467,9 @@ def continue_run(ctx: Ctx, resume_run) -> dict:
 
 def load_preset(ctx: Ctx, preset) -> dict:
     values = form_values(preset_config(ctx.workspace, preset), skip_dataset_keys=True)
-    return {**values, "preset_msg": f"Loaded preset **{preset}**. Dataset, prompts and run name are unchanged "
-                                    "(they come from the Dataset and Class images tabs)."}
+    about = preset_description(preset, ctx.workspace)
+    return {**values, "preset_msg": f"Loaded preset **{preset}**{f': {about}' if about else ''}. Dataset, prompts "
+                                    "and run name are unchanged (they come from the Dataset and Class images tabs)."}
 
 
 def save(ctx: Ctx, preset_name, **values) -> dict:
