@@ -235,3 +235,25 @@ def test_pause_and_test_draws_with_the_runs_own_model(tmp_path, instance_dir, ba
     a = adapters.read_adapter(Path(tmp_path / "workspace" / "runs" / "plain" / "plain.safetensors")).tensors
     b = adapters.read_adapter(Path(s.snapshot()["adapter_path"])).tensors
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "drawing while paused changed the run"
+
+
+def test_the_app_leaves_a_core_to_the_page_on_a_cpu(monkeypatch):
+    """Without an NVIDIA GPU the app's torch threads leave one core free (never fewer than one thread), unless the
+    user set the thread count themselves."""
+    import torch
+
+    from core.session import leave_a_core
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        torch.set_num_threads(4)
+        assert leave_a_core({}) == 3 == torch.get_num_threads()
+        torch.set_num_threads(1)
+        assert leave_a_core({}) == 1
+        torch.set_num_threads(4)
+        assert leave_a_core({"OMP_NUM_THREADS": "4"}) == 4
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert leave_a_core({}) == 4  # a GPU does the work: the CPU threads stay
+    finally:
+        torch.set_num_threads(before)

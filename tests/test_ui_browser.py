@@ -287,3 +287,7 @@ def test_first_run_in_a_browser(running, page, shots, tmp_path):
     sync_api.expect(lines.first).to_have_attribute("d", re.compile(r"^M[^L]*(L[^L]+){3}$"))  # the new run's 4 points
     page.screenshot(path=shots / "8-finished-compare.png", full_page=True)
     assert not page.errors, page.errors
+    # The browser keeps no history of the calls (Gradio's run history would hold every prompt and path in the
+    # browser's storage and rewrite it at each of the once-a-second polls: a busy page beside a CPU run).
+    stored = page.evaluate("() => Object.keys(window.localStorage)")
+    assert not [k for k in stored if "run-history" in k], stored

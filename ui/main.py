@@ -19,7 +19,7 @@ import gradio as gr  # noqa: E402
 
 from core.datasets import datasets_root, list_datasets  # noqa: E402
 from core.playground import Playground  # noqa: E402
-from core.session import ClassImagesJob, Session  # noqa: E402
+from core.session import ClassImagesJob, Session, leave_a_core  # noqa: E402
 
 from . import class_tab, dataset_tab, playground_tab, train_tab  # noqa: E402
 from .common import CSS, Ctx, bind, bind_handler, link_pickers, pick  # noqa: E402
@@ -68,11 +68,13 @@ def build_app(workspace: str | Path | None = None, session: Session | None = Non
                 (t_play, playground_tab.wire(ctx, p))]
         link_pickers((k["base_choice"], k["base_other"]), (t["base_choice"], t["base_other"]))
 
-        # One clock: the live views poll the process-wide state once a second.
+        # One clock: the live views poll the process-wide state once a second, outside the queue (they only read a
+        # snapshot) and with no progress overlay (it would blink on every output each second; with it and the queue
+        # the browser spent about a core redrawing while the app sat idle).
         timer = gr.Timer(1.0)
         for _, parts in tabs:
             for handler in parts.polls:
-                bind_handler(ctx, timer.tick, handler)
+                bind_handler(ctx, timer.tick, handler, show_progress="hidden", queue=False)
         # What may have changed on disk (lists, counts) is read again when the page loads and when a tab is opened.
         for tab, parts in tabs:
             for handler in parts.refreshes:
@@ -158,9 +160,11 @@ FOLLOW_LOG_JS = """
 
 def launch_kwargs(app: gr.Blocks) -> dict:
     """What every launch passes: the theme, CSS and script (Gradio 6 takes them here), and files limited to the
-    workspace."""
+    workspace. No run history: Gradio would keep every call (prompts, paths, outputs) in the browser's storage,
+    rewriting its 100-call list on each of the once-a-second polls, which kept a CPU core of the browser busy
+    and slowed a CPU training run beside it about three-fold."""
     return {"theme": theme(), "css": CSS, "js": FOLLOW_LOG_JS, "allowed_paths": [str(app.ctx.workspace)],
-            "ssr_mode": False, "footer_links": [], "show_error": True}
+            "ssr_mode": False, "footer_links": [], "show_error": True, "run_history": False}
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -198,6 +202,7 @@ def launch(args) -> int:
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     print("Starting the app (loading the libraries takes a few seconds)...", flush=True)
     app = build_app(workspace=args.workspace, allow_pickle=getattr(args, "allow_pickle", False))
+    leave_a_core()  # the page beside a CPU run
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=args.port, share=args.share, auth=parse_auth(args.auth),
                inbrowser=False, quiet=True, prevent_thread_lock=True, **launch_kwargs(app))

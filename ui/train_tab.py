@@ -175,12 +175,14 @@ class TrainView:
 
 def rough_seconds_per_step(base: str, resolution: int, batch: int, cuda: bool) -> float:
     """A first guess before any run was measured: SD at 512 px is about 0.5 s per step on a consumer GPU; on a
-    CPU an SD 1.5-sized model took about 24 s per step at 128 px (README, Speed: 2 cores), growing with the pixels."""
+    CPU an SD 1.5-sized model took about 24 s per step at 128 px (README, Speed: 2 cores), growing with the pixels;
+    the demo model on 2 CPU cores about 0.07 s a step plus 0.025 s per image of the batch at 64 px (README's
+    benchmark: batch 1 0.09 s, batch 8 0.25 s; the 300-step demo-lora run at batch 4 about 60 s)."""
     pixels = (resolution / 512) ** 2 * batch
     if base in TINY:
         return 0.05
     if base == "demo":
-        return (0.05 if cuda else 0.4) * max(pixels * 64, 1)
+        return 0.05 * max(pixels * 64, 1) if cuda else 0.07 + 0.025 * pixels * 64
     return 0.5 * pixels if cuda else 24.0 * pixels * 16
 
 
