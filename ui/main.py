@@ -69,8 +69,8 @@ def build_app(workspace: str | Path | None = None, session: Session | None = Non
         link_pickers((k["base_choice"], k["base_other"]), (t["base_choice"], t["base_other"]))
 
         # One clock: the live views poll the process-wide state once a second, outside the queue (they only read a
-        # snapshot) and with no progress overlay (it would blink on every output each second; with it and the queue
-        # the browser spent about a core redrawing while the app sat idle).
+        # snapshot: one request each, no event stream) and with no progress overlay (it would blink on every output
+        # each second). Both lighten the page's work per tick; the run history (launch_kwargs) was the most of it.
         timer = gr.Timer(1.0)
         for _, parts in tabs:
             for handler in parts.polls:
