@@ -222,7 +222,7 @@ def is_dora(layer: torch.nn.Module, name: str) -> bool:
 
 def lora_change(layer: BaseTunerLayer, name: str, shape: torch.Size) -> torch.Tensor:
     """scaling x B @ A of LoRA layer `layer`'s adapter `name`, in float32 and the base weight's `shape`."""
-    return lora_product(layer.lora_B[name].weight.detach(), layer.lora_A[name].weight.detach(), layer.scaling[name], shape)
+    return lora_product(layer.lora_B[name].weight, layer.lora_A[name].weight, layer.scaling[name], shape)
 
 
 def dora_weight(layer: BaseTunerLayer, name: str, base: torch.Tensor) -> torch.Tensor:

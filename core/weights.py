@@ -14,8 +14,9 @@ def base_weight(layer: torch.nn.Module) -> torch.Tensor:
 
 
 def lora_product(up: torch.Tensor, down: torch.Tensor, scale: float, shape: torch.Size) -> torch.Tensor:
-    """scale x up @ down in float32 and the base weight's `shape` (a convolution's pair flattened to matrices)."""
-    return (up.float().flatten(1) @ down.float().flatten(1) * scale).reshape(shape)
+    """scale x up @ down in float32 and the base weight's `shape` (a convolution's pair flattened to matrices),
+    outside autograd (trained weights or a file's tensors alike)."""
+    return (up.detach().float().flatten(1) @ down.detach().float().flatten(1) * scale).reshape(shape)
 
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
